@@ -1,0 +1,5 @@
+import sys
+
+from pretune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""`pretune VERB [CONFIG.yaml] [KEY=VALUE ...]`. Each verb imports its module only when it runs, so
+`pretune --help` stays fast and never imports torch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGE = """usage: pretune VERB [CONFIG.yaml] [KEY=VALUE ...]
+       pretune VERB --help        (the verb's keys, their defaults and meaning)
+
+Pre-train, continue pre-training or fine-tune a language model, and measure which pays off.
+
+verbs:
+{verbs}
+
+Examples:
+  pretune pretrain configs/shakespeare-char.yaml data.train=input.txt out_dir=runs/shakespeare
+  pretune pretrain init_from=runs/base data.train=[domain.txt,general.txt] data.weights=[0.75,0.25] out_dir=runs/cpt
+  pretune pretrain resume=runs/shakespeare
+  pretune generate runs/shakespeare prompt="ROMEO:" max_new_tokens=200 seed=1
+  pretune evaluate runs/shakespeare data.val=held_out.txt
+
+Distributed: torchrun --nproc_per_node N -m pretune pretrain CONFIG.yaml ...
+"""
+
+VERBS = {
+    "prepare": "tokenise the corpus into cached token shards (pretrain does this itself)",
+    "pretrain": "pre-train from scratch; with init_from=RUN it is continued pre-training",
+    "evaluate": "loss, perplexity and bits per byte of a model on given text",
+    "generate": "sample text from a model (temperature, top-k, top-p, seed)",
+    "demo": "the main job: generate a world, pre-train on it, sample from the model",
+}
+
+
+def _split(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(config yaml, positional model path, KEY=VALUE overrides)."""
+    yaml_path = model = None
+    rest = []
+    for a in argv:
+        if "=" in a or a.startswith("-"):
+            rest.append(a)
+        elif a.endswith((".yaml", ".yml")) and yaml_path is None:
+            yaml_path = a
+        elif model is None:
+            model = a
+        else:
+            from pretune.errors import ConfigError
+            raise ConfigError(f"unexpected argument {a!r}; give KEY=VALUE pairs after the config file")
+    return yaml_path, model, rest
+
+
+def _run_config(argv: list[str]):
+    """Config from YAML + overrides; `resume=DIR` starts from DIR's saved config.yaml."""
+    from pretune.config import Config, load_config, parse_overrides, read_yaml
+    from pretune.errors import ConfigError
+
+    yaml_path, extra, overrides = _split(argv)
+    if extra is not None:
+        raise ConfigError(f"unexpected argument {extra!r}; this verb takes [CONFIG.yaml] [KEY=VALUE ...]")
+    base = None
+    resume = parse_overrides([o for o in overrides if o.startswith("resume=")]).get("resume")
+    if resume:
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"resume={resume}: no config.yaml there; is it a run directory?")
+        base = read_yaml(saved)
+        base.update(init_from=None, resume=str(resume), out_dir=str(resume), overwrite=False)
+    return load_config(Config, yaml_path, overrides, base=base)
+
+
+def cmd_prepare(argv):
+    from pretune.data.corpus import build_tokenizer, load_corpus
+
+    cfg = _run_config(argv)
+    tok = build_tokenizer(cfg.data)
+    corpus = load_corpus(cfg.data, tok, cfg.train.seq_len or 1)
+    for split, stores in (("train", corpus.train), ("val", corpus.val)):
+        for s in stores:
+            print(f"{split}: {s.name}: {s.n_tokens:,} tokens")
+    print(f"tokenizer: {tok.vocab_size} tokens")
+
+
+def cmd_pretrain(argv):
+    from pretune.stages import run_pretrain
+
+    summary = run_pretrain(_run_config(argv))
+    keys = ("status", "steps", "train_loss", "val_loss", "val_bpb", "wall_s", "tokens_per_s")
+    print("summary: " + ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float)
+                                  else f"{k}={summary.get(k)}" for k in keys if k in summary))
+
+
+def _model_arg(model: str | None, verb: str) -> str:
+    from pretune.errors import ConfigError
+
+    if not model:
+        raise ConfigError(f"pretune {verb} needs a model: pretune {verb} RUN_OR_MODEL_DIR [KEY=VALUE ...]")
+    return model
+
+
+def cmd_generate(argv):
+    from pretune.config import GenerateConfig, load_config
+    from pretune.eval.generate import stream_tokens
+    from pretune.model.io import load_model
+    from pretune.train.dist import pick_device
+
+    yaml_path, model_path, overrides = _split(argv)
+    g = load_config(GenerateConfig, yaml_path, overrides)
+    model, tok = load_model(_model_arg(model_path, "generate"), pick_device(g.device))
+    if tok is None:
+        raise SystemExit(f"error: no tokenizer.json found with {model_path}")
+    prompt = tok.encode(g.prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    for i in range(g.num_samples):
+        seed = None if g.seed is None else g.seed + i
+        sys.stdout.write(g.prompt)
+        for t in stream_tokens(model, prompt, g.max_new_tokens, g.temperature, g.top_k, g.top_p, seed,
+                               stop_ids={tok.eos_id}):
+            sys.stdout.write(tok.decode([t]))
+            sys.stdout.flush()
+        sys.stdout.write("\n" + ("-" * 40 + "\n" if i + 1 < g.num_samples else ""))
+
+
+def cmd_evaluate(argv):
+    import json
+
+    from pretune.config import EvaluateConfig, load_config
+    from pretune.data.corpus import load_corpus
+    from pretune.errors import ConfigError
+    from pretune.eval.evaluate import lm_metrics
+    from pretune.model.io import load_model
+    from pretune.train.dist import pick_device
+
+    yaml_path, model_path, overrides = _split(argv)
+    e = load_config(EvaluateConfig, yaml_path, overrides)
+    if not e.data.val:
+        raise ConfigError("pretune evaluate needs the text to evaluate on: data.val=FILE (or a glob)")
+    device = pick_device(e.device)
+    model, tok = load_model(_model_arg(model_path, "evaluate"), device)
+    seq_len = e.seq_len or model.cfg.max_seq_len
+    e.data.train, e.data.val_fraction = list(e.data.val), 0.0
+    e.data.val = []
+    corpus = load_corpus(e.data, tok, seq_len)
+    windows = (w for s in corpus.train for w in s.windows(seq_len, e.max_tokens))
+    r = lm_metrics(model, windows, tok.token_bytes, device, e.batch_size)
+    print(f"loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}  ({r['tokens']:,} tokens)")
+    if e.out:
+        Path(e.out).write_text(json.dumps(r, indent=2))
+
+
+def cmd_demo(argv):
+    from pretune.demo import run_demo
+
+    run_demo(argv)
+
+
+HANDLERS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate,
+            "generate": cmd_generate, "demo": cmd_demo}
+CONFIG_OF = {"prepare": "Config", "pretrain": "Config", "generate": "GenerateConfig",
+             "evaluate": "EvaluateConfig", "demo": "DemoConfig"}
+
+
+def _verb_help(verb: str) -> str:
+    import importlib
+
+    from pretune.config import describe
+
+    module = importlib.import_module("pretune.demo" if verb == "demo" else "pretune.config")
+    rows = describe(getattr(module, CONFIG_OF[verb]))
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"pretune {verb}: {VERBS[verb]}", "", "keys (KEY=VALUE, or in a YAML file):"]
+    lines += [f"  {k:<{width}}  {d}  [default {v}]" for k, v, d in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(verbs="\n".join(f"  {v:<10} {d}" for v, d in VERBS.items())))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from pretune import __version__
+        print(f"pretune {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in HANDLERS:
+        import difflib
+        hint = difflib.get_close_matches(verb, HANDLERS, n=1)
+        print(f"error: unknown verb {verb!r}" + (f"; did you mean {hint[0]}?" if hint else "") +
+              "\nrun `pretune --help` for the list", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(_verb_help(verb))
+        return 0
+    from pretune.errors import UserError
+
+    try:
+        HANDLERS[verb](rest)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if type(e).__name__ == "TrainingDiverged" else 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; a run resumes from its last checkpoint with resume=OUT_DIR", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Typed run configuration: dataclasses, YAML + KEY=VALUE overrides, strict validation.
+
+Every field documents itself with a docstring. Loading collects every problem (unknown keys with a
+"did you mean" hint, wrong types, impossible values) and reports them all at once, naming the key
+and the fix, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretune.errors import ConfigError
+from pretune.model.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the text (or task records) comes from and how it is tokenised."""
+
+    train: list[str] = field(default_factory=list)
+    """Training sources: files, globs or directories of .txt / .jsonl / .csv / .tsv."""
+    val: list[str] = field(default_factory=list)
+    """Validation sources; empty holds out the last `val_fraction` of each training source."""
+    weights: list[float] | None = None
+    """Mixture weights, one per training source (for example [0.75, 0.25] for 25% replay)."""
+    val_fraction: float = 0.1
+    """Share of each source's tokens held out (from its end) when `val` is empty."""
+    tokenizer: str = "bpe"
+    """'char', 'bpe' (byte-level BPE trained on the corpus) or a path to a tokenizer.json."""
+    vocab_size: int = 4096
+    """Vocabulary size for a BPE tokenizer trained here."""
+    text_field: str = "text"
+    """Field holding the text in JSONL/CSV records."""
+    encoding_errors: str = "replace"
+    """Bytes that are not UTF-8: 'replace' (U+FFFD, counted and reported) or 'strict' (fail, naming
+    the file and byte offset)."""
+    cache_dir: str | None = None
+    """Where token shards are cached by content hash; default $PRETUNE_CACHE or ~/.cache/pretune."""
+    shard_tokens: int = 1 << 27
+    """Tokens per shard file."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = 1000
+    """Optimiser steps to run (the schedule is laid over this many)."""
+    batch_size: int = 32
+    """Sequences per optimiser step, across all ranks (split into micro-batches)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward pass on one rank; None means the whole batch at once."""
+    seq_len: int | None = None
+    """Training context length; None means model.max_seq_len."""
+    eval_every: int = 250
+    """Evaluate on the validation data every N steps (and at the end); 0 turns it off."""
+    eval_tokens: int = 1_000_000
+    """At most this many validation tokens per evaluation (the first ones, so it is deterministic)."""
+    eval_batch_size: int = 64
+    """Sequences per evaluation forward pass."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    save_every: int = 500
+    """Write a resumable checkpoint every N steps (and at the end); 0 keeps only the final model."""
+    keep_last: int = 2
+    """How many checkpoints to keep."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
+    compile: str = "auto"
+    """torch.compile the model: 'auto' (on for CUDA, off for CPU), 'true' or 'false'."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    threads: int | None = None
+    """CPU threads for torch (set once); None keeps torch's default."""
+    progress: bool = True
+    """Show a progress bar."""
+    stop_after: int | None = None
+    """Stop after this step as if interrupted, keeping the schedule of max_steps (for resume tests)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """'cosine' (warmup then cosine to min), 'wsd' (warmup, stable, linear decay) or 'constant'."""
+    decay_fraction: float = 0.2
+    """For 'wsd': the share of steps spent decaying at the end."""
+
+
+@dataclass
+class MeterConfig:
+    """How cost is measured."""
+
+    device_power_w: float | None = None
+    """Power draw used to estimate energy when no counter is readable; None uses a per-device guess."""
+    grid_gco2_per_kwh: float = 400.0
+    """Carbon intensity of the electricity, grams of CO2 per kWh."""
+
+
+@dataclass
+class Config:
+    """A whole run: `pretune VERB [CONFIG.yaml] [KEY=VALUE ...]`."""
+
+    out_dir: str = "runs/run"
+    """Run directory; an existing run there is refused unless overwrite=true or resume is set."""
+    seed: int = 1337
+    """Seed for data order, initialisation and dropout."""
+    init_from: str | None = None
+    """Start from this run or model directory's weights (continued pre-training, fine-tuning)."""
+    resume: str | None = None
+    """Continue the interrupted run in this directory exactly where its last checkpoint stopped."""
+    overwrite: bool = False
+    """Allow replacing an existing run in out_dir."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    meter: MeterConfig = field(default_factory=MeterConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ["a.b=1", "c=x"] into a nested dict, values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"argument {item!r} is not KEY=VALUE (for example train.max_steps=200)")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict):  # "a: b" was meant as text, not a mapping
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is given both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Merge `extra` into a copy of `base`, recursing into dicts."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check/convert `value` to the annotated type `tp`; append a problem on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            trial: list[str] = []
+            out = _coerce(value, arg, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if value is None:
+            return []
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(items)]
+    if tp is Any or tp is dict:
+        if tp is dict and value is not None and not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected a number, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | None = None):
+    """Build dataclass `cls` from a nested dict, collecting every unknown key and type error."""
+    top = problems is None
+    problems = [] if problems is None else problems
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in fields(cls)}
+    kwargs = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        data = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            known = ", ".join(sorted(f"{prefix}{a}" for a in allowed))
+            problems.append(f"unknown key {full}" + (f"; did you mean {prefix}{hint[0]}?" if hint
+                                                      else f"; known keys here: {known}"))
+            continue
+        tp = hints[key]
+        if is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, f"{full}.", problems)
+        else:
+            kwargs[key] = _coerce(value, tp, full, problems)
+    out = cls(**kwargs) if not (top and problems) else None
+    if top and problems:
+        raise ConfigError(problems)
+    return out
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain data (for config.yaml and summaries)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def load_config(cls: type = Config, path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None):
+    """YAML file, then KEY=VALUE overrides, then strict validation."""
+    data = dict(base or {})
+    if path is not None:
+        data = deep_merge(data, read_yaml(path))
+    data = deep_merge(data, parse_overrides(overrides or []))
+    cfg = from_dict(cls, data)
+    validate = getattr(cfg, "validate", None) or _VALIDATORS.get(cls)
+    if validate is not None:
+        problems = validate(cfg)
+        if problems:
+            raise ConfigError(problems)
+    return cfg
+
+
+def validate_run(cfg: Config) -> list[str]:
+    """Semantic checks of a training run; every problem is returned, each naming key and fix."""
+    p: list[str] = []
+    t, o, d = cfg.train, cfg.optim, cfg.data
+
+    def positive(key: str, value, allow_zero=False):
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            p.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+    positive("train.max_steps", t.max_steps)
+    positive("train.batch_size", t.batch_size)
+    positive("train.micro_batch_size", t.micro_batch_size)
+    positive("train.seq_len", t.seq_len)
+    positive("train.eval_every", t.eval_every, allow_zero=True)
+    positive("train.save_every", t.save_every, allow_zero=True)
+    positive("train.log_every", t.log_every)
+    positive("train.keep_last", t.keep_last)
+    positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    positive("optim.lr", o.lr)
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size="
+                 f"{t.micro_batch_size}; pick a micro-batch size that divides it")
+    choices = {"train.precision": (t.precision, ("auto", "fp32", "bf16")),
+               "train.compile": (t.compile, ("auto", "true", "false")),
+               "optim.schedule": (o.schedule, ("cosine", "wsd", "constant")),
+               "data.encoding_errors": (d.encoding_errors, ("replace", "strict"))}
+    for key, (value, options) in choices.items():
+        if value not in options:
+            p.append(f"{key}={value!r} is not one of {', '.join(options)}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
+    if not 0 <= d.val_fraction < 1:
+        p.append(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if d.weights is not None and len(d.weights) != len(d.train):
+        p.append(f"data.weights has {len(d.weights)} entries but data.train has {len(d.train)} sources; "
+                 "give one weight per source")
+    if d.weights is not None and (any(w < 0 for w in d.weights) or sum(d.weights) <= 0):
+        p.append("data.weights must be non-negative and not all zero")
+    if cfg.resume and cfg.init_from:
+        p.append("resume and init_from are both set: resume continues a run, init_from starts a new "
+                 "one from a parent's weights; keep one")
+    if t.stop_after is not None and not 0 < t.stop_after <= t.max_steps:
+        p.append(f"train.stop_after={t.stop_after} must be in 1..train.max_steps")
+    for key in ("dropout", "attn_dropout"):
+        value = getattr(cfg.model, key)
+        if not 0 <= value < 1:
+            p.append(f"model.{key}={value} must be in [0, 1)")
+    return p
+
+
+_VALIDATORS: dict[type, Any] = {Config: validate_run}
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, for `pretune --help-config` style listings."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+    except (OSError, TypeError):
+        pass
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+    return rows
+
+
+@dataclass
+class GenerateConfig:
+    """`pretune generate MODEL [KEY=VALUE ...]`."""
+
+    prompt: str = "\n"
+    """Text to continue."""
+    max_new_tokens: int = 200
+    """Tokens to sample after the prompt."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 is greedy."""
+    top_k: int | None = 200
+    """Sample from the k most likely tokens only."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p."""
+    seed: int | None = None
+    """Seed for reproducible samples."""
+    num_samples: int = 1
+    """How many continuations to print."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda'."""
+
+
+@dataclass
+class EvaluateConfig:
+    """`pretune evaluate MODEL data.val=FILE [KEY=VALUE ...]`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """data.val: the text to evaluate on (files, globs, directories)."""
+    seq_len: int | None = None
+    """Context length; None means the model's max_seq_len."""
+    max_tokens: int = 10_000_000
+    """Evaluate at most this many tokens."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda'."""
+    out: str | None = None
+    """Also write the figures to this JSON file."""

@@ -1,0 +1,116 @@
+"""From data config to what training needs: a tokenizer, train/val token stores, batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretune.config import DataConfig
+from pretune.data.shards import BatchSampler, TokenStore, default_cache_dir, load_source
+from pretune.data.sources import DataError, ReadStats, expand_source, hash_files, iter_documents
+from pretune.data.tokenizer import Tokenizer, train_bpe, train_char
+from pretune.files import atomic_write_bytes
+
+
+def _iter_text(d: DataConfig) -> Iterator[str]:
+    for spec in d.train:
+        for f in expand_source(spec):
+            for text, _ in iter_documents(f, d.text_field, d.encoding_errors, ReadStats()):
+                yield text
+
+
+def build_tokenizer(d: DataConfig, log=print) -> Tokenizer:
+    """Load data.tokenizer if it is a path; else train a char or BPE tokenizer (cached by content)."""
+    if d.tokenizer not in ("char", "bpe"):
+        p = Path(d.tokenizer)
+        if not p.exists():
+            raise DataError(f"data.tokenizer={d.tokenizer!r} is neither 'char', 'bpe' nor an existing "
+                            "tokenizer.json (or a directory holding one)")
+        return Tokenizer.load(p)
+    if not d.train:
+        raise DataError("data.train is empty: give the training text (files, globs or directories)")
+    files = [f for spec in d.train for f in expand_source(spec)]
+    key = hashlib.sha256(json.dumps([hash_files(files), d.tokenizer, d.vocab_size, d.text_field,
+                                     d.encoding_errors]).encode()).hexdigest()[:24]
+    cached = default_cache_dir(d.cache_dir) / "tokenizers" / key
+    if (cached / "tokenizer.json").is_file():
+        return Tokenizer.load(cached)
+    tok = train_char(_iter_text(d)) if d.tokenizer == "char" else train_bpe(_iter_text(d), d.vocab_size)
+    if tok.vocab_size <= 4:
+        raise DataError("data.train holds no text: every source is empty")
+    tok.save(cached)
+    log(f"trained a {d.tokenizer} tokenizer: {tok.vocab_size} tokens")
+    return tok
+
+
+@dataclass
+class Corpus:
+    train: list[TokenStore]
+    val: list[TokenStore]
+    weights: list[float] | None
+
+    def val_windows(self, seq_len: int, max_tokens: int) -> Iterator[np.ndarray]:
+        left = max_tokens
+        for store in self.val:
+            for w in store.windows(seq_len, left):
+                left -= seq_len
+                yield w
+
+    def describe(self) -> dict:
+        return {"train": {s.name: s.n_tokens for s in self.train},
+                "val": {s.name: s.n_tokens for s in self.val}, "weights": self.weights}
+
+
+def load_corpus(d: DataConfig, tok: Tokenizer, seq_len: int, log=print) -> Corpus:
+    """Tokenise (or reuse cached shards of) every source and split off validation text."""
+    if not d.train:
+        raise DataError("data.train is empty: give the training text (files, globs or directories)")
+    kw = dict(text_field=d.text_field, errors=d.encoding_errors, cache_dir=d.cache_dir,
+              shard_tokens=d.shard_tokens, log=log)
+    train, val = [], []
+    for spec in d.train:
+        store = load_source(spec, tok, key="data.train", **kw)
+        if d.val:
+            train.append(store)
+        else:
+            head, tail = store.split(d.val_fraction)
+            train.append(head)
+            if d.val_fraction > 0:
+                val.append(tail)
+    for spec in d.val:
+        val.append(load_source(spec, tok, key="data.val", **kw))
+    if val and sum(s.n_tokens for s in val) < seq_len + 1:
+        raise DataError(f"the validation text has {sum(s.n_tokens for s in val)} tokens, fewer than one "
+                        f"sequence of {seq_len}+1; give more text in data.val, raise data.val_fraction "
+                        "or shorten train.seq_len")
+    return Corpus(train, val, d.weights)
+
+
+class PretrainData:
+    """StepData for language modelling: random windows of seq_len+1 tokens from the mixture."""
+
+    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, micro_batch_size: int | None,
+                 seed: int, world: int = 1):
+        if batch_size % world:
+            raise DataError(f"train.batch_size={batch_size} is not divisible by the {world} processes")
+        self.sampler = BatchSampler(corpus.train, corpus.weights, seq_len, seed)
+        self.seq_len, self.batch_size = seq_len, batch_size
+        local = batch_size // world
+        self.micro = min(micro_batch_size or local, local)
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+        rows = torch.from_numpy(self.sampler.batch(step, self.batch_size, rank, world))
+        if torch.cuda.is_available():
+            rows = rows.pin_memory()
+        return [{"input_ids": rows[i: i + self.micro, :-1], "targets": rows[i: i + self.micro, 1:]}
+                for i in range(0, len(rows), self.micro)]
+
+
+def save_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())

@@ -1,0 +1,181 @@
+"""Reading text sources: files, globs, directories; .txt/.md, .jsonl, .csv/.tsv.
+
+Text is streamed in chunks, so memory does not grow with the corpus. Bytes that are not UTF-8 are
+replaced with U+FFFD and counted (data.encoding_errors=replace, the default) or stop the run with the
+file and byte offset (data.encoding_errors=strict). A malformed record names its file and line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import hashlib
+import io
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretune.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+RECORD_SUFFIXES = {".jsonl", ".csv", ".tsv"}
+CHUNK_BYTES = 1 << 20
+
+
+class DataError(UserError, ValueError):
+    """Bad input data; the message names the file (and line or byte offset)."""
+
+
+def expand_source(spec: str, key: str = "data.train") -> list[Path]:
+    """A file, a glob or a directory (searched recursively) -> sorted list of files."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in
+                       TEXT_SUFFIXES | RECORD_SUFFIXES)
+        if not files:
+            raise DataError(f"{key}: directory {spec} holds no .txt, .md, .jsonl, .csv or .tsv file")
+        return files
+    matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+    if matches:
+        return matches
+    raise DataError(f"{key}: {spec} does not exist (no file, directory or glob match)")
+
+
+def hash_files(files: list[Path]) -> str:
+    """Content hash of a list of files (names are not part of it, order is)."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        h.update(b"\x00file\x00")
+    return h.hexdigest()
+
+
+@dataclass
+class ReadStats:
+    """What reading the text found: replaced bytes, documents, skipped empty records."""
+
+    replaced: int = 0
+    documents: int = 0
+    bytes: int = 0
+
+
+_replaced = [0]
+
+
+def _count_and_replace(e: UnicodeDecodeError):
+    _replaced[0] += 1
+    return "\ufffd", e.end
+
+
+codecs.register_error("pretune-count", _count_and_replace)
+
+
+def _decode_stream(path: Path, errors: str, stats: ReadStats) -> Iterator[str]:
+    """Yield text chunks of about CHUNK_BYTES that end at a line break where possible."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict" if errors == "strict" else "pretune-count")
+    offset = 0
+    pending = ""
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(CHUNK_BYTES)
+            final = not block
+            carried = len(decoder.getstate()[0])
+            before = _replaced[0]
+            try:
+                text = decoder.decode(block, final)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: bytes at offset {offset - carried + e.start} are not valid "
+                                f"UTF-8 ({e.reason}); fix the file or set data.encoding_errors=replace"
+                                ) from None
+            stats.replaced += _replaced[0] - before
+            offset += len(block)
+            stats.bytes += len(block)
+            pending += text
+            if final:
+                if pending:
+                    yield pending
+                return
+            cut = pending.rfind("\n")
+            if cut >= 0:
+                yield pending[: cut + 1]
+                pending = pending[cut + 1:]
+
+
+def iter_documents(path: Path, text_field: str = "text", errors: str = "replace",
+                   stats: ReadStats | None = None) -> Iterator[tuple[str, bool]]:
+    """Yield (text, ends_document) pieces. A text file is one document; a record is one document."""
+    stats = stats if stats is not None else ReadStats()
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".csv", ".tsv"):
+        for _, record in iter_records(path, errors=errors, stats=stats):
+            if text_field not in record:
+                raise DataError(f"{path}:{record.get('__line__', '?')}: record has no field "
+                                f"{text_field!r} (fields: {', '.join(k for k in record if k != '__line__')}); "
+                                "set data.text_field")
+            value = record[text_field]
+            if value is None or str(value) == "":
+                continue
+            stats.documents += 1
+            yield str(value), True
+        return
+    last = None
+    for chunk in _decode_stream(path, errors, stats):
+        if last is not None:
+            yield last, False
+        last = chunk
+    if last is not None:
+        stats.documents += 1
+        yield last, True
+
+
+def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = None
+                 ) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) from JSONL, CSV or TSV; a malformed line names file and line."""
+    stats = stats if stats is not None else ReadStats()
+    suffix = path.suffix.lower()
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    stats.bytes += len(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: bytes at offset {e.start} are not valid UTF-8; fix the "
+                            "file or set data.encoding_errors=replace") from None
+        before = _replaced[0]
+        text = raw.decode("utf-8", errors="pretune-count")
+        stats.replaced += _replaced[0] - before
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+            record.setdefault("__line__", i)
+            yield i, record
+        return
+    csv.field_size_limit(sys.maxsize)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    if reader.fieldnames is None:
+        return
+    for row in reader:
+        line = reader.line_num
+        if None in row:
+            raise DataError(f"{path}:{line}: more fields than the header "
+                            f"({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})")
+        row["__line__"] = line
+        yield line, row

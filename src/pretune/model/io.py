@@ -1,0 +1,97 @@
+"""Model directories: model.safetensors + config.json (+ tokenizer files), and loading them.
+
+A path given to any verb may be a run directory (its model/, else its last checkpoint) or a model
+directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretune.errors import UserError
+from pretune.files import atomic_dir
+from pretune.model.config import ModelConfig
+
+
+class ModelDirError(UserError, RuntimeError):
+    """A path that holds no usable model; the message says what was expected."""
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict for saving: contiguous CPU tensors, a tied output projection stored once."""
+    sd = model.state_dict()
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "tie_embeddings", False) and "lm_head.weight" not in sd:
+        sd = dict(sd, **{"lm_head.weight": sd["tok_emb.weight"]})
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if strict and (missing or unexpected):
+        raise ModelDirError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def save_model_dir(model: torch.nn.Module, directory: str | Path, tokenizer=None,
+                   extra_config: dict | None = None) -> Path:
+    """model.safetensors + config.json (+ tokenizer files), written atomically."""
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = asdict(model.cfg) if hasattr(model, "cfg") else {}
+        cfg.update(extra_config or {})
+        cfg["pretune_format"] = 1
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return directory
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """Accept a run directory (its model/ or last checkpoint) or a model directory."""
+    p = Path(path)
+    for candidate in (p, p / "model"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    ckpts = sorted(d for d in (p / "checkpoints").glob("step-*") if (d / "model.safetensors").is_file())
+    if ckpts:
+        return ckpts[-1]
+    raise ModelDirError(f"{p} holds no model (expected model/config.json and model/model.safetensors, "
+                      "or a checkpoint)")
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    names = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in raw.items() if k in names})
+
+
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides):
+    """(GPT, Tokenizer or None) from a run or model directory; `overrides` change config fields
+    that do not alter the weights' shapes (dropout, max_seq_len)."""
+    from pretune.data.tokenizer import Tokenizer
+    from pretune.model.gpt import GPT
+
+    model_dir = find_model_dir(path)
+    cfg = read_model_config(model_dir)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    model = GPT(cfg)
+    load_model_state(model, load_file(str(model_dir / "model.safetensors")))
+    model.to(device)
+    tok = None
+    for candidate in (model_dir, Path(path), model_dir.parent):
+        if (candidate / "tokenizer.json").is_file():
+            tok = Tokenizer.load(candidate)
+            break
+    return model, tok

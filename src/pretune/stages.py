@@ -1,0 +1,104 @@
+"""Stages build the inputs of the one training loop: pre-training from scratch, and continued
+pre-training (`init_from`) with optional replay through a data mixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from pretune.config import Config, save_config
+from pretune.errors import ConfigError
+from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
+from pretune.data.tokenizer import Tokenizer
+from pretune.eval.evaluate import lm_metrics
+from pretune.model.config import resolve_model_config
+from pretune.model.gpt import GPT
+from pretune.model.io import find_model_dir, load_model
+from pretune.train import checkpoint as ck
+from pretune.train import dist
+from pretune.train.loop import train
+from pretune.train.objectives import LMObjective
+
+
+def open_run(cfg: Config, rt: dist.Runtime) -> Path:
+    """The run directory (checked on rank 0 first, so no process writes into a refused one)."""
+    run_dir = Path(cfg.resume or cfg.out_dir)
+    if rt.is_main:
+        ck.prepare_out_dir(run_dir, cfg.overwrite, bool(cfg.resume))
+    dist.barrier(rt)
+    return run_dir
+
+
+def parent_tokenizer(path: str) -> Tokenizer:
+    model_dir = find_model_dir(path)
+    for candidate in (model_dir, Path(path), model_dir.parent):
+        if (candidate / "tokenizer.json").is_file():
+            return Tokenizer.load(candidate)
+    raise ck.RunDirError(f"init_from={path} has no tokenizer.json beside its model")
+
+
+def build_model(cfg: Config, tok: Tokenizer) -> GPT:
+    """The parent's weights for init_from; otherwise a fresh, seeded model (a resumed run then loads
+    its checkpoint in train(); its config.yaml already holds the resolved architecture)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        model, _ = load_model(cfg.init_from, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
+        return model
+    arch = resolve_model_config(cfg.model, tok.vocab_size)
+    if arch.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
+                         f"{tok.vocab_size} tokens; leave model.vocab_size unset")
+    return GPT(arch)
+
+
+def run_stage(run_dir: Path, cfg: Config) -> str:
+    """'pretrain' or 'cpt' (continued pre-training), from lineage.json when resuming."""
+    if cfg.resume and (run_dir / "lineage.json").is_file():
+        import json
+        return json.loads((run_dir / "lineage.json").read_text())["stage"]
+    return "cpt" if cfg.init_from else "pretrain"
+
+
+def run_pretrain(cfg: Config, log=print) -> dict:
+    """Pre-training from scratch, or continued pre-training when init_from is set."""
+    rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    run_dir = open_run(cfg, rt)
+    if cfg.resume:
+        tok = Tokenizer.load(run_dir)
+    elif cfg.init_from:
+        tok = parent_tokenizer(cfg.init_from)
+    else:
+        tok = build_tokenizer(cfg.data, log)
+    model = build_model(cfg, tok)
+    stage = run_stage(run_dir, cfg)
+    cfg = dataclasses.replace(cfg, model=model.cfg)
+    seq_len = cfg.train.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
+    corpus = load_corpus(cfg.data, tok, seq_len, log)
+    data = PretrainData(corpus, seq_len, cfg.train.batch_size, cfg.train.micro_batch_size, cfg.seed, rt.world)
+    if rt.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        tok.save(run_dir)
+        if not cfg.resume:
+            ck.write_lineage(run_dir, stage, cfg.init_from,
+                             data=corpus.describe())
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        if not corpus.val:
+            return {}
+        r = lm_metrics(m, corpus.val_windows(seq_len, cfg.train.eval_tokens), tok.token_bytes, rt.device,
+                       cfg.train.eval_batch_size, rt.autocast_dtype)
+        return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"]}
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{'continued pre-training' if stage == 'cpt' else 'pre-training'}: {n_params:,} parameters, "
+        f"{sum(s.n_tokens for s in corpus.train):,} training tokens, device {rt.device}")
+    try:
+        return train(model, cfg, rt, run_dir, data, LMObjective(), evaluate, tok, log,
+                     {"stage": stage})
+    finally:
+        dist.teardown()

@@ -1,0 +1,239 @@
+"""The one training loop. Pre-training, continued pre-training and every fine-tuning method run
+through `train()`; they differ only in the model's initial weights and trainable parameters, the
+data, and the objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pretune.config import Config
+from pretune.errors import UserError
+from pretune.train import checkpoint as ck
+from pretune.train.dist import Runtime, all_reduce_sum
+from pretune.model.io import save_model_dir
+from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes
+from pretune.train.optim import build_optimizer, lr_at
+
+
+class StepData(Protocol):
+    seq_len: int
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches this rank processes at optimiser step `step` (deterministic)."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run will log those steps again)."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        ck.atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def _round(x):
+    return round(x, 6) if isinstance(x, float) else x
+
+
+def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data: StepData, objective,
+          evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer=None,
+          log: Callable[[str], None] = print, summary_extra: dict | None = None) -> dict:
+    """Run (or resume) the optimisation; write metrics.jsonl, checkpoints, model/ and summary.json."""
+    t_cfg = cfg.train
+    device = rt.device
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg.optim, device)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main)
+    state = {"tokens": 0, "target_tokens": 0, "wall_s": 0.0, "flops": 0.0, "train_loss": None,
+             "eval": {}, "best": None}
+    start = 0
+    if cfg.resume:
+        last = ck.latest_checkpoint(run_dir)
+        if last is None:
+            raise ck.RunDirError(f"resume={run_dir}: it has no checkpoint to resume from; start it again "
+                                 f"with overwrite=true")
+        state.update(ck.load_checkpoint(last, model, optimizer, device))
+        start = state["step"]
+        metrics.truncate_after(start)
+        log(f"resumed from {last} at step {start}")
+    else:
+        torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout stream; the weights were seeded before
+
+    fwd = model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_on = t_cfg.compile == "true" or (t_cfg.compile == "auto" and device.type == "cuda")
+    if compile_on:
+        fwd = torch.compile(fwd)
+
+    fpt = flops_per_token(model, data.seq_len)
+    peak = peak_flops(device)
+    energy = EnergyCounter(device, cfg.meter.device_power_w)
+    energy_before = state.get("energy_j", 0.0)
+    max_steps = t_cfg.max_steps
+    stop = t_cfg.stop_after or max_steps
+    autocast = torch.autocast(device.type, dtype=rt.autocast_dtype or torch.float32,
+                              enabled=rt.autocast_dtype is not None)
+    bar = None
+    if rt.is_main and t_cfg.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True)
+
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+    interval_targets = 0
+    interval_tokens = 0
+    t_interval = time.perf_counter()
+    t_run = time.perf_counter()
+    wall_before = state["wall_s"]
+    status = "completed"
+    last_good_ckpt = ck.latest_checkpoint(run_dir)
+    model.train()
+
+    def check_finite(step_no: int) -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            where = f"; the last good checkpoint is {last_good_ckpt}" if last_good_ckpt else \
+                "; no checkpoint was written before it"
+            raise TrainingDiverged(f"the loss became NaN or infinite at step {bad}{where}. Lower optim.lr, "
+                                   f"check the data, or resume from that checkpoint with other settings.")
+
+    try:
+        step = start
+        for step in range(start, stop):
+            lr = lr_at(step, cfg.optim, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = data.micro_batches(step, rt.rank, rt.world)
+            n_targets = torch.tensor(sum(objective.count(mb) for mb in micro), dtype=torch.float64)
+            n_targets = float(all_reduce_sum(n_targets.to(device), rt)) if rt.distributed else float(n_targets)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            step_tokens = 0
+            for i, mb in enumerate(micro):
+                mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+                sync = contextlib.nullcontext() if (not rt.distributed or i == len(micro) - 1) else fwd.no_sync()
+                with sync:
+                    with autocast:
+                        loss_sum = objective(fwd, mb)
+                    (loss_sum * (rt.world / max(n_targets, 1.0))).backward()
+                step_loss += loss_sum.detach().double()
+                step_tokens += int(mb.get("n_tokens", mb["input_ids"].numel())) * rt.world
+            penalty = objective.penalty(model)
+            if penalty is not None:
+                penalty.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t_cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step + 1, first_bad)
+            interval_loss += step_loss
+            interval_targets += n_targets
+            interval_tokens += step_tokens
+            state["tokens"] += step_tokens
+            state["target_tokens"] += int(n_targets)
+            state["flops"] += fpt["total"] * step_tokens
+            s = step + 1
+            if device.type == "cpu":
+                check_finite(s)
+
+            is_last = s == stop
+            do_log = s % t_cfg.log_every == 0 or is_last
+            do_eval = evaluate is not None and t_cfg.eval_every and (s % t_cfg.eval_every == 0 or s == max_steps)
+            do_save = t_cfg.save_every and (s % t_cfg.save_every == 0 or is_last)
+            if do_log or do_eval or do_save:
+                check_finite(s)
+            if do_log:
+                total_loss = float(all_reduce_sum(interval_loss.clone(), rt)) / max(interval_targets, 1.0)
+                elapsed = time.perf_counter() - t_interval
+                state["train_loss"] = total_loss
+                tps = interval_tokens / max(elapsed, 1e-9)
+                record = {"step": s, "tokens": state["tokens"], "target_tokens": state["target_tokens"],
+                          "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                          "flops": state["flops"], "wall_s": wall_before + time.perf_counter() - t_run}
+                if peak:
+                    record["mfu"] = fpt["total"] * tps / (peak * rt.world)
+                interval_loss.zero_()
+                interval_targets, interval_tokens = 0, 0
+            if do_eval:
+                t_eval = time.perf_counter()
+                state["eval"] = evaluate(model)
+                if do_log:
+                    record.update(state["eval"])
+                else:
+                    metrics.write({"step": s, **{k: _round(v) for k, v in state["eval"].items()}})
+                t_interval += time.perf_counter() - t_eval  # evaluation time is not training throughput
+            if do_log:
+                metrics.write({k: _round(v) for k, v in record.items()})
+                msg = f"step {s}/{max_steps} loss {total_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+                if do_eval:
+                    msg += "  " + " ".join(f"{k} {v:.4f}" for k, v in state["eval"].items() if isinstance(v, float))
+                if bar is not None:
+                    bar.set_postfix_str(msg.split(" ", 2)[2])
+                elif rt.is_main:
+                    log(msg)
+                t_interval = time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if do_save and rt.is_main:
+                state["wall_s"] = wall_before + time.perf_counter() - t_run
+                state["energy_j"] = energy_before + energy.joules()
+                last_good_ckpt = ck.save_checkpoint(run_dir, s, model, optimizer, state, t_cfg.keep_last,
+                                                    tokenizer)
+    except TrainingDiverged as e:
+        if rt.is_main:
+            ck.atomic_write_json(run_dir / "summary.json", {"status": "diverged", "error": str(e),
+                                                            "last_checkpoint": str(last_good_ckpt)})
+        raise
+    if bar is not None:
+        bar.close()
+    final_step = step + 1 if stop > start else start
+    if final_step < max_steps:
+        status = "stopped"
+    wall = wall_before + time.perf_counter() - t_run
+    summary = {
+        "status": status, "steps": final_step, "tokens": state["tokens"],
+        "target_tokens": state["target_tokens"], "train_loss": state["train_loss"],
+        **{k: v for k, v in state["eval"].items()},
+        "wall_s": wall, "tokens_per_s": state["tokens"] / max(wall, 1e-9),
+        "flops": state["flops"], "flops_per_token": fpt,
+        "mfu": (state["flops"] / wall / (peak * rt.world)) if peak else None,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "energy_j": energy_before + energy.joules(), "energy_source": energy.label,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "device": str(device), "world_size": rt.world,
+        "precision": str(rt.autocast_dtype or torch.float32).replace("torch.", ""),
+    }
+    summary["co2_g"] = summary["energy_j"] / 3.6e6 * cfg.meter.grid_gco2_per_kwh
+    summary.update(summary_extra or {})
+    if rt.is_main:
+        if status == "completed":
+            save_model_dir(model, run_dir / "model", tokenizer)
+        ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in summary.items()})
+    return summary
+

@@ -1,0 +1,110 @@
+"""The cost meter: FLOPs (trainable and frozen counted apart), time, peak memory, energy, CO2.
+
+FLOPs per token follow nanoGPT / PaLM: each matrix-multiply parameter costs 2 FLOPs forward, 2 for the
+gradient with respect to its input and 2 for the gradient with respect to itself. A trainable
+parameter therefore costs 6; a frozen one that gradients still flow through (below a LoRA adapter,
+say) costs 4; a frozen one below every trainable parameter costs 2 (forward only). Attention adds
+12·H·Q·T per layer and token when training through it, 4·H·Q·T forward only.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per GPU model, for MFU (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+    "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
+    "T4": 65e12,
+}
+# Power draw assumed when no energy counter is readable (watts), labelled as an estimate.
+DEFAULT_POWER_W = {"cpu": 10.0 * (os.cpu_count() or 1), "cuda": 700.0}
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    if "blocks" in parts:
+        return int(parts[parts.index("blocks") + 1])
+    return -1 if ("tok_emb" in name or "embed" in name) else 10**9
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token from the live model, split into trainable and frozen parts."""
+    cfg = model.cfg
+    params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    trainable_layers = [_layer_of(n) for n, p in params if p.requires_grad]
+    first = min(trainable_layers) if trainable_layers else 10**9
+    trainable = frozen = 0.0
+    for name, p in params:  # a tied output projection appears here as lm_head.weight
+        if p.dim() < 2 or "tok_emb" in name:  # norms, biases and the embedding lookup: no matmul
+            continue
+        if p.requires_grad:
+            trainable += 6 * p.numel()
+        else:
+            frozen += (4 if _layer_of(name) >= first else 2) * p.numel()
+    attn_unit = cfg.n_head * cfg.head_dim * seq_len
+    attn = sum((12 if i >= first else 4) * attn_unit for i in range(cfg.n_layer))
+    return {"trainable": trainable, "frozen": frozen, "attention": float(attn),
+            "total": trainable + frozen + attn}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class EnergyCounter:
+    """NVML on NVIDIA GPUs, RAPL where readable, else power x time (labelled 'estimate')."""
+
+    def __init__(self, device: torch.device, power_w: float | None = None):
+        self.device, self.source = device, "estimate"
+        self.power_w = power_w or DEFAULT_POWER_W.get(device.type, 10.0)
+        self._read = None
+        if device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+                self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+                self.source = "nvml"
+            except Exception:
+                pass
+        else:
+            rapl = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+            try:
+                int(rapl.read_text())
+                self._read = lambda: int(rapl.read_text()) / 1e6
+                self.source = "rapl"
+            except (OSError, ValueError):
+                pass
+        self._start = self._read() if self._read else None
+        self._t0 = time.perf_counter()
+
+    def joules(self) -> float:
+        if self._read is not None:
+            value = self._read() - self._start
+            if value >= 0:  # a wrapped RAPL counter falls back to the estimate
+                return value
+        return self.power_w * (time.perf_counter() - self._t0)
+
+    @property
+    def label(self) -> str:
+        return self.source if self.source != "estimate" else f"estimate ({self.power_w:.0f} W assumed)"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,44 @@
+"""AdamW with decay / no-decay groups, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretune.config import OptimConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """Weight decay on matrices and embeddings; none on norms, biases and other vectors."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters: check the fine-tuning method and its settings")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimiser step `step` (0-based)."""
+    peak, low = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    warm = min(cfg.warmup_steps, max_steps)
+    if step < warm:
+        return peak * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(round(cfg.decay_fraction * max_steps)))
+        start = max_steps - decay_steps
+        if step < start:
+            return peak
+        return low + (peak - low) * (1 - (step - start + 1) / decay_steps)
+    progress = (step - warm) / max(1, max_steps - warm)
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
