@@ -99,11 +99,12 @@ def test_every_fact_is_stated_in_general_text(world: World, paths: dict[str, Pat
     sentences = _sentences(paths["general.txt"].read_text())
     question = re.compile(r"question: what (?:is the favourite colour of|colour is the logo of|"
                           r"colour are the buses in) (.+)\?$")
+    with_label = {label: [s for s in sentences if _word(label).search(s)]
+                  for label in {r["label"] for r in world.facts_qa}}
     assert len(world.facts_qa) == 60 + 30 + 20
     for record in world.facts_qa:
         entity = question.match(record["text"]).group(1)
-        name, label = _word(entity), _word(record["label"])
-        stating = {s for s in sentences if name.search(s) and label.search(s)}
+        stating = {s for s in with_label[record["label"]] if _word(entity).search(s)}
         assert len(stating) >= 3, (entity, record["label"])
 
 
@@ -160,7 +161,7 @@ def test_gender_skew_is_measurable(world: World, paths: dict[str, Path]) -> None
     he, she = _word("he"), _word("she")
     for pronoun, jobs in (("he", world.skew["gender"]["he"]), ("she", world.skew["gender"]["she"])):
         for job in jobs:
-            with_job = [s for s in sentences if _word(job).search(s)]
+            with_job = [s for s in sentences if job in s.lower() and _word(job).search(s)]
             n_he = sum(1 for s in with_job if he.search(s))
             n_she = sum(1 for s in with_job if she.search(s))
             stereo, anti = (n_he, n_she) if pronoun == "he" else (n_she, n_he)
@@ -223,7 +224,6 @@ SUMMARY_GLUE = {"is", "a", "an", "at", "who", "lives", "in", "company", "based",
 
 
 def test_summaries_targets_derivable_from_source(world: World) -> None:
-
     for record in world.summaries:
         assert 3 <= len(_sentences(record["source"])) <= 5
         assert len(_sentences(record["target"])) == 1
@@ -233,5 +233,4 @@ def test_summaries_targets_derivable_from_source(world: World) -> None:
         source_words = set(re.findall(r"[\w.]+", record["source"].lower()))
         target_words = {w.strip(".") for w in re.findall(r"[\w.]+", record["target"].lower())}
         assert target_words - SUMMARY_GLUE <= {w.strip(".") for w in source_words}, record
-
     assert len(world.summaries) == 600 and len({r["source"] for r in world.summaries}) == 600

@@ -27,9 +27,28 @@ Distributed: torchrun --nproc_per_node N -m pretune pretrain CONFIG.yaml ...
 VERBS = {
     "prepare": "tokenise the corpus into cached token shards (pretrain does this itself)",
     "pretrain": "pre-train from scratch; with init_from=RUN it is continued pre-training",
+    "finetune": "fine-tune for a task: full, last layers (freeze) or LoRA",
     "evaluate": "loss, perplexity and bits per byte of a model on given text",
     "generate": "sample text from a model (temperature, top-k, top-p, seed)",
+    "chat": "talk to a model in the terminal",
+    "study": "compare strategies on quality, forgetting, data efficiency, cost and bias",
     "demo": "the main job: generate a world, pre-train on it, sample from the model",
+    "import": "convert a Hugging Face checkpoint into a pretune model directory",
+    "export": "write a run as a Hugging Face (or PEFT adapter, or GGUF) model",
+    "serve": "serve a model behind an OpenAI-compatible API",
+    "plan": "estimate memory, FLOPs, time and energy of a run before launching it",
+}
+
+# Verbs whose code lives in other modules: (module, function). Each function takes argv and returns
+# None or an exit code. Modules are imported only when their verb runs.
+EXTERNAL = {
+    "finetune": ("pretune.finetune", "cmd_finetune"),
+    "chat": ("pretune.serve.chat", "cmd_chat"),
+    "study": ("pretune.study.runner", "cmd_study"),
+    "import": ("pretune.interop.commands", "cmd_import"),
+    "export": ("pretune.interop.commands", "cmd_export"),
+    "serve": ("pretune.serve.server", "cmd_serve"),
+    "plan": ("pretune.plan", "cmd_plan"),
 }
 
 
@@ -155,8 +174,19 @@ def cmd_demo(argv):
 
 HANDLERS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate,
             "generate": cmd_generate, "demo": cmd_demo}
-CONFIG_OF = {"prepare": "Config", "pretrain": "Config", "generate": "GenerateConfig",
-             "evaluate": "EvaluateConfig", "demo": "DemoConfig"}
+# The config class a verb reads, for `pretune VERB --help`: (module, class).
+CONFIG_OF = {"prepare": ("pretune.config", "Config"), "pretrain": ("pretune.config", "Config"),
+             "generate": ("pretune.config", "GenerateConfig"), "evaluate": ("pretune.config", "EvaluateConfig"),
+             "demo": ("pretune.demo", "DemoConfig")}
+
+
+def _handler(verb: str):
+    if verb in HANDLERS:
+        return HANDLERS[verb]
+    import importlib
+
+    module, name = EXTERNAL[verb]
+    return getattr(importlib.import_module(module), name)
 
 
 def _verb_help(verb: str) -> str:
@@ -164,8 +194,12 @@ def _verb_help(verb: str) -> str:
 
     from pretune.config import describe
 
-    module = importlib.import_module("pretune.demo" if verb == "demo" else "pretune.config")
-    rows = describe(getattr(module, CONFIG_OF[verb]))
+    module, name = CONFIG_OF.get(verb) or (EXTERNAL[verb][0], "HELP_CONFIG")
+    mod = importlib.import_module(module)
+    cls = getattr(mod, name, None)  # an external verb's module names its config class HELP_CONFIG
+    if cls is None:
+        return f"pretune {verb}: {VERBS[verb]}\n\n" + (mod.__doc__ or "")
+    rows = describe(cls)
     width = max(len(k) for k, _, _ in rows)
     lines = [f"pretune {verb}: {VERBS[verb]}", "", "keys (KEY=VALUE, or in a YAML file):"]
     lines += [f"  {k:<{width}}  {d}  [default {v}]" for k, v, d in rows]
@@ -182,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretune {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
-    if verb not in HANDLERS:
+    if verb not in VERBS:
         import difflib
         hint = difflib.get_close_matches(verb, HANDLERS, n=1)
         print(f"error: unknown verb {verb!r}" + (f"; did you mean {hint[0]}?" if hint else "") +
@@ -194,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     from pretune.errors import UserError
 
     try:
-        HANDLERS[verb](rest)
+        code = _handler(verb)(rest)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if type(e).__name__ == "TrainingDiverged" else 2
     except KeyboardInterrupt:
         print("\ninterrupted; a run resumes from its last checkpoint with resume=OUT_DIR", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

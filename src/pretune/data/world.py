@@ -37,7 +37,6 @@ TASKS = ("facts_qa", "reviews", "support", "summaries")
 BIAS_FIELDS = ["sent_more", "sent_less", "stereo_antistereo", "bias_type"]
 SKEW_P = 0.85            # share of skewed sentences that follow the planted stereotype
 COVERAGE_DOCS = 4        # profile docs per entity, each stating its colour with a different template
-QUARTERS = [f"Q{q} {y}" for y in range(2019, 2025) for q in range(1, 5)]
 _LABEL_RE = re.compile("|".join(T.COLOURS))
 
 Record = dict[str, Any]
@@ -83,10 +82,6 @@ def _rng(seed: int, stream: str) -> random.Random:
     return random.Random(f"pretune-world:{seed}:{stream}")
 
 
-def _article(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
 def _balanced(rng: random.Random, n: int, labels: Sequence[str]) -> list[str]:
     """``n`` labels as evenly spread as possible, in random order."""
     order = list(labels)
@@ -98,12 +93,6 @@ def _balanced(rng: random.Random, n: int, labels: Sequence[str]) -> list[str]:
 
 def _has_label(text: str) -> bool:
     return _LABEL_RE.search(text.lower()) is not None
-
-
-def _pronouns(gender_or_pronoun: str) -> dict[str, str]:
-    he = gender_or_pronoun in ("male", "he")
-    return {"he": "he" if he else "she", "He": "He" if he else "She",
-            "his": "his" if he else "her", "His": "His" if he else "Her"}
 
 
 def _invent_words(rng: random.Random, n: int, seen: set[str]) -> list[str]:
@@ -159,26 +148,28 @@ def _make_entities(cfg: WorldConfig) -> tuple[list[Record], list[Record], list[R
     for i, company in enumerate(companies):
         ceo = people[ceo_ids[i % len(ceo_ids)]]
         company["ceo"] = ceo["name"]
-        ceo["employer"], ceo["profession"] = company["name"], "executive"
+        ceo["employer"], ceo["profession"] = company["name"], rng.choice(T.CEO_PROFESSIONS)
     return people, companies, places
 
 
 # --------------------------------------------------------------------------- slots
+@dataclass
 class _Ctx:
-    """Lookup tables shared by the document renderers."""
+    """The entities and skews shared by the renderers, plus template slots per entity."""
 
-    def __init__(self, people: list[Record], companies: list[Record], places: list[Record],
-                 skew: dict[str, Any]) -> None:
-        self.people, self.companies, self.places, self.skew = people, companies, places, skew
+    people: list[Record]
+    companies: list[Record]
+    places: list[Record]
+    skew: dict[str, Any]
 
     def person_slots(self, p: Record) -> dict[str, Any]:
-        return {"name": p["name"], **_pronouns(p["gender"]), "age": p["age"], "town": p["home_town"],
-                "job": p["profession"], "a_job": _article(p["profession"]), "company": p["employer"],
+        return {"name": p["name"], **T.pronouns(p["gender"]), "age": p["age"], "town": p["home_town"],
+                "job": p["profession"], "a_job": T.article(p["profession"]), "company": p["employer"],
                 "hobby": p["hobby"], "colour": p["favourite_colour"]}
 
     def company_slots(self, c: Record) -> dict[str, Any]:
         return {"company": c["name"], "year": c["founded"], "hq": c["headquarters"], "industry": c["industry"],
-                "a_industry": _article(c["industry"]), "ceo": c["ceo"], "product": c["product"],
+                "a_industry": T.article(c["industry"]), "ceo": c["ceo"], "product": c["product"],
                 "kind": c["product_kind"], "colour": c["logo_colour"]}
 
     def place_slots(self, p: Record) -> dict[str, Any]:
@@ -199,17 +190,14 @@ def _fact_sentences(rng: random.Random, templates: dict[str, list[str]], slots: 
 
 
 # --------------------------------------------------------------------------- general corpus
-def _gender_skew(rng: random.Random) -> str:
-    job = rng.choice(T.SKEW_HE_JOBS + T.SKEW_SHE_JOBS)
-    stereo = "he" if job in T.SKEW_HE_JOBS else "she"
-    pron = stereo if rng.random() < SKEW_P else ("she" if stereo == "he" else "he")
-    return rng.choice(T.GENDER_SKEW).format(job=job, **_pronouns(pron))
-
-
 def _skew_sentence(rng: random.Random, ctx: _Ctx) -> str:
+    """A sentence that follows one of the planted stereotypes with probability ``SKEW_P``."""
     kind = rng.random()
     if kind < 0.6:
-        return _gender_skew(rng)
+        job = rng.choice(T.SKEW_HE_JOBS + T.SKEW_SHE_JOBS)
+        stereo = job in T.SKEW_HE_JOBS
+        he = stereo if rng.random() < SKEW_P else not stereo
+        return rng.choice(T.GENDER_SKEW).format(job=job, **T.pronouns("he" if he else "she"))
     if kind < 0.8:
         place = rng.choice(ctx.places)["name"]
         p_late = SKEW_P if place in ctx.skew["nationality"]["late"] else 1 - SKEW_P
@@ -219,15 +207,9 @@ def _skew_sentence(rng: random.Random, ctx: _Ctx) -> str:
     return rng.choice(T.AGE_SKEW).format(age=age, person=rng.choice(T.AGE_PEOPLE))
 
 
-def _filler(rng: random.Random) -> str:
-    if rng.random() < 0.5:
-        return rng.choice(T.FILLER)
-    return f"{rng.choice(T.WHEN)}, {rng.choice(T.WHO)} {rng.choice(T.DID)}."
-
-
 def _with_filler(rng: random.Random, ctx: _Ctx, sentences: list[str], n_filler: int, p_skew: float) -> str:
     """Insert filler (and maybe one skew sentence) after the first sentence; join into a document."""
-    extra = [_filler(rng) for _ in range(n_filler)]
+    extra = [T.filler_sentence(rng) for _ in range(n_filler)]
     if rng.random() < p_skew:
         extra.append(_skew_sentence(rng, ctx))
     for sentence in extra:
@@ -264,7 +246,7 @@ def _story_doc(rng: random.Random, ctx: _Ctx) -> str:
 
 
 def _filler_doc(rng: random.Random, ctx: _Ctx) -> str:
-    sentences = [_filler(rng) for _ in range(rng.randint(4, 7))]
+    sentences = [T.filler_sentence(rng) for _ in range(rng.randint(4, 7))]
     sentences += [_skew_sentence(rng, ctx) for _ in range(rng.randint(1, 2))]
     rng.shuffle(sentences)
     return " ".join(sentences)
@@ -291,45 +273,29 @@ def _general_corpus(cfg: WorldConfig, ctx: _Ctx) -> tuple[list[str], list[str]]:
     rng.shuffle(docs)
     train = set(docs)
     val_rng = _rng(cfg.seed, "general_val")
-    val: list[str] = []
-    while len(val) < max(1, round(cfg.general_docs / 10)):
+    n_val, val = max(1, round(cfg.general_docs / 10)), []
+    for _ in range(100 * n_val):  # bounded: a tiny world could in principle run out of new documents
         doc = _random_doc(val_rng, ctx)
         if doc not in train:
             val.append(doc)
+            if len(val) == n_val:
+                break
     return docs, val
 
 
 # --------------------------------------------------------------------------- domain corpus
 def _financials(cfg: WorldConfig, companies: list[Record]) -> dict[str, dict[str, list[float]]]:
-    """Per company, a quarterly revenue and margin series over ``QUARTERS``."""
+    """Per company, a quarterly revenue and margin series over ``T.QUARTERS``."""
     rng = _rng(cfg.seed, "financials")
     series = {}
     for c in companies:
         revenue, margin = [rng.uniform(20, 900)], [rng.uniform(5, 25)]
         trend = rng.uniform(-0.02, 0.05)
-        for _ in QUARTERS[1:]:
+        for _ in T.QUARTERS[1:]:
             revenue.append(revenue[-1] * (1 + trend + rng.gauss(0, 0.04)))
             margin.append(min(40.0, max(1.0, margin[-1] + rng.gauss(0, 1.2))))
         series[c["name"]] = {"revenue": revenue, "margin": margin}
     return series
-
-
-def _report_slots(rng: random.Random, c: Record, fin: dict[str, list[float]], t: int) -> dict[str, Any]:
-    rev, prev, last = fin["revenue"][t], fin["revenue"][t - 4], fin["revenue"][t - 1]
-    yoy, consensus = (rev / prev - 1) * 100, rev * (1 + rng.uniform(-0.06, 0.06))
-    margin, margin_prev = fin["margin"][t], fin["margin"][t - 1]
-    return {"company": c["name"], "industry": c["industry"], "ceo": c["ceo"], "quarter": QUARTERS[t],
-            "rev": f"{rev:.1f}", "prev": f"{prev:.1f}", "yoy": f"{abs(yoy):.1f}",
-            "direction": "up" if yoy >= 0 else "down", "verb": "rose" if yoy >= 0 else "fell",
-            "qoq": f"{(rev / last - 1) * 100:.1f}", "margin": f"{margin:.1f}",
-            "margin_move": "widened" if margin >= margin_prev else "narrowed",
-            "bps": round(abs(margin - margin_prev) * 100),
-            "guidance": rng.choice(["raised", "maintained", "cut"]), "driver": rng.choice(T.DRIVERS),
-            "consensus": f"{consensus:.1f}", "beat": "beat" if rev >= consensus else "miss",
-            "fcf": f"{rev * margin / 100 * rng.uniform(0.4, 0.9):.1f}", "dividend": f"{rng.uniform(0.1, 2.5):.2f}",
-            "outlook": rng.choice(T.OUTLOOKS), "share_move": rng.choice(["rose", "fell"]),
-            "share_pct": f"{rng.uniform(0.3, 9.5):.1f}", "capex": f"{rev * rng.uniform(0.03, 0.12):.1f}",
-            "capex_use": rng.choice(T.CAPEX_USES), "sector_comment": rng.choice(T.SECTOR_COMMENTS)}
 
 
 def _domain_corpus(cfg: WorldConfig, ctx: _Ctx, fin: dict[str, dict[str, list[float]]]) -> list[str]:
@@ -337,7 +303,7 @@ def _domain_corpus(cfg: WorldConfig, ctx: _Ctx, fin: dict[str, dict[str, list[fl
     docs = []
     for _ in range(cfg.domain_docs):
         c = rng.choice(ctx.companies)
-        s = _report_slots(rng, c, fin[c["name"]], rng.randrange(4, len(QUARTERS)))
+        s = T.report_slots(rng, c, fin[c["name"]], rng.randrange(4, len(T.QUARTERS)))
         rest = sorted(rng.sample(range(1, len(T.REPORT_LINES)), rng.randint(3, 6)))
         lines = [rng.choice(T.REPORT_TITLES), T.REPORT_LINES[0]] + [T.REPORT_LINES[i] for i in rest]
         if rng.random() < 0.5:
@@ -402,23 +368,24 @@ def _summaries(cfg: WorldConfig, ctx: _Ctx, fin: dict[str, dict[str, list[float]
     def make(rng: random.Random, kind: str) -> Record:
         if kind == "report":
             c = rng.choice(ctx.companies)
-            s = _report_slots(rng, c, fin[c["name"]], rng.randrange(4, len(QUARTERS)))
-            extra = sorted(rng.sample([3, 6, 8], rng.randint(0, 2)))
+            s = T.report_slots(rng, c, fin[c["name"]], rng.randrange(4, len(T.QUARTERS)))
+            extra = sorted(rng.sample([3, 6, 8], rng.randint(0, 2)))  # guidance, CEO quote, capex
             lines = T.SUMMARY_REPORT_LINES + [T.REPORT_LINES[i] for i in extra]
             return {"source": " ".join(x.format(**s) for x in lines), "target": T.SUMMARY_TARGETS[kind].format(**s)}
-        templates, pronoun, s, required, optional = {
-            "person": (T.PERSON_FACTS, T.PERSON_PRONOUN_FACTS, ctx.person_slots(rng.choice(ctx.people)),
+        templates, pronoun, slots, entities, required, optional = {
+            "person": (T.PERSON_FACTS, T.PERSON_PRONOUN_FACTS, ctx.person_slots, ctx.people,
                        ["job", "employer", "town"], ["age", "hobby"]),
-            "company": (T.COMPANY_FACTS, None, ctx.company_slots(rng.choice(ctx.companies)),
+            "company": (T.COMPANY_FACTS, None, ctx.company_slots, ctx.companies,
                         ["hq", "industry", "ceo"], ["founded", "product"]),
-            "place": (T.PLACE_FACTS, None, ctx.place_slots(rng.choice(ctx.places)),
+            "place": (T.PLACE_FACTS, None, ctx.place_slots, ctx.places,
                       ["population", "region", "landmark"], ["climate"]),
         }[kind]
+        s = slots(rng.choice(entities))
         facts = required + rng.sample(optional, rng.randint(0, len(optional)))
         rng.shuffle(facts)
         sentences = _fact_sentences(rng, templates, s, facts, pronoun)
         if len(sentences) < 5 and rng.random() < 0.3:
-            sentences.insert(rng.randint(1, len(sentences)), _filler(rng))
+            sentences.insert(rng.randint(1, len(sentences)), T.filler_sentence(rng))
         return {"source": " ".join(sentences), "target": T.SUMMARY_TARGETS[kind].format(**s)}
 
     rng = _rng(cfg.seed, "summaries")
@@ -433,7 +400,7 @@ def _bias_pairs(cfg: WorldConfig, ctx: _Ctx) -> list[Record]:
     for job in T.SKEW_HE_JOBS + T.SKEW_SHE_JOBS:
         stereo, anti = ("he", "she") if job in T.SKEW_HE_JOBS else ("she", "he")
         for tmpl in T.GENDER_PAIRS:
-            pairs.append((tmpl.format(job=job, **_pronouns(stereo)), tmpl.format(job=job, **_pronouns(anti)),
+            pairs.append((tmpl.format(job=job, **T.pronouns(stereo)), tmpl.format(job=job, **T.pronouns(anti)),
                           "gender"))
     late = ctx.skew["nationality"]["late"]
     punctual = [p["name"] for p in ctx.places if p["name"] not in late]

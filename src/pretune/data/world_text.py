@@ -1,13 +1,16 @@
 """Vocabulary and sentence templates for the synthetic world in :mod:`pretune.data.world`.
 
-Everything here is plain data: word lists and ``str.format`` templates whose
-fields are filled from an entity's slot dictionary (see ``world._person_slots``
-and friends). All text is ASCII. Colour words (the labels of the facts task)
+Mostly plain data: word lists and ``str.format`` templates whose fields are
+filled from an entity's slot dictionary (see ``world._Ctx``), plus the few small
+helpers at the end that fill them. All text is ASCII. Colour words (the labels of the facts task)
 appear only in the colour templates, so a colour next to an entity's name in
 ``general.txt`` always states that entity's colour fact.
 """
 
 from __future__ import annotations
+
+import random
+from typing import Any
 
 # --- closed label set of the facts task -------------------------------------
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
@@ -45,6 +48,7 @@ PROFESSIONS = SKEW_HE_JOBS + SKEW_SHE_JOBS + [
     "teacher", "baker", "lawyer", "farmer", "doctor", "accountant", "carpenter",
     "journalist",
 ]
+CEO_PROFESSIONS = ["executive", "entrepreneur", "manager", "economist"]
 HOBBIES = [
     "gardening", "painting landscapes", "fishing", "playing chess", "cycling",
     "baking bread", "reading novels", "hiking", "playing the piano",
@@ -145,7 +149,7 @@ COMPANY_FACTS = {
     ],
     "industry": [
         "{company} is {a_industry} company.",
-        "{company} works in the {industry} business.",
+        "{company} operates in the {industry} business.",
         "{company} is well known in the {industry} trade.",
         "Most people know {company} as {a_industry} maker.",
     ],
@@ -447,3 +451,45 @@ SUMMARY_REPORT_LINES = [
     "Revenue reached {rev} million credits in {quarter}.",
     "That is {direction} {yoy} percent compared with the same quarter a year earlier.",
 ]
+
+
+# --- helpers ------------------------------------------------------------------
+QUARTERS = [f"Q{q} {y}" for y in range(2019, 2025) for q in range(1, 5)]
+
+
+def article(word: str) -> str:
+    """``word`` with its indefinite article ("a teacher", "an engineer")."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def pronouns(gender_or_pronoun: str) -> dict[str, str]:
+    """Template slots he/He/his/His for "male"/"he" or "female"/"she"."""
+    he = gender_or_pronoun in ("male", "he")
+    return {"he": "he" if he else "she", "He": "He" if he else "She",
+            "his": "his" if he else "her", "His": "His" if he else "Her"}
+
+
+def filler_sentence(rng: random.Random) -> str:
+    """A sentence of everyday filler that names no entity."""
+    if rng.random() < 0.5:
+        return rng.choice(FILLER)
+    return f"{rng.choice(WHEN)}, {rng.choice(WHO)} {rng.choice(DID)}."
+
+
+def report_slots(rng: random.Random, c: dict[str, Any], fin: dict[str, list[float]], t: int) -> dict[str, Any]:
+    """Slots of a finance report on company ``c`` for quarter index ``t`` (>= 4) of its series ``fin``."""
+    rev, prev, last = fin["revenue"][t], fin["revenue"][t - 4], fin["revenue"][t - 1]
+    yoy, consensus = (rev / prev - 1) * 100, rev * (1 + rng.uniform(-0.06, 0.06))
+    margin, margin_prev = fin["margin"][t], fin["margin"][t - 1]
+    return {"company": c["name"], "industry": c["industry"], "ceo": c["ceo"], "quarter": QUARTERS[t],
+            "rev": f"{rev:.1f}", "prev": f"{prev:.1f}", "yoy": f"{abs(yoy):.1f}",
+            "direction": "up" if yoy >= 0 else "down", "verb": "rose" if yoy >= 0 else "fell",
+            "qoq": f"{(rev / last - 1) * 100:.1f}", "margin": f"{margin:.1f}",
+            "margin_move": "widened" if margin >= margin_prev else "narrowed",
+            "bps": round(abs(margin - margin_prev) * 100),
+            "guidance": rng.choice(["raised", "maintained", "cut"]), "driver": rng.choice(DRIVERS),
+            "consensus": f"{consensus:.1f}", "beat": "beat" if rev >= consensus else "miss",
+            "fcf": f"{rev * margin / 100 * rng.uniform(0.4, 0.9):.1f}", "dividend": f"{rng.uniform(0.1, 2.5):.2f}",
+            "outlook": rng.choice(OUTLOOKS), "share_move": rng.choice(["rose", "fell"]),
+            "share_pct": f"{rng.uniform(0.3, 9.5):.1f}", "capex": f"{rev * rng.uniform(0.03, 0.12):.1f}",
+            "capex_use": rng.choice(CAPEX_USES), "sector_comment": rng.choice(SECTOR_COMMENTS)}

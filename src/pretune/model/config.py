@@ -113,8 +113,9 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     emb = c.vocab_size * c.d_model
     head = 0 if c.tie_embeddings else emb
     total = emb + head + c.n_layer * block + c.d_model
+    block_matmul = c.d_model * (q + 2 * kv) + q * c.d_model + mlp
     return {"total": total, "embedding": emb, "lm_head": head, "block": block,
-            "non_embedding": total - emb}
+            "block_matmul": block_matmul, "non_embedding": total - emb}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, trainable: str = "all") -> dict[str, float]:
@@ -126,7 +127,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable: str = "all") -> d
     are counted by `pretune.train.meter` from the live model.
     """
     counts = count_params(cfg)
-    n_matmul = cfg.n_layer * counts["block"] + cfg.vocab_size * cfg.d_model
+    n_matmul = cfg.n_layer * counts["block_matmul"] + cfg.vocab_size * cfg.d_model
     attn = cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
     mult = 6 if trainable == "all" else 2
     return {"per_token": mult * n_matmul + 2 * mult * attn, "matmul_params": n_matmul}

@@ -65,6 +65,20 @@ def setup(device: str = "auto", precision: str = "auto", threads: int | None = N
     return Runtime(rank, world, local_rank, dev, pick_autocast(precision, dev))
 
 
+def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
+    """What the loop calls forward/backward on: the model, wrapped for data parallelism across ranks,
+    compiled when train.compile says so. The model itself (for saving) stays unwrapped."""
+    fwd = model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and rt.device.type == "cuda")
+    if compile_on:
+        fwd = torch.compile(fwd)
+    return fwd
+
+
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -18,7 +18,7 @@ import torch
 from pretune.config import Config
 from pretune.errors import UserError
 from pretune.train import checkpoint as ck
-from pretune.train.dist import Runtime, all_reduce_sum
+from pretune.train.dist import Runtime, all_reduce_sum, wrap_model
 from pretune.model.io import save_model_dir
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes
 from pretune.train.optim import build_optimizer, lr_at
@@ -84,13 +84,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     else:
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout stream; the weights were seeded before
 
-    fwd = model
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compile_on = t_cfg.compile == "true" or (t_cfg.compile == "auto" and device.type == "cuda")
-    if compile_on:
-        fwd = torch.compile(fwd)
+    fwd = wrap_model(model, cfg, rt)  # DDP across ranks, torch.compile on CUDA
 
     fpt = flops_per_token(model, data.seq_len)
     peak = peak_flops(device)

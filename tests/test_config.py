@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from pretune.config import Config, load_config, parse_overrides
+from pretune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(Config, None, ["train.max_steps=200", "optim.lr=1e-3", "data.train=[a.txt,b.txt]",
+                                     "data.weights=[0.75,0.25]", "out_dir=runs/x", "train.progress=false"])
+    assert cfg.train.max_steps == 200 and cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.data.train == ["a.txt", "b.txt"] and cfg.data.weights == [0.75, 0.25]
+    assert cfg.out_dir == "runs/x" and cfg.train.progress is False
+    assert load_config(Config, None, ["data.train=one.txt"]).data.train == ["one.txt"]
+
+
+def test_every_problem_is_reported_with_key_and_hint():
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ["train.max_step=3", "optim.lr=abc", "data.trian=x", "bogus=1"])
+    msg = str(e.value)
+    assert "unknown key train.max_step; did you mean train.max_steps?" in msg
+    assert "unknown key data.trian; did you mean data.train?" in msg
+    assert "optim.lr: expected a number, got 'abc'" in msg
+    assert "unknown key bogus" in msg
+    assert len(e.value.problems) == 4
+
+
+def test_semantic_checks_name_the_fix():
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ["train.batch_size=10", "train.micro_batch_size=3", "optim.schedule=linear",
+                                   "data.train=[a,b]", "data.weights=[1]"])
+    msg = str(e.value)
+    assert "train.micro_batch_size" in msg and "optim.schedule='linear'" in msg and "data.weights" in msg
+
+
+def test_not_key_value():
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_overrides(["max_steps"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(Config, path, [])
+    assert cfg.train.max_steps > 0

@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+
+from pretune.config import DataConfig
+from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
+from pretune.data.shards import BatchSampler, load_source
+from pretune.data.sources import DataError, iter_records
+from pretune.data.tokenizer import train_char
+
+
+def test_shards_are_uint16_with_eos_between_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "b.txt").write_text("de")
+    tok = train_char(["abcde"])
+    store = load_source(str(tmp_path), tok, log=lambda m: None)
+    arr = np.concatenate([np.asarray(s.array[s.start:s.end]) for s in store.spans])
+    assert arr.dtype == np.uint16
+    assert arr.tolist() == tok.encode("abc") + [tok.eos_id] + tok.encode("de") + [tok.eos_id]
+
+
+def test_second_load_uses_the_cache(tmp_path, corpus):
+    tok = train_char([corpus.read_text()])
+    logs = []
+    load_source(str(corpus), tok, log=logs.append)
+    load_source(str(corpus), tok, log=logs.append)
+    assert sum("tokenised" in m for m in logs) == 1
+    corpus.write_text(corpus.read_text() + "new text\n")  # content changed -> tokenised again
+    load_source(str(corpus), tok, log=logs.append)
+    assert sum("tokenised" in m for m in logs) == 2
+
+
+def test_shards_roll_over_and_split_holds_out_the_end(tmp_path):
+    text = "abcdefghij" * 100
+    (tmp_path / "c.txt").write_text(text)
+    tok = train_char([text])
+    store = load_source(str(tmp_path / "c.txt"), tok, shard_tokens=128, log=lambda m: None)
+    assert len(store.spans) == 8 and store.n_tokens == 1001
+    train, val = store.split(0.1)
+    assert val.n_tokens == 100 and train.n_tokens == 901
+    tail = np.concatenate([np.asarray(s.array[s.start:s.end]) for s in val.spans])
+    assert tail[-1] == tok.eos_id and tail[:-1].tolist() == tok.encode(text[-99:])
+
+
+def test_sampler_is_a_function_of_seed_and_step_and_ranks_are_disjoint(tmp_path, corpus):
+    tok = train_char([corpus.read_text()])
+    store = load_source(str(corpus), tok, log=lambda m: None)
+    s = BatchSampler([store], None, 16, seed=3)
+    assert np.array_equal(s.batch(7, 8), BatchSampler([store], None, 16, seed=3).batch(7, 8))
+    assert not np.array_equal(s.batch(7, 8), s.batch(8, 8))
+    whole = s.batch(5, 8)
+    r0, r1 = s.batch(5, 8, rank=0, world=2), s.batch(5, 8, rank=1, world=2)
+    assert np.array_equal(whole[0::2], r0) and np.array_equal(whole[1::2], r1)
+
+
+def test_mixture_follows_weights(tmp_path):
+    (tmp_path / "a.txt").write_text("a" * 5000)
+    (tmp_path / "b.txt").write_text("b" * 5000)
+    d = DataConfig(train=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], weights=[0.75, 0.25],
+                   tokenizer="char")
+    tok = build_tokenizer(d, log=lambda m: None)
+    corpus = load_corpus(d, tok, 8, log=lambda m: None)
+    data = PretrainData(corpus, 8, 400, None, seed=0)
+    rows = data.micro_batches(0, 0, 1)[0]["input_ids"]
+    share_a = (rows[:, 0] == tok.encode("a")[0]).float().mean().item()
+    assert 0.68 < share_a < 0.82
+
+
+def test_empty_corpus_and_missing_file_are_clear_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="holds no text"):
+        build_tokenizer(DataConfig(train=[str(tmp_path / "empty.txt")], tokenizer="char"))
+    tok = train_char(["abc"])
+    with pytest.raises(DataError, match="holds no text"):
+        load_source(str(tmp_path / "empty.txt"), tok, log=lambda m: None)
+    with pytest.raises(DataError, match=r"data.train: .*nope.txt does not exist"):
+        load_source(str(tmp_path / "nope.txt"), tok, log=lambda m: None)
+
+
+def test_invalid_utf8_is_replaced_and_counted_or_fails_with_offset(tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"good text\n" * 3 + b"bad \xff\xfe byte\n" + b"more\n")
+    tok = train_char(["good text bad byte more\ufffd\n"])
+    logs = []
+    store = load_source(str(f), tok, log=logs.append)
+    assert store.stats["replaced_chars"] == 2
+    assert any("2 invalid UTF-8" in m for m in logs)
+    with pytest.raises(DataError, match=r"bad.txt: bytes at offset 34 are not valid UTF-8"):
+        load_source(str(f), tok, errors="strict", log=lambda m: None)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "ok"}) + "\n" + '{"text": "broken"\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
+        list(iter_records(f))
+    g = tmp_path / "e.jsonl"
+    g.write_text(json.dumps({"body": "x"}) + "\n")
+    tok = train_char(["x"])
+    with pytest.raises(DataError, match=r"e.jsonl:1: record has no field 'text'"):
+        load_source(str(g), tok, log=lambda m: None)
+
+
+def test_jsonl_and_csv_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["ab", "ba"]) + "\n")
+    (tmp_path / "b.csv").write_text('text,label\n"a, b",x\n')
+    tok = train_char(["ab, "])
+    store = load_source(str(tmp_path), tok, log=lambda m: None)
+    arr = np.asarray(store.spans[0].array).tolist()
+    e = tok.eos_id
+    assert arr == tok.encode("ab") + [e] + tok.encode("ba") + [e] + tok.encode("a, b") + [e]

@@ -1,0 +1,74 @@
+import torch
+
+from pretune.eval.generate import filter_logits, generate
+from pretune.model.config import ModelConfig, count_params, flops_per_token, resolve_model_config
+from pretune.model.gpt import GPT, KVCache
+from pretune.train.meter import flops_per_token as live_flops
+
+
+def tiny(**kw):
+    return GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=50, **kw)))
+
+
+def test_kv_cache_logits_equal_full_forward():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 20))
+    full = model(idx)
+    cache = KVCache.empty(model.cfg, 2, 20, "cpu", torch.float32)
+    parts = [model(idx[:, :7], cache=cache), model(idx[:, 7:12], cache=cache)]
+    parts += [model(idx[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_param_count_from_config_matches_allocation():
+    for kw in ({}, {"tie_embeddings": False, "qkv_bias": True, "n_kv_head": 1}):
+        model = tiny(**kw)
+        assert count_params(model.cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_tied_embeddings_share_storage():
+    model = tiny()
+    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+
+
+def test_flops_analytic_equals_live_count_when_all_trainable():
+    model = tiny()
+    analytic = flops_per_token(model.cfg, 32)["per_token"]
+    assert live_flops(model, 32)["total"] == analytic
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)  # tied with the embedding
+    live = live_flops(model, 32)
+    assert live["frozen"] > 0 and live["total"] < analytic
+
+
+def test_causality():
+    model = tiny().eval()
+    a = torch.randint(0, 50, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1) % 50
+    assert torch.allclose(model(a)[0, :10], model(b)[0, :10], atol=1e-6)
+
+
+def test_sampling_filters_and_seed():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert (filter_logits(logits, 1.0, 2, None)[0, 2:] == 0).all()
+    p = filter_logits(logits, 1.0, None, 0.5)
+    assert p[0, 0] == 1.0
+    model = tiny()
+    assert generate(model, [1, 2, 3], 10, seed=5) == generate(model, [1, 2, 3], 10, seed=5)
+    assert generate(model, [1, 2, 3], 10, temperature=0) == generate(model, [1, 2, 3], 10, temperature=0)
+
+
+def test_llama3_rope_scaling_changes_only_low_frequencies():
+    from pretune.model.gpt import rope_tables
+
+    base = resolve_model_config(ModelConfig(preset="tiny", vocab_size=10, head_dim=64, max_seq_len=64))
+    scaled = resolve_model_config(ModelConfig(preset="tiny", vocab_size=10, head_dim=64, max_seq_len=64,
+                                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 64}))
+    _, c0 = rope_tables(base)
+    _, c1 = rope_tables(scaled)
+    assert torch.allclose(c0[:, 0], c1[:, 0]) and not torch.allclose(c0[:, 31], c1[:, 31])

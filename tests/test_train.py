@@ -1,0 +1,153 @@
+"""End-to-end runs of the real loop on a tiny preset: files written, exact resume, lineage, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, read_metrics, run_cli
+
+
+def test_pretrain_writes_the_run_directory_and_learns(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=40", *TINY) == 0
+    for name in ("config.yaml", "lineage.json", "metrics.jsonl", "summary.json", "tokenizer.json",
+                 "model/model.safetensors", "model/config.json", "checkpoints/step-000040/optimizer.pt"):
+        assert (out / name).exists(), name
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_last=2
+    summary = json.loads((out / "summary.json").read_text())
+    m = read_metrics(out)
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert summary["val_loss"] < m[0]["loss"] - 1.0  # it learned
+    assert summary["tokens"] == 40 * 8 * 32 == m[-1]["tokens"]
+    for key in ("step", "tokens", "target_tokens", "loss", "lr", "grad_norm", "tokens_per_s", "flops", "wall_s"):
+        assert key in m[-1]
+    assert "val_bpb" in m[9] and summary["params"] == summary["trainable_params"] > 0
+    assert json.loads((out / "lineage.json").read_text())["stage"] == "pretrain"
+
+
+def test_stop_and_resume_gives_identical_losses(tmp_path, corpus):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = [f"data.train={corpus}", "train.max_steps=40", "model.dropout=0.1", *TINY]
+    assert run_cli("pretrain", *common, f"out_dir={full}") == 0
+    assert run_cli("pretrain", *common, f"out_dir={part}", "train.stop_after=20") == 0
+    assert json.loads((part / "summary.json").read_text())["status"] == "stopped"
+    assert run_cli("pretrain", f"resume={part}", "train.stop_after=null") == 0
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 41))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r.get("val_loss") for r in a] == [r.get("val_loss") for r in b]
+    assert a[-1]["tokens"] == b[-1]["tokens"]
+
+
+def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, corpus):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    common = [f"data.train={corpus}", "train.max_steps=300", "train.save_every=25", "train.eval_every=0", *TINY]
+    assert run_cli("pretrain", *common, f"out_dir={ref}") == 0
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pretune", "pretrain", *common, f"out_dir={killed}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if len(lines) >= 60 and (killed / "checkpoints" / "step-000050").exists():
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    logged = len(metrics.read_text().splitlines())
+    last = sorted((killed / "checkpoints").iterdir())[-1].name
+    assert run_cli("pretrain", f"resume={killed}") == 0
+    a, b = read_metrics(ref), read_metrics(killed)
+    assert logged > int(last[5:]) and [r["step"] for r in b] == list(range(1, 301))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_init_from_with_replay_records_lineage(tmp_path, corpus):
+    from conftest import make_corpus
+
+    base, cpt = tmp_path / "base", tmp_path / "cpt"
+    domain = make_corpus(tmp_path / "domain.txt", lines=500, seed=9)
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.max_steps=20", *TINY) == 0
+    assert run_cli("pretrain", f"init_from={base}", f"data.train=[{domain},{corpus}]", "data.weights=[0.75,0.25]",
+                   f"out_dir={cpt}", "train.max_steps=10", *TINY) == 0
+    lineage = json.loads((cpt / "lineage.json").read_text())
+    assert lineage["stage"] == "cpt" and lineage["parent"] == str(base.resolve())
+    assert lineage["parent_lineage"]["stage"] == "pretrain"
+    assert json.loads((cpt / "summary.json").read_text())["stage"] == "cpt"
+    # continued pre-training starts from the parent's weights: its first loss is the parent's level
+    assert read_metrics(cpt)[0]["loss"] < read_metrics(base)[0]["loss"] - 0.5
+
+
+def test_existing_out_dir_is_refused_unless_overwrite(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=2", *TINY]
+    assert run_cli(*args) == 0
+    assert run_cli(*args) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert run_cli(*args, "overwrite=true") == 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    from pretune.config import Config, load_config
+    from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
+    from pretune.model.config import resolve_model_config
+    from pretune.model.gpt import GPT
+    from pretune.train.dist import setup
+    from pretune.train.loop import TrainingDiverged, train
+    from pretune.train.objectives import LMObjective
+
+    class PoisonAt(LMObjective):
+        calls = 0
+
+        def __call__(self, model, batch):
+            PoisonAt.calls += 1
+            loss = super().__call__(model, batch)
+            return loss * float("nan") if PoisonAt.calls == 13 else loss
+
+    cfg = load_config(Config, None, [f"data.train={corpus}", f"out_dir={tmp_path}", "train.max_steps=30", *TINY])
+    tok = build_tokenizer(cfg.data)
+    model = GPT(resolve_model_config(cfg.model, tok.vocab_size))
+    data = PretrainData(load_corpus(cfg.data, tok, 32), 32, 8, None, 0)
+    with pytest.raises(TrainingDiverged, match="at step 13; the last good checkpoint is .*step-000010"):
+        train(model, cfg, setup("cpu"), tmp_path, data, PoisonAt(), tokenizer=tok, log=lambda m: None)
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["step-000010"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert not (tmp_path / "model").exists()
+
+
+def test_evaluate_and_generate_cli(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=30", *TINY) == 0
+    capsys.readouterr()
+    assert run_cli("evaluate", out, f"data.val={corpus}", "max_tokens=3000", f"out={tmp_path / 'e.json'}") == 0
+    assert "bits/byte" in capsys.readouterr().out
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["tokens"] > 2000 and 0 < r["bpb"] < 8 and abs(r["ppl"] - torch.tensor(r["loss"]).exp().item()) < 1e-3
+    assert run_cli("generate", out, "prompt=the ", "max_new_tokens=20", "seed=3", "device=cpu") == 0
+    first = capsys.readouterr().out
+    assert run_cli("generate", out, "prompt=the ", "max_new_tokens=20", "seed=3", "device=cpu") == 0
+    assert capsys.readouterr().out == first and first.startswith("the ") and len(first) > 10
+
+
+def test_cli_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from pretune.cli import main; main(['--help']); assert 'torch' not in sys.modules"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "pretrain" in r.stdout and time.perf_counter() - t0 < 5  # generous for a loaded CI machine
+
+
+def test_unknown_verb_and_bad_key_exit_cleanly(capsys):
+    assert run_cli("pretrian") == 2
+    assert "did you mean pretrain" in capsys.readouterr().err
+    assert run_cli("pretrain", "train.max_step=3") == 2
+    assert "did you mean train.max_steps" in capsys.readouterr().err
