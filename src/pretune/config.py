@@ -123,6 +123,17 @@ class MeterConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data parallelism under torchrun (one process is plain training)."""
+
+    strategy: str = "ddp"
+    """'ddp' (replicate the model, all-reduce gradients) or 'fsdp' (FSDP2: shard parameters,
+    gradients and optimiser state per block)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+
+
+@dataclass
 class Config:
     """A whole run: `pretune VERB [CONFIG.yaml] [KEY=VALUE ...]`."""
 
@@ -141,6 +152,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     meter: MeterConfig = field(default_factory=MeterConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -338,7 +350,8 @@ def validate_run(cfg: Config) -> list[str]:
     choices = {"train.precision": (t.precision, ("auto", "fp32", "bf16")),
                "train.compile": (t.compile, ("auto", "true", "false")),
                "optim.schedule": (o.schedule, ("cosine", "wsd", "constant")),
-               "data.encoding_errors": (d.encoding_errors, ("replace", "strict"))}
+               "data.encoding_errors": (d.encoding_errors, ("replace", "strict")),
+               "dist.strategy": (cfg.dist.strategy, ("ddp", "fsdp"))}
     for key, (value, options) in choices.items():
         if value not in options:
             p.append(f"{key}={value!r} is not one of {', '.join(options)}")

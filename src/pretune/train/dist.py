@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -77,6 +78,14 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
     if compile_on:
         fwd = torch.compile(fwd)
     return fwd
+
+
+def grad_sync(fwd: torch.nn.Module, rt: Runtime, last_micro_batch: bool):
+    """Context for one micro-batch's backward: skip the gradient all-reduce except on the last one."""
+    if not rt.distributed or last_micro_batch:
+        return contextlib.nullcontext()
+    inner = getattr(fwd, "_orig_mod", fwd)  # under torch.compile
+    return inner.no_sync()
 
 
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:

@@ -5,7 +5,6 @@ data, and the objective.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 from pretune.config import Config
 from pretune.errors import UserError
 from pretune.train import checkpoint as ck
-from pretune.train.dist import Runtime, all_reduce_sum, wrap_model
+from pretune.train.dist import Runtime, all_reduce_sum, grad_sync, wrap_model
 from pretune.model.io import save_model_dir
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes
 from pretune.train.optim import build_optimizer, lr_at
@@ -131,8 +130,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             step_tokens = 0
             for i, mb in enumerate(micro):
                 mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
-                sync = contextlib.nullcontext() if (not rt.distributed or i == len(micro) - 1) else fwd.no_sync()
-                with sync:
+                with grad_sync(fwd, rt, i == len(micro) - 1):  # all-reduce on the last micro-batch only
                     with autocast:
                         loss_sum = objective(fwd, mb)
                     (loss_sum * (rt.world / max(n_targets, 1.0))).backward()
