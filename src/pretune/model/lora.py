@@ -1,0 +1,119 @@
+"""LoRA: low-rank adapters on chosen linear layers, from outside the model.
+
+A LoRALinear keeps the base layer's `weight` and `bias` under their own names, so a base checkpoint
+loads into an adapted model unchanged, and adds `lora_a` (r x in) and `lora_b` (out x r):
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T,   with B = 0 at start,
+
+so the adapted model equals the base model at step 0. `merge_lora` folds B A into W and puts plain
+nn.Linear layers back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha/r) B A x, with B = 0 at start so the model is unchanged at step 0."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device,
+                                               dtype=base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
+                                               dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight + (self.lora_b @ self.lora_a) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _matches(name: str, targets: tuple[str, ...] | list[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(leaf == t or fnmatch.fnmatch(name, t) for t in targets)
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
+    """Freeze every parameter, then wrap matching nn.Linear layers in the blocks with adapters.
+
+    `targets` are leaf names (q_proj, ...) or glob patterns on the full name (blocks.1*.mlp.*).
+    Returns the names of the wrapped layers.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.startswith("blocks.") and _matches(name, targets):
+            parent_name, leaf = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent_name), leaf, LoRALinear(module, rank, alpha, dropout))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"lora.targets={list(targets)} matched no linear layer; known layers: "
+                         + ", ".join(sorted(DEFAULT_TARGETS)))
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters alone: {'blocks.0.attn.q_proj.lora_a': (r, in), '...lora_b': (out, r)}."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.endswith((".lora_a", ".lora_b"))}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and restore plain nn.Linear layers (in place)."""
+    for name, module in lora_layers(model).items():
+        base = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                         device=module.weight.device, dtype=module.weight.dtype)
+        base.weight.copy_(module.merged_weight())
+        if module.bias is not None:
+            base.bias.copy_(module.bias)
+        parent_name, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), leaf, base)
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model (the DPO reference) without a second copy of its weights."""
+    layers = list(lora_layers(model).values())
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
