@@ -46,6 +46,30 @@ class DataConfig:
     """Where token shards are cached by content hash; default $PRETUNE_CACHE or ~/.cache/pretune."""
     shard_tokens: int = 1 << 27
     """Tokens per shard file."""
+    test: list[str] = field(default_factory=list)
+    """Fine-tuning: test records, evaluated once with the final (or best) model."""
+    label_field: str = "label"
+    """Classification: field with the label (a name or an integer id)."""
+    prompt_field: str = "prompt"
+    """Instruction / preference: field with the prompt."""
+    response_field: str = "response"
+    """Instruction: field with the response."""
+    messages_field: str = "messages"
+    """Instruction: field with a list of {role, content} messages (used when present)."""
+    source_field: str = "source"
+    """Text-to-text: field with the input text."""
+    target_field: str = "target"
+    """Text-to-text: field with the output text."""
+    chosen_field: str = "chosen"
+    """Preference: field with the preferred response."""
+    rejected_field: str = "rejected"
+    """Preference: field with the rejected response."""
+    labels: list[str] | None = None
+    """Classification: the label names in id order; None collects them from the training data."""
+    on_error: str = "fail"
+    """A malformed task record: 'fail' (name file, line and field) or 'skip' (count it in summary.json)."""
+    max_examples: int | None = None
+    """Use at most this many training records (the first after a seeded shuffle): data efficiency."""
 
 
 @dataclass
@@ -86,6 +110,10 @@ class TrainConfig:
     """Show a progress bar."""
     stop_after: int | None = None
     """Stop after this step as if interrupted, keeping the schedule of max_steps (for resume tests)."""
+    early_stop_metric: str | None = None
+    """Keep the best model by this evaluation figure (val_loss, val_accuracy, val_macro_f1, ...)."""
+    patience: int | None = None
+    """With early_stop_metric: stop after this many evaluations without improvement."""
 
 
 @dataclass
@@ -134,6 +162,64 @@ class DistConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (method=lora)."""
+
+    rank: int = 8
+    """Adapter rank r."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / r) B A."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                        "gate_proj", "up_proj", "down_proj"])
+    """Linear layers to adapt: leaf names or glob patterns on full names."""
+    save: str = "merged"
+    """What model/ holds: 'merged' weights or the 'adapter' alone (adapter/ is always written)."""
+
+
+@dataclass
+class FreezeConfig:
+    """Train only part of the model (method=freeze)."""
+
+    last_k: int = 2
+    """Train the last k blocks plus the final norm and the output head."""
+    pattern: list[str] = field(default_factory=list)
+    """Instead of last_k: train the parameters whose names match these glob patterns."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Task fine-tuning: formatting, objective and regularisation."""
+
+    classifier: str = "head"
+    """Classification: 'head' (linear head on the last token's hidden state) or 'verbalizer'
+    (the language model scores each label word)."""
+    max_len: int = 256
+    """Longest example in tokens; longer ones are truncated (and counted)."""
+    truncation: str = "left"
+    """Which end of the prompt to cut: 'left' keeps the end of the prompt next to the answer."""
+    prompt_loss: bool = False
+    """Also train on prompt tokens (by default only response tokens carry loss)."""
+    epochs: float | None = None
+    """Set train.max_steps from this many passes over the training records."""
+    l2sp: float = 0.0
+    """L2-SP strength: lambda/2 * ||w - w0||^2 pulls weights toward the pre-trained ones."""
+    replay: list[str] = field(default_factory=list)
+    """General text mixed into training with its language-model loss, against forgetting."""
+    replay_ratio: float = 0.0
+    """Share of each batch's sequences that are replay text."""
+    cv: int = 0
+    """k-fold cross-validation over the training records (k >= 2); reports mean and std."""
+    dpo_beta: float = 0.1
+    """Preference: DPO temperature beta."""
+    max_new_tokens: int = 64
+    """Generation tasks: tokens generated per example when scoring."""
+    eval_examples: int = 200
+    """At most this many validation examples per evaluation of generation metrics."""
+
+
+@dataclass
 class Config:
     """A whole run: `pretune VERB [CONFIG.yaml] [KEY=VALUE ...]`."""
 
@@ -147,12 +233,19 @@ class Config:
     """Continue the interrupted run in this directory exactly where its last checkpoint stopped."""
     overwrite: bool = False
     """Allow replacing an existing run in out_dir."""
+    task: str | None = None
+    """Fine-tuning task: 'classification', 'instruction', 'text2text' or 'preference'."""
+    method: str = "full"
+    """Fine-tuning method: 'full', 'freeze' (last layers) or 'lora'."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     meter: MeterConfig = field(default_factory=MeterConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -351,7 +444,22 @@ def validate_run(cfg: Config) -> list[str]:
                "train.compile": (t.compile, ("auto", "true", "false")),
                "optim.schedule": (o.schedule, ("cosine", "wsd", "constant")),
                "data.encoding_errors": (d.encoding_errors, ("replace", "strict")),
-               "dist.strategy": (cfg.dist.strategy, ("ddp", "fsdp"))}
+               "dist.strategy": (cfg.dist.strategy, ("ddp", "fsdp")),
+               "method": (cfg.method, ("full", "freeze", "lora")),
+               "finetune.classifier": (cfg.finetune.classifier, ("head", "verbalizer")),
+               "finetune.truncation": (cfg.finetune.truncation, ("left", "right")),
+               "lora.save": (cfg.lora.save, ("merged", "adapter")),
+               "data.on_error": (d.on_error, ("fail", "skip"))}
+    if cfg.task is not None and cfg.task not in TASKS:
+        p.append(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
+    if cfg.finetune.cv == 1 or cfg.finetune.cv < 0:
+        p.append(f"finetune.cv={cfg.finetune.cv}: give k >= 2 folds, or 0 for no cross-validation")
+    if not 0 <= cfg.finetune.replay_ratio < 1:
+        p.append(f"finetune.replay_ratio={cfg.finetune.replay_ratio} must be in [0, 1)")
+    if cfg.finetune.replay_ratio > 0 and not cfg.finetune.replay:
+        p.append("finetune.replay_ratio > 0 needs finetune.replay (general text files)")
+    if t.patience is not None and not t.early_stop_metric:
+        p.append("train.patience needs train.early_stop_metric (for example val_loss or val_accuracy)")
     for key, (value, options) in choices.items():
         if value not in options:
             p.append(f"{key}={value!r} is not one of {', '.join(options)}")
@@ -376,6 +484,7 @@ def validate_run(cfg: Config) -> list[str]:
     return p
 
 
+TASKS = ("classification", "instruction", "text2text", "preference")
 _VALIDATORS: dict[type, Any] = {Config: validate_run}
 
 

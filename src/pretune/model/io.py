@@ -22,20 +22,22 @@ class ModelDirError(UserError, RuntimeError):
     """A path that holds no usable model; the message says what was expected."""
 
 
+def _aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are a second name for an earlier one (a tied output projection)."""
+    unique = {n for n, _ in model.named_parameters()}
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict for saving: contiguous CPU tensors, a tied output projection stored once."""
-    sd = model.state_dict()
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and getattr(cfg, "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    """State dict for saving: contiguous CPU tensors, each tied tensor stored once."""
+    aliases = _aliases(model)
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in aliases}
 
 
 def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and getattr(cfg, "tie_embeddings", False) and "lm_head.weight" not in sd:
-        sd = dict(sd, **{"lm_head.weight": sd["tok_emb.weight"]})
+    """Load weights; a tied alias may be absent (it is filled through the tensor it shares)."""
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if m not in _aliases(model)]
     if strict and (missing or unexpected):
         raise ModelDirError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import load_file, save
 
 from pretune.config import Config
-from pretune.errors import UserError
+from pretune.errors import ConfigError, UserError
+from pretune.files import atomic_write_bytes
+from pretune.model.io import load_model_state, model_state
 from pretune.train import checkpoint as ck
 from pretune.train.dist import Runtime, all_reduce_sum, grad_sync, wrap_model
 from pretune.model.io import save_model_dir
@@ -32,6 +35,35 @@ class StepData(Protocol):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+LOWER_IS_BETTER = ("loss", "ppl", "bpb", "perplexity")
+
+
+def _track_best(state: dict, metric: str, step: int) -> bool:
+    """Record an evaluation figure; True when it is the best so far."""
+    if metric not in state["eval"]:
+        raise ConfigError(f"train.early_stop_metric={metric!r} is not among the evaluation figures "
+                          f"({', '.join(sorted(state['eval'])) or 'none'})")
+    value = float(state["eval"][metric])
+    lower = metric.endswith(LOWER_IS_BETTER)
+    best = state["best"]
+    if best is None or (value < best["value"] if lower else value > best["value"]):
+        state["best"], state["bad_evals"] = {"step": step, "value": value}, 0
+        return True
+    state["bad_evals"] += 1
+    return False
+
+
+def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime) -> dict[str, float]:
+    """Targets per kind of micro-batch (task, replay) in this optimiser step, summed over ranks."""
+    counts = dict.fromkeys(kinds, 0.0)
+    for mb in micro:
+        counts[mb.get("kind", "task")] += objective.count(mb)
+    if rt.distributed:
+        total = torch.tensor([counts[k] for k in kinds], dtype=torch.float64, device=rt.device)
+        counts = dict(zip(kinds, all_reduce_sum(total, rt).tolist()))
+    return counts
 
 
 class MetricsLog:
@@ -60,8 +92,13 @@ def _round(x):
 
 def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data: StepData, objective,
           evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer=None,
-          log: Callable[[str], None] = print, summary_extra: dict | None = None) -> dict:
-    """Run (or resume) the optimisation; write metrics.jsonl, checkpoints, model/ and summary.json."""
+          log: Callable[[str], None] = print, summary_extra: dict | None = None,
+          save_final: Callable[[torch.nn.Module, Path], None] | None = None) -> dict:
+    """Run (or resume) the optimisation; write metrics.jsonl, checkpoints, model/ and summary.json.
+
+    With train.early_stop_metric the best weights by that figure are kept in best/ and become the
+    final model; train.patience stops the run after that many evaluations without improvement.
+    """
     t_cfg = cfg.train
     device = rt.device
     model.to(device)
@@ -69,7 +106,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     optimizer = build_optimizer(model, cfg.optim, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main)
     state = {"tokens": 0, "target_tokens": 0, "wall_s": 0.0, "flops": 0.0, "train_loss": None,
-             "eval": {}, "best": None}
+             "eval": {}, "best": None, "bad_evals": 0}
     start = 0
     if cfg.resume:
         last = ck.latest_checkpoint(run_dir)
@@ -100,8 +137,10 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
 
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
-    interval_targets = 0
+    interval_steps = 0
     interval_tokens = 0
+    kinds = tuple(getattr(data, "kinds", ("task",)))
+    weights = dict(getattr(objective, "weights", {}))
     t_interval = time.perf_counter()
     t_run = time.perf_counter()
     wall_before = state["wall_s"]
@@ -124,30 +163,32 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = data.micro_batches(step, rt.rank, rt.world)
-            n_targets = torch.tensor(sum(objective.count(mb) for mb in micro), dtype=torch.float64)
-            n_targets = float(all_reduce_sum(n_targets.to(device), rt)) if rt.distributed else float(n_targets)
+            counts = count_targets(micro, objective, kinds, rt)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             step_tokens = 0
             for i, mb in enumerate(micro):
+                kind = mb.get("kind", "task")
+                scale = weights.get(kind, 1.0) / max(counts[kind], 1.0)  # token-weighted within each kind
                 mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
                 with grad_sync(fwd, rt, i == len(micro) - 1):  # all-reduce on the last micro-batch only
                     with autocast:
                         loss_sum = objective(fwd, mb)
-                    (loss_sum * (rt.world / max(n_targets, 1.0))).backward()
-                step_loss += loss_sum.detach().double()
+                    (loss_sum * (scale * rt.world)).backward()
+                step_loss += loss_sum.detach().double() * scale
                 step_tokens += int(mb.get("n_tokens", mb["input_ids"].numel())) * rt.world
             penalty = objective.penalty(model)
             if penalty is not None:
                 penalty.backward()
+                step_loss += penalty.detach().double() / rt.world
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t_cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step + 1, first_bad)
             interval_loss += step_loss
-            interval_targets += n_targets
+            interval_steps += 1
             interval_tokens += step_tokens
             state["tokens"] += step_tokens
-            state["target_tokens"] += int(n_targets)
+            state["target_tokens"] += int(sum(counts.values()))
             state["flops"] += fpt["total"] * step_tokens
             s = step + 1
             if device.type == "cpu":
@@ -160,7 +201,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             if do_log or do_eval or do_save:
                 check_finite(s)
             if do_log:
-                total_loss = float(all_reduce_sum(interval_loss.clone(), rt)) / max(interval_targets, 1.0)
+                total_loss = float(all_reduce_sum(interval_loss.clone(), rt)) / max(interval_steps, 1)
                 elapsed = time.perf_counter() - t_interval
                 state["train_loss"] = total_loss
                 tps = interval_tokens / max(elapsed, 1e-9)
@@ -170,7 +211,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 if peak:
                     record["mfu"] = fpt["total"] * tps / (peak * rt.world)
                 interval_loss.zero_()
-                interval_targets, interval_tokens = 0, 0
+                interval_steps, interval_tokens = 0, 0
             if do_eval:
                 t_eval = time.perf_counter()
                 state["eval"] = evaluate(model)
@@ -179,6 +220,9 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 else:
                     metrics.write({"step": s, **{k: _round(v) for k, v in state["eval"].items()}})
                 t_interval += time.perf_counter() - t_eval  # evaluation time is not training throughput
+                if t_cfg.early_stop_metric and _track_best(state, t_cfg.early_stop_metric, s) and rt.is_main:
+                    atomic_write_bytes(run_dir / "best" / "model.safetensors",
+                                       save(model_state(model), metadata={"step": str(s)}))
             if do_log:
                 metrics.write({k: _round(v) for k, v in record.items()})
                 msg = f"step {s}/{max_steps} loss {total_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
@@ -191,11 +235,18 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 t_interval = time.perf_counter()
             if bar is not None:
                 bar.update(1)
+            patience_out = bool(t_cfg.patience and state["bad_evals"] >= t_cfg.patience)
             if do_save and rt.is_main:
                 state["wall_s"] = wall_before + time.perf_counter() - t_run
                 state["energy_j"] = energy_before + energy.joules()
                 last_good_ckpt = ck.save_checkpoint(run_dir, s, model, optimizer, state, t_cfg.keep_last,
                                                     tokenizer)
+            if patience_out:
+                status = "early_stopped"
+                log(f"early stopping at step {s}: {t_cfg.early_stop_metric} has not improved for "
+                    f"{t_cfg.patience} evaluations (best {state['best']['value']:.4f} at step "
+                    f"{state['best']['step']})")
+                break
     except TrainingDiverged as e:
         if rt.is_main:
             ck.atomic_write_json(run_dir / "summary.json", {"status": "diverged", "error": str(e),
@@ -204,8 +255,12 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     if bar is not None:
         bar.close()
     final_step = step + 1 if stop > start else start
-    if final_step < max_steps:
+    if final_step < max_steps and status != "early_stopped":
         status = "stopped"
+    if state["best"] is not None and status != "stopped":  # the final model is the best one
+        load_model_state(model, load_file(str(run_dir / "best" / "model.safetensors"), device=str(device)))
+        summary_extra = dict(summary_extra or {}, best_step=state["best"]["step"],
+                             best_metric=t_cfg.early_stop_metric, best_value=state["best"]["value"])
     wall = wall_before + time.perf_counter() - t_run
     summary = {
         "status": status, "steps": final_step, "tokens": state["tokens"],
@@ -224,8 +279,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     summary["co2_g"] = summary["energy_j"] / 3.6e6 * cfg.meter.grid_gco2_per_kwh
     summary.update(summary_extra or {})
     if rt.is_main:
-        if status == "completed":
-            save_model_dir(model, run_dir / "model", tokenizer)
+        if status != "stopped":
+            (save_final or (lambda m, d: save_model_dir(m, d, tokenizer)))(model, run_dir / "model")
         ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in summary.items()})
     return summary
 
