@@ -30,7 +30,7 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tok():
     return train_char(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?<|>\n"])
 
@@ -49,7 +49,8 @@ def test_default_format(tok):
     # EOS and BOS become their special ids when encoded; the role markers stay plain text
     ids = tok.encode(full)
     assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1
-    assert DEFAULT_CHAT_TEMPLATE in (None, DEFAULT_CHAT_TEMPLATE)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    assert render_chat(CONVERSATION[:3], tok, add_generation_prompt=False) == full
 
 
 @pytest.mark.parametrize("template", [None, LLAMA3, CHATML], ids=["default", "llama3", "chatml"])
@@ -66,14 +67,12 @@ def test_prompt_plus_response_is_the_conversation(tok, template):
 def test_tokenizer_template_is_used(tok):
     tok = with_template(tok, CHATML)
     assert render_chat([{"role": "user", "content": "x"}], tok) == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
-    tok.chat_template = None
 
 
 def test_single_assistant_message_splits(tok):
     tok = with_template(tok, LLAMA3)  # BOS only before the first message: the fallback path
     prompt, response = render_prompt_response([{"role": "assistant", "content": "Yes."}], tok)
     assert prompt.endswith("<|end_header_id|>\n\n") and response == "Yes.<|eot_id|>"
-    tok.chat_template = None
 
 
 @pytest.mark.parametrize("messages, needle", [
@@ -107,4 +106,3 @@ def test_raise_exception_and_sandbox(tok):
     tok.chat_template = "{% set x = messages.append(1) %}"  # immutable: no mutation of the inputs
     with pytest.raises(ChatTemplateError):
         render_chat([{"role": "user", "content": "x"}], tok)
-    tok.chat_template = None

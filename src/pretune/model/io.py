@@ -57,11 +57,26 @@ def save_model_dir(model: torch.nn.Module, directory: str | Path, tokenizer=None
     return directory
 
 
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory: config.json with model_type/architectures, not pretune's."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return False
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and "pretune_format" not in raw and bool(
+        raw.get("model_type") or raw.get("architectures"))
+
+
 def find_model_dir(path: str | Path) -> Path:
-    """Accept a run directory (its model/ or last checkpoint) or a model directory."""
+    """Accept a run directory (its model/ or last checkpoint), a model directory, or a Hugging Face
+    model directory (converted when loaded)."""
     p = Path(path)
     for candidate in (p, p / "model"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+        if (candidate / "config.json").is_file() and (
+                (candidate / "model.safetensors").is_file() or is_hf_model_dir(candidate)):
             return candidate
     ckpts = sorted(d for d in (p / "checkpoints").glob("step-*") if (d / "model.safetensors").is_file())
     if ckpts:
@@ -79,12 +94,16 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides):
-    """(GPT, Tokenizer or None) from a run or model directory; `overrides` change config fields
-    that do not alter the weights' shapes (dropout, max_seq_len)."""
+    """(GPT, Tokenizer or None) from a run, model or Hugging Face directory; `overrides` change
+    config fields that do not alter the weights' shapes (dropout, max_seq_len)."""
     from pretune.data.tokenizer import Tokenizer
     from pretune.model.gpt import GPT
 
     model_dir = find_model_dir(path)
+    if is_hf_model_dir(model_dir):
+        from pretune.interop.hf import load_hf_model
+
+        return load_hf_model(model_dir, device, **overrides)
     cfg = read_model_config(model_dir)
     for key, value in overrides.items():
         setattr(cfg, key, value)

@@ -1,13 +1,17 @@
-"""Training objectives. Each returns a loss SUMMED over its targets; the loop divides by the number of
-target tokens in the whole optimiser step, so every target token weighs the same whatever the
-masking, padding or micro-batching.
+"""Training objectives. Each returns a loss SUMMED over its targets and says how many targets a batch
+has; the loop divides by the number of targets of each kind in the whole optimiser step, so every
+target token (or example, or pair) weighs the same whatever the masking, padding or micro-batching.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 
 from pretune.model.gpt import cross_entropy_sum
+from pretune.model.lora import adapters_disabled, lora_layers
 
 
 class LMObjective:
@@ -22,3 +26,75 @@ class LMObjective:
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         """A per-step regulariser added once per optimiser step (none for plain LM training)."""
         return None
+
+
+class ClassifierObjective(LMObjective):
+    """Cross-entropy of the classification head, one target per example; replay batches use the LM."""
+
+    def count(self, batch: dict) -> int:
+        return len(batch["labels"]) if "labels" in batch else super().count(batch)
+
+    def __call__(self, model, batch):
+        if "labels" not in batch:
+            return super().__call__(model, batch)
+        return F.cross_entropy(model(batch["input_ids"], batch["last"]).float(), batch["labels"], reduction="sum")
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Sum of log-probabilities of each row's target tokens, (B,)."""
+    logits = model(batch["input_ids"]).float()
+    targets = batch["targets"]
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    return (logp * (targets != -100)).sum(-1)
+
+
+class DPOObjective(LMObjective):
+    """Direct Preference Optimisation against a frozen reference.
+
+    Rows alternate chosen, rejected. With LoRA the reference is the same model with its adapters
+    switched off (no second copy of the weights); otherwise a frozen copy of the initial model.
+    """
+
+    def __init__(self, model: torch.nn.Module, beta: float):
+        self.beta = beta
+        self.reference = None if lora_layers(model) else copy.deepcopy(model).eval().requires_grad_(False)
+
+    def count(self, batch: dict) -> int:
+        return batch["pairs"] if "pairs" in batch else super().count(batch)
+
+    def margins(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy log-ratio - reference log-ratio) per pair, and the policy log-ratio."""
+        policy = sequence_logprobs(model, batch)
+        with torch.no_grad():
+            if self.reference is None:
+                inner = getattr(model, "module", model)
+                with adapters_disabled(getattr(inner, "_orig_mod", inner)):
+                    ref = sequence_logprobs(model, batch)
+            else:
+                ref = sequence_logprobs(self.reference.to(policy.device), batch)
+        pol_ratio = policy[0::2] - policy[1::2]
+        return pol_ratio - (ref[0::2] - ref[1::2]), pol_ratio
+
+    def __call__(self, model, batch):
+        if "pairs" not in batch:
+            return super().__call__(model, batch)
+        delta, _ = self.margins(model, batch)
+        return -F.logsigmoid(self.beta * delta).sum()
+
+
+class L2SP:
+    """Wrap an objective with lambda/2 * ||w - w0||^2 over the trainable weights (w0: the start)."""
+
+    def __init__(self, base, model: torch.nn.Module, lam: float):
+        self.base, self.lam = base, lam
+        self.anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+        self.weights = getattr(base, "weights", {})
+
+    def count(self, batch):
+        return self.base.count(batch)
+
+    def __call__(self, model, batch):
+        return self.base(model, batch)
+
+    def penalty(self, model):
+        return 0.5 * self.lam * sum(((p - p0.to(p.device)) ** 2).sum() for p, p0 in self.anchor)

@@ -1,0 +1,222 @@
+"""Task records -> tokenised examples -> length-grouped batches.
+
+Tasks: classification (text -> label), instruction (prompt/response or a list of messages),
+text2text (source -> target; summarisation and the like) and preference (prompt, chosen, rejected).
+Instruction and text2text examples are rendered with the chat template (the tokenizer's own, else
+pretune's default) and carry loss on the response only. Batches are a pure function of (seed, step):
+each epoch is a seeded shuffle, grouped by length so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pretune.config import Config, DataConfig
+from pretune.data.sources import DataError, expand_source, iter_records
+from pretune.data.templates import render_chat, render_prompt_response
+from pretune.data.tokenizer import Tokenizer
+
+IGNORE = -100
+
+
+@dataclass
+class TaskStats:
+    skipped: int = 0
+    truncated: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> dict:
+    """One raw record -> the task's canonical fields; DataError names file, line and field."""
+
+    def get(key: str, kind: type = str):
+        name = getattr(d, key)
+        value = record.get(name)
+        bad = value is None or (kind is list and not isinstance(value, list)) or (
+            kind is str and (not isinstance(value, (str, int, float)) or str(value).strip() == ""))
+        if bad:
+            fields = ", ".join(k for k in record if k != "__line__")
+            raise DataError(f"{path}:{line}: field {name!r} is missing or empty (fields: {fields}); "
+                            f"set data.{key} to the right name")
+        return value if kind is list else str(value)
+
+    if task == "classification":
+        return {"text": get("text_field"), "label": get("label_field")}
+    if task == "instruction":
+        if d.messages_field in record:
+            msgs = get("messages_field", list)
+            if not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs) \
+                    or msgs[-1]["role"] != "assistant":
+                raise DataError(f"{path}:{line}: field {d.messages_field!r} must be a list of "
+                                "{role, content} ending with an assistant message")
+            return {"messages": msgs}
+        return {"messages": [{"role": "user", "content": get("prompt_field")},
+                             {"role": "assistant", "content": get("response_field")}]}
+    if task == "text2text":
+        return {"messages": [{"role": "user", "content": get("source_field")},
+                             {"role": "assistant", "content": get("target_field")}]}
+    return {"prompt": get("prompt_field"), "chosen": get("chosen_field"), "rejected": get("rejected_field")}
+
+
+def read_records(specs: list[str], task: str, d: DataConfig, stats: TaskStats, key: str) -> list[dict]:
+    out = []
+    for spec in specs:
+        for path in expand_source(spec, key):
+            for line, record in iter_records(path, d.encoding_errors):
+                try:
+                    out.append(normalise(record, task, d, path, line))
+                except DataError as e:
+                    if d.on_error == "fail":
+                        raise
+                    stats.skipped += 1
+                    stats.errors.append(str(e))
+    return out
+
+
+def verbalizer_prompt(text: str) -> str:
+    return f"{text}\nLabel:"
+
+
+def _fit(prompt: list[int], response: list[int], max_len: int, side: str, stats: TaskStats):
+    """Truncate to max_len tokens: the prompt first (from `side`), then the response's end."""
+    if len(prompt) + len(response) <= max_len:
+        return prompt, response
+    stats.truncated += 1
+    response = response[: max(1, max_len // 2)] if len(response) >= max_len else response
+    room = max_len - len(response)
+    prompt = prompt[-room:] if side == "left" else prompt[:room]
+    return (prompt if room > 0 else []), response
+
+
+def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] | None,
+           stats: TaskStats) -> list[dict]:
+    """Records -> examples with token ids and a loss mask (or a label id, or a preference pair)."""
+    ft, task, eos = cfg.finetune, cfg.task, [tok.eos_id]
+    examples = []
+    for r in records:
+        if task == "classification":
+            if r["label"] not in labels:
+                raise DataError(f"label {r['label']!r} is not among the training labels {labels}; "
+                                "list every label in data.labels")
+            y = labels.index(r["label"])
+            if ft.classifier == "head":
+                ids, _ = _fit(tok.encode(r["text"]), [], ft.max_len, ft.truncation, stats)
+                examples.append({"ids": ids or eos, "label": y})
+                continue
+            p, a = _fit(tok.encode(verbalizer_prompt(r["text"])), tok.encode(" " + r["label"]) + eos,
+                        ft.max_len, ft.truncation, stats)
+            examples.append({"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p})
+        elif task in ("instruction", "text2text"):
+            prompt, response = render_prompt_response(r["messages"], tok)
+            p_ids, a_ids = tok.encode(prompt), tok.encode(response)
+            # The response ends at the end-of-turn EOS (what follows it is layout); add one if absent.
+            a_ids = a_ids[: len(a_ids) - a_ids[::-1].index(tok.eos_id)] if tok.eos_id in a_ids else a_ids + eos
+            p_ids, a_ids = _fit(p_ids, a_ids, ft.max_len, ft.truncation, stats)
+            mask = [int(ft.prompt_loss)] * len(p_ids) + [1] * len(a_ids)
+            examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids,
+                             "reference": r["messages"][-1]["content"]})
+        else:
+            p = tok.encode(render_chat([{"role": "user", "content": r["prompt"]}], tok, True))
+            pc, c = _fit(p, tok.encode(r["chosen"]) + eos, ft.max_len, ft.truncation, stats)
+            pr, rj = _fit(p, tok.encode(r["rejected"]) + eos, ft.max_len, ft.truncation, stats)
+            examples.append({"chosen": (pc, c), "rejected": (pr, rj)})
+    return examples
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def lm_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> dict:
+    """Right-padded next-token batch; targets are -100 where the mask is 0 and on padding."""
+    x = _pad([s[:-1] for s in seqs], pad_id)
+    y = _pad([[t if m else IGNORE for t, m in zip(s[1:], mk[1:])] for s, mk in zip(seqs, masks)], IGNORE)
+    return {"input_ids": x, "targets": y, "n_tokens": sum(len(s) - 1 for s in seqs)}
+
+
+def collate(examples: list[dict], task: str, classifier: str, pad_id: int) -> dict:
+    if task == "classification" and classifier == "head":
+        return {"input_ids": _pad([e["ids"] for e in examples], pad_id),
+                "last": torch.tensor([len(e["ids"]) - 1 for e in examples]),
+                "labels": torch.tensor([e["label"] for e in examples]),
+                "n_tokens": sum(len(e["ids"]) for e in examples)}
+    if task == "preference":
+        seqs = [p + a for e in examples for p, a in (e["chosen"], e["rejected"])]  # chosen, rejected, ...
+        masks = [[0] * len(p) + [1] * len(a) for e in examples for p, a in (e["chosen"], e["rejected"])]
+        return {**lm_batch(seqs, masks, pad_id), "pairs": len(examples)}
+    return lm_batch([e["ids"] for e in examples], [e["mask"] for e in examples], pad_id)
+
+
+def length_of(e: dict) -> int:
+    return len(e["ids"]) if "ids" in e else sum(len(p) + len(a) for p, a in (e["chosen"], e["rejected"]))
+
+
+class TaskBatches:
+    """StepData over task examples (plus optional replay text): a pure function of (seed, step)."""
+
+    def __init__(self, examples: list[dict], cfg: Config, pad_id: int, replay=None):
+        if not examples:
+            raise DataError("no training examples: data.train is empty after reading")
+        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+        t = cfg.train
+        n_replay = int(round(t.batch_size * cfg.finetune.replay_ratio)) if replay is not None else 0
+        self.task_rows = t.batch_size - n_replay
+        self.replay, self.n_replay = replay, n_replay
+        self.kinds = ("task", "replay") if n_replay else ("task",)
+        self.steps_per_epoch = max(1, math.ceil(len(examples) / self.task_rows))
+        self.seq_len = max(length_of(e) for e in examples)
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """Batches of example indices for one epoch: shuffled, then grouped by length in windows."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = random.Random(self.cfg.seed * 1_000_003 + epoch)
+            order = list(range(len(self.examples)))
+            rng.shuffle(order)
+            window = self.task_rows * 32
+            order = [i for w in range(0, len(order), window)
+                     for i in sorted(order[w: w + window], key=lambda j: length_of(self.examples[j]))]
+            batches = [order[i: i + self.task_rows] for i in range(0, len(order), self.task_rows)]
+            rng.shuffle(batches)
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        batches = self._plan(step // self.steps_per_epoch)
+        rows = batches[step % self.steps_per_epoch][rank::world]
+        micro = self.cfg.train.micro_batch_size or len(rows)
+        out = []
+        for i in range(0, len(rows), micro):
+            chunk = [self.examples[j] for j in rows[i: i + micro]]
+            out.append(collate(chunk, self.cfg.task, self.cfg.finetune.classifier, self.pad_id))
+        if self.n_replay:
+            windows = torch.from_numpy(self.replay.batch(step, self.n_replay, rank, world))
+            out.append({"input_ids": windows[:, :-1], "targets": windows[:, 1:], "kind": "replay"})
+        return out
+
+
+def split_folds(n: int, k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """k (train, validation) index lists with disjoint validation sets covering every record."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    folds = [order[i::k] for i in range(k)]
+    return [([j for f in folds[:i] + folds[i + 1:] for j in f], sorted(folds[i])) for i in range(k)]
+
+
+def subsample(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    """The first n records after a seeded shuffle (nested: a smaller n is a prefix of a larger)."""
+    if n is None or n >= len(records):
+        return records
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in sorted(order[:n])]
+

@@ -1,0 +1,319 @@
+"""`pretune finetune`: adapt a model to a task through the one training loop.
+
+Methods differ only in what is trainable (full, the last k blocks, LoRA adapters), tasks only in
+their examples and objective. Regularisers: weight decay and dropout (config), early stopping on a
+validation figure with the best model kept, L2-SP toward the initial weights, replay of general text
+with its LM loss, and k-fold cross-validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from pretune.config import Config, save_config
+from pretune.data import tasks as T
+from pretune.data.corpus import build_tokenizer
+from pretune.data.shards import BatchSampler, load_source
+from pretune.data.tokenizer import Tokenizer
+from pretune.errors import ConfigError
+from pretune.eval import metrics as M
+from pretune.eval.generate import generate
+from pretune.files import atomic_write_json
+from pretune.model.config import resolve_model_config
+from pretune.model.gpt import GPT
+from pretune.model.heads import ClassifierModel
+from pretune.model.io import load_model, save_model_dir
+from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merge_lora
+from pretune.stages import open_run, parent_tokenizer
+from pretune.train import checkpoint as ck
+from pretune.train import dist
+from pretune.train.loop import train
+from pretune.train.objectives import L2SP, ClassifierObjective, DPOObjective, LMObjective
+
+HELP_CONFIG = Config
+
+
+def cmd_finetune(argv: list[str]) -> None:
+    from pretune.cli import _run_config
+
+    summary = run_finetune(_run_config(argv))
+    shown = {k: v for k, v in summary.items() if k in ("status", "steps", "accuracy", "macro_f1", "rouge_l",
+                                                         "chrf", "exact_match", "pref_accuracy", "val_loss",
+                                                         "mean", "wall_s", "trainable_params")}
+    print("summary: " + json.dumps(shown, default=str))
+
+
+# ----------------------------------------------------------------------------- model and method
+
+
+def set_trainable(model: torch.nn.Module, cfg: Config) -> None:
+    """full: everything; freeze: the last k blocks (or name patterns) + final norm and output layers;
+    lora: adapters only (plus a classification head)."""
+    lm = model.lm if isinstance(model, ClassifierModel) else model
+    if cfg.method == "lora":
+        apply_lora(lm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    elif cfg.method == "freeze":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.freeze.pattern:
+            names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, pat) for pat in cfg.freeze.pattern)]
+            if not names:
+                raise ConfigError(f"freeze.pattern={cfg.freeze.pattern} matches no parameter")
+        else:
+            k = cfg.freeze.last_k
+            if not 0 < k <= lm.cfg.n_layer:
+                raise ConfigError(f"freeze.last_k={k} must be in 1..{lm.cfg.n_layer} (the model's blocks)")
+            first = lm.cfg.n_layer - k
+            names = [n for n, _ in lm.named_parameters()
+                     if n.startswith(("norm.", "lm_head.")) or (n.startswith("blocks.") and int(n.split(".")[1]) >= first)]
+            names = [("lm." + n if lm is not model else n) for n in names]
+        params = dict(model.named_parameters())
+        for n in names:
+            params[n].requires_grad_(True)
+    if isinstance(model, ClassifierModel):
+        model.head.requires_grad_(True)
+
+
+def build_task_model(cfg: Config, tok: Tokenizer, n_labels: int) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        lm, _ = load_model(cfg.init_from, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
+    else:
+        lm = GPT(resolve_model_config(cfg.model, tok.vocab_size))
+    model = ClassifierModel(lm, n_labels) if _uses_head(cfg) else lm
+    set_trainable(model, cfg)
+    return model
+
+
+def _uses_head(cfg: Config) -> bool:
+    return cfg.task == "classification" and cfg.finetune.classifier == "head"
+
+
+def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
+    """How model/ is written: a plain model directory (LoRA merged, adapter/ beside it), plus the
+    classification head and the label names when there is one."""
+
+    def save(model: torch.nn.Module, model_dir: Path) -> None:
+        lm = model.lm if isinstance(model, ClassifierModel) else model
+        if lora_layers(lm):
+            adapter = model_dir.parent / "adapter"
+            adapter.mkdir(parents=True, exist_ok=True)
+            from safetensors.torch import save_file
+            save_file(lora_state_dict(lm), str(adapter / "adapter.safetensors"))
+            atomic_write_json(adapter / "lora.json", {
+                "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                "targets": list(cfg.lora.targets), "base": str(Path(cfg.init_from).resolve()) if cfg.init_from else None})
+            if cfg.lora.save == "adapter":
+                return
+            merge_lora(lm)
+        save_model_dir(lm, model_dir, tok)
+        if isinstance(model, ClassifierModel):
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
+                      str(model_dir / "head.safetensors"))
+        atomic_write_json(model_dir / "task.json", {"task": cfg.task, "labels": labels,
+                                                    "classifier": cfg.finetune.classifier if cfg.task == "classification" else None})
+    return save
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labels, device,
+                  generation: bool = False, objective=None) -> dict:
+    """Task figures on examples: loss and the task's metrics (generation metrics when asked)."""
+    if not examples:
+        return {}
+    model.eval()
+    out: dict = {}
+    bs = max(1, cfg.train.eval_batch_size // 4)
+    if cfg.task == "classification":
+        preds, gold, loss_sum = [], [e["label"] for e in examples], 0.0
+        for i in range(0, len(examples), bs):
+            chunk = examples[i: i + bs]
+            if _uses_head(cfg):
+                b = T.collate(chunk, cfg.task, "head", tok.pad_id)
+                logits = model(b["input_ids"].to(device), b["last"].to(device)).float()
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, b["labels"].to(device), reduction="sum"))
+                preds += logits.argmax(-1).tolist()
+            else:
+                preds += verbalizer_predict(model, chunk, labels, tok, device)
+        out = {"accuracy": M.accuracy(preds, gold), "macro_f1": M.macro_f1(preds, gold, len(labels))}
+        if _uses_head(cfg):
+            out["loss"] = loss_sum / len(examples)
+    elif cfg.task == "preference":
+        deltas, pol = [], []
+        for i in range(0, len(examples), bs):
+            b = T.collate(examples[i: i + bs], cfg.task, "", tok.pad_id)
+            d, p = objective.margins(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+            deltas += d.tolist()
+            pol += p.tolist()
+        beta = cfg.finetune.dpo_beta
+        out = {"loss": sum(-torch.nn.functional.logsigmoid(torch.tensor(beta * d)).item() for d in deltas) / len(deltas),
+               "pref_accuracy": sum(p > 0 for p in pol) / len(pol), "reward_margin": beta * statistics.fmean(deltas)}
+    else:
+        nll, n = 0.0, 0
+        for i in range(0, len(examples), bs):
+            b = T.collate(examples[i: i + bs], cfg.task, "", tok.pad_id)
+            logits = model(b["input_ids"].to(device))
+            from pretune.model.gpt import cross_entropy_sum
+            nll += float(cross_entropy_sum(logits, b["targets"].to(device)))
+            n += int((b["targets"] != -100).sum())
+        out = {"loss": nll / max(n, 1), "ppl": math.exp(min(nll / max(n, 1), 50))}
+        if generation:
+            subset = examples[: cfg.finetune.eval_examples]
+            preds = [tok.decode(generate(model, e["prompt"], cfg.finetune.max_new_tokens, temperature=0,
+                                         stop_ids={tok.eos_id})).strip() for e in subset]
+            gold = [e["reference"].strip() for e in subset]
+            out.update(exact_match=M.exact_match(preds, gold), chrf=M.chrf(preds, gold))
+            if cfg.task == "text2text":
+                out.update(M.rouge(preds, gold))
+    model.train()
+    return out
+
+
+def verbalizer_predict(model, examples: list[dict], labels: list[str], tok: Tokenizer, device) -> list[int]:
+    """Pick the label whose words (plus EOS) the language model finds most likely after the prompt."""
+    answers = [tok.encode(" " + lab) + [tok.eos_id] for lab in labels]
+    seqs = [e["prompt"] + a for e in examples for a in answers]
+    masks = [[0] * len(e["prompt"]) + [1] * len(a) for e in examples for a in answers]
+    from pretune.train.objectives import sequence_logprobs
+    b = T.lm_batch(seqs, masks, tok.pad_id)
+    scores = sequence_logprobs(model, {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)})
+    return scores.view(len(examples), len(labels)).argmax(-1).tolist()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _objective(cfg: Config, model):
+    if cfg.task == "preference":
+        obj = DPOObjective(model, cfg.finetune.dpo_beta)
+    elif _uses_head(cfg):
+        obj = ClassifierObjective()
+    else:
+        obj = LMObjective()
+    return L2SP(obj, model, cfg.finetune.l2sp) if cfg.finetune.l2sp > 0 else obj
+
+
+def _replay_sampler(cfg: Config, tok: Tokenizer, seq_len: int):
+    if not cfg.finetune.replay or cfg.finetune.replay_ratio <= 0:
+        return None
+    stores = [load_source(s, tok, cfg.data.text_field, cfg.data.encoding_errors, cfg.data.cache_dir,
+                          key="finetune.replay") for s in cfg.finetune.replay]
+    return BatchSampler(stores, None, seq_len, cfg.seed + 7)
+
+
+def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels, log=print) -> dict:
+    """One fine-tuning run (one fold) in cfg.out_dir."""
+    rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    run_dir = open_run(cfg, rt)
+    stats = T.TaskStats()
+    model = build_task_model(cfg, tok, len(labels or []))
+    lm = model.lm if isinstance(model, ClassifierModel) else model
+    train_ex = T.encode(train_recs, cfg, tok, labels, stats)
+    truncated_train = stats.truncated
+    val_ex, test_ex = T.encode(val_recs, cfg, tok, labels, stats), T.encode(test_recs, cfg, tok, labels, stats)
+    longest = max(T.length_of(e) for e in train_ex)
+    if longest > lm.cfg.max_seq_len:
+        raise ConfigError(f"examples reach {longest} tokens but the model's context is {lm.cfg.max_seq_len}; "
+                          f"set finetune.max_len <= {lm.cfg.max_seq_len}")
+    replay = _replay_sampler(cfg, tok, min(cfg.finetune.max_len, lm.cfg.max_seq_len))
+    data = T.TaskBatches(train_ex, cfg, tok.pad_id, replay)
+    if cfg.finetune.epochs:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, max_steps=max(1, math.ceil(cfg.finetune.epochs * data.steps_per_epoch))))
+        data.cfg = cfg
+    objective = _objective(cfg, model)
+    device = rt.device
+    if rt.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        tok.save(run_dir)
+        if not cfg.resume:
+            ck.write_lineage(run_dir, "finetune", cfg.init_from, task=cfg.task, method=cfg.method,
+                             examples={"train": len(train_ex), "val": len(val_ex), "test": len(test_ex)})
+
+    def evaluate(m):
+        return {f"val_{k}": v for k, v in evaluate_task(m, val_ex, cfg, tok, labels, device, objective=objective).items()}
+
+    extra = {"stage": "finetune", "task": cfg.task, "method": cfg.method, "train_examples": len(train_ex),
+             "skipped_records": stats.skipped, "truncated_examples": truncated_train}
+    summary = train(model, cfg, rt, run_dir, data, objective, evaluate if val_ex else None, tok, log, extra,
+                    save_final_factory(cfg, tok, labels))
+    if summary["status"] in ("completed", "early_stopped") and rt.is_main:
+        final = {}
+        for split, ex in (("val", val_ex), ("test", test_ex)):
+            final.update({f"{split}_{k}": v for k, v in
+                          evaluate_task(model, ex, cfg, tok, labels, device, generation=True, objective=objective).items()})
+        plain = "test" if test_ex else "val"
+        final.update({k[len(plain) + 1:]: v for k, v in final.items() if k.startswith(plain + "_")})
+        summary.update(final)
+        atomic_write_json(run_dir / "summary.json", summary)
+    dist.teardown()
+    return summary
+
+
+def _records(cfg: Config) -> tuple[list, list, list, list[str] | None, T.TaskStats]:
+    stats = T.TaskStats()
+    d = cfg.data
+    train_recs = T.read_records(d.train, cfg.task, d, stats, "data.train")
+    val_recs = T.read_records(d.val, cfg.task, d, stats, "data.val")
+    test_recs = T.read_records(d.test, cfg.task, d, stats, "data.test")
+    if not val_recs and d.val_fraction > 0 and not cfg.finetune.cv:
+        folds = T.split_folds(len(train_recs), max(2, round(1 / d.val_fraction)), cfg.seed)
+        tr, va = folds[0]
+        train_recs, val_recs = [train_recs[i] for i in tr], [train_recs[i] for i in va]
+    train_recs = T.subsample(train_recs, d.max_examples, cfg.seed)
+    labels = None
+    if cfg.task == "classification":
+        labels = list(d.labels) if d.labels else sorted({r["label"] for r in train_recs})
+    return train_recs, val_recs, test_recs, labels, stats
+
+
+def run_finetune(cfg: Config, log=print) -> dict:
+    """Fine-tune (or cross-validate) as the config says; returns the summary."""
+    if cfg.task is None:
+        raise ConfigError("pretune finetune needs task=classification|instruction|text2text|preference")
+    if not cfg.data.train:
+        raise ConfigError("pretune finetune needs data.train (JSONL, CSV or TSV records)")
+    if cfg.resume:
+        tok = Tokenizer.load(cfg.resume)
+    elif cfg.init_from:
+        tok = parent_tokenizer(cfg.init_from)
+    elif cfg.data.tokenizer in ("char", "bpe"):
+        raise ConfigError("fine-tuning from scratch needs a tokenizer: set data.tokenizer to a tokenizer.json "
+                          "(for a fair comparison, the pre-trained model's), or give init_from")
+    else:
+        tok = build_tokenizer(cfg.data, log)
+    train_recs, val_recs, test_recs, labels, stats = _records(cfg)
+    k = cfg.finetune.cv
+    if not k:
+        summary = run_one(cfg, tok, train_recs, val_recs, test_recs, labels, log)
+        if stats.skipped:
+            summary["skipped_records"] = stats.skipped
+            atomic_write_json(Path(cfg.out_dir) / "summary.json", summary)
+        return summary
+    root = Path(cfg.resume or cfg.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    folds = T.split_folds(len(train_recs), k, cfg.seed)
+    results = []
+    for i, (tr, va) in enumerate(folds):
+        fold_cfg = dataclasses.replace(cfg, out_dir=str(root / f"fold-{i}"), finetune=dataclasses.replace(cfg.finetune, cv=0))
+        results.append(run_one(fold_cfg, tok, [train_recs[j] for j in tr], [train_recs[j] for j in va],
+                               test_recs, labels, log))
+    names = [n for n, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and all(isinstance(r.get(n), (int, float)) for r in results)]
+    summary = {"status": "completed", "cv": k, "folds": [str(root / f"fold-{i}") for i in range(k)],
+               "mean": {n: statistics.fmean(r[n] for r in results) for n in names},
+               "std": {n: statistics.stdev([r[n] for r in results]) for n in names},
+               "fold_validation_sizes": [len(va) for _, va in folds]}
+    atomic_write_json(root / "summary.json", summary)
+    return summary

@@ -1,0 +1,102 @@
+"""A LoRA run's adapter as a PEFT adapter directory.
+
+A LoRA fine-tuning run keeps its adapter apart from the merged model:
+
+    RUN/adapter/adapter.safetensors   blocks.{i}.attn.q_proj.lora_a (r, in), ....lora_b (out, r)
+    RUN/adapter/lora.json             {"rank", "alpha", "dropout", "targets", "base"}
+
+PEFT stores the same matrices under `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+(and lora_B), with scale lora_alpha / r exactly as pretune's alpha / rank, so the export is a rename
+plus adapter_config.json. The base model it applies to is the run's parent, exported on its own with
+`pretune export BASE OUT`; `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT),
+ADAPTER)` then equals the pretune LoRA model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import load_file, save_file
+
+from pretune.files import atomic_dir
+from pretune.interop.hf import InteropError, check_out, dtype_name, parse_dtype
+
+_LORA = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(\w+)\.lora_(a|b)$")
+_GROUP = {"attn": "self_attn", "mlp": "mlp"}
+
+
+def peft_name(name: str) -> tuple[str, str]:
+    """'blocks.0.attn.q_proj.lora_a' -> (PEFT tensor name, HF module name)."""
+    m = _LORA.match(name)
+    if not m:
+        raise InteropError(f"adapter tensor {name} is not a pretune LoRA tensor "
+                           "(blocks.N.attn|mlp.LAYER.lora_a|lora_b)")
+    layer, group, leaf, ab = m.groups()
+    module = f"model.layers.{layer}.{_GROUP[group]}.{leaf}"
+    return f"base_model.model.{module}.lora_{ab.upper()}.weight", module
+
+
+def read_adapter(run: str | Path) -> tuple[dict, dict]:
+    """(lora.json, adapter tensors) of a LoRA run directory."""
+    d = Path(run) / "adapter"
+    if not (d / "adapter.safetensors").is_file() or not (d / "lora.json").is_file():
+        raise InteropError(f"{run} has no adapter/adapter.safetensors and adapter/lora.json; is it a "
+                           "LoRA fine-tuning run? (export its merged model without --adapter)")
+    meta = json.loads((d / "lora.json").read_text(encoding="utf-8"))
+    missing = [k for k in ("rank", "alpha") if k not in meta]
+    if missing:
+        raise InteropError(f"{d / 'lora.json'} lacks {', '.join(missing)}")
+    return meta, load_file(str(d / "adapter.safetensors"))
+
+
+def _n_layer(run: Path) -> int | None:
+    """Number of blocks of the run's model, when its config is readable."""
+    for cfg in (run / "model" / "config.json", run / "config.json"):
+        if cfg.is_file():
+            value = json.loads(cfg.read_text()).get("n_layer")
+            if value:
+                return int(value)
+    return None
+
+
+def export_peft_adapter(run: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False,
+                        log: Callable[[str], None] = print) -> Path:
+    """Write RUN's LoRA adapter as adapter_config.json + adapter_model.safetensors (PEFT layout)."""
+    out, run = Path(out), Path(run)
+    check_out(out, overwrite)
+    want = parse_dtype(dtype)
+    meta, sd = read_adapter(run)
+    tensors, modules = {}, set()
+    for name, tensor in sd.items():
+        new, module = peft_name(name)
+        rank_dim = 0 if name.endswith("lora_a") else 1
+        if tensor.shape[rank_dim] != meta["rank"]:
+            raise InteropError(f"{name} has shape {tuple(tensor.shape)} but lora.json says rank "
+                               f"{meta['rank']}")
+        tensors[new] = tensor.to(want).contiguous()
+        modules.add(module)
+    if not tensors:
+        raise InteropError(f"{run}/adapter/adapter.safetensors holds no LoRA tensors")
+    leaves = sorted({m.rsplit(".", 1)[1] for m in modules})
+    n_layer = _n_layer(run)
+    layers = {int(m.split(".")[2]) for m in modules}
+    # Leaf names when every block is adapted on the same layers; otherwise the exact module names.
+    everywhere = n_layer is not None and len(modules) == n_layer * len(leaves) and layers == set(range(n_layer))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(meta["rank"]),
+        "lora_alpha": float(meta["alpha"]), "lora_dropout": float(meta.get("dropout", 0.0)),
+        "target_modules": leaves if everywhere else sorted(modules), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": meta.get("base"),
+        "revision": None,
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    log(f"exported a rank-{meta['rank']} LoRA adapter on {len(modules)} layers ({dtype_name(want)}) "
+        f"-> {out}; its base: pretune export {meta.get('base') or 'BASE'} BASE_OUT")
+    return out

@@ -1,0 +1,166 @@
+"""`pretune chat MODEL`: talk to a model in the terminal.
+
+Each line you type is a user message; the reply streams as it is generated. The conversation is
+kept and rendered with the model's chat template (data/templates.py) for every turn; when it no
+longer fits the model's context, the oldest turns are dropped (a system message stays). Commands:
+`/reset` clears the history, `/exit` (or end of input) leaves. Ctrl-C stops a reply.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from pretune.errors import UserError
+
+
+@dataclass
+class ChatConfig:
+    """`pretune chat MODEL [KEY=VALUE ...]`."""
+
+    system: str | None = None
+    """A system message that starts every conversation."""
+    max_tokens: int = 256
+    """Most tokens per reply (capped by what is left of the context)."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 is greedy."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only."""
+    seed: int | None = None
+    """Seed for reproducible replies (each turn uses seed + turn number)."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda'."""
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.max_tokens < 1:
+            p.append(f"max_tokens={self.max_tokens}: must be at least 1")
+        if self.temperature < 0:
+            p.append(f"temperature={self.temperature}: must be 0 (greedy) or more")
+        return p
+
+
+HELP_CONFIG = ChatConfig
+
+
+class ConversationTooLong(UserError, ValueError):
+    """The last message alone does not fit the model's context."""
+
+
+class ChatSession:
+    """A conversation with a model through an Engine: history, prompt building, streamed replies."""
+
+    def __init__(self, engine, tokenizer, cfg: ChatConfig):
+        self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
+        self.ctx = engine.ctx
+        self.messages: list[dict] = []
+        self.turn = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.messages = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+
+    def prompt_ids(self) -> list[int]:
+        """The rendered history as token ids, dropping the oldest turns until a reply fits."""
+        from pretune.data.templates import render_chat
+
+        room = min(self.cfg.max_tokens, max(1, self.ctx // 4))  # keep at least this much for the reply
+        while True:
+            ids = self.tokenizer.encode(render_chat(self.messages, self.tokenizer))
+            if len(ids) + room <= self.ctx:
+                return ids
+            first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+            if len(self.messages) - first <= 1:
+                self.messages.pop()
+                raise ConversationTooLong(f"the message is {len(ids)} tokens with the template; the model's "
+                                          f"context is {self.ctx} tokens: send a shorter one")
+            del self.messages[first]  # the oldest turn: a user message and the reply to it
+            if len(self.messages) > first + 1 and self.messages[first]["role"] == "assistant":
+                del self.messages[first]
+
+    def send(self, text: str, write: Callable[[str], None]) -> str:
+        """Add a user message, stream the reply through `write`, keep it in the history, return it."""
+        from pretune.serve.engine import SamplingParams
+
+        self.messages.append({"role": "user", "content": text})
+        ids = self.prompt_ids()
+        c = self.cfg
+        params = SamplingParams(max_tokens=min(c.max_tokens, self.ctx - len(ids)), temperature=c.temperature,
+                                top_p=c.top_p, top_k=c.top_k,
+                                seed=None if c.seed is None else c.seed + self.turn)
+        self.turn += 1
+        parts: list[str] = []
+        try:
+            for ev in self.engine.generate(ids, params):
+                if ev.error:
+                    raise RuntimeError(f"generation failed: {ev.error}")
+                if ev.text:
+                    parts.append(ev.text)
+                    write(ev.text)
+        finally:  # an interrupted reply is kept as far as it went
+            self.messages.append({"role": "assistant", "content": "".join(parts)})
+        return "".join(parts)
+
+
+def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: bool = False) -> None:
+    """Read user lines from `stdin` until /exit or end of input; write replies to `stdout`."""
+    def write(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    if interactive:
+        write("chat with the model; /reset clears the history, /exit leaves\n")
+    while True:
+        if interactive:
+            write("you> ")
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            write("\n")
+            return
+        if not line:
+            return
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            write("(history cleared)\n")
+            continue
+        if not command:
+            continue
+        write("assistant> ")
+        try:
+            session.send(text, write)
+        except KeyboardInterrupt:
+            write(" [stopped]")
+        except ConversationTooLong as e:
+            write(f"(error: {e})")
+        write("\n")
+
+
+def cmd_chat(argv: list[str]) -> int:
+    """Load the model and chat on the terminal."""
+    from pretune.cli import _model_arg, _split
+    from pretune.config import load_config
+    from pretune.model.io import load_model
+    from pretune.serve.engine import Engine
+    from pretune.train.dist import pick_device
+
+    yaml_path, model_path, overrides = _split(argv)
+    cfg = load_config(ChatConfig, yaml_path, overrides)
+    model, tok = load_model(_model_arg(model_path, "chat"), pick_device(cfg.device))
+    if tok is None:
+        raise UserError(f"{model_path} has no tokenizer.json; chat needs the model's tokenizer")
+    engine = Engine(model, tok, max_batch=1).start()
+    try:
+        chat_loop(ChatSession(engine, tok, cfg), sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,395 @@
+"""The generation engine behind `pretune serve` and `pretune chat`: continuous batching on one model.
+
+One background thread owns the model. Requests are queued as jobs; between decode steps the engine
+admits waiting jobs into the running batch, and every decode step runs ONE forward pass for all
+active sequences. Rows finish independently (EOS, a stop string, max_tokens, or cancellation) and
+leave the batch at once, so a short request never waits for a long one.
+
+How sequences of different lengths share one KV cache. GPT's KVCache has one write position `pos`
+(a "slot") shared by all rows, and RoPE rotates each key by its slot. Attention scores with RoPE
+depend only on the difference between the query's and the key's slot, so a sequence stored at
+slots [a, a + n) gives the same logits as one stored at [0, n), provided its queries never see the
+slots before `a`. The engine therefore keeps, per row, the slot where its prompt starts, and builds
+a boolean mask (rows, 1, queries, slots) that hides everything before it:
+
+- a fresh batch (no active rows) left-pads its prompts to the longest one, L, and prefills them
+  together at slots [0, L); the shared position becomes P = L;
+- a job joins a running batch at position P if its prompt fits before P (len <= P) and its
+  max_tokens fit after it (P + max_tokens - 1 <= max_seq_len); its prompt is prefilled on its own
+  row, right-aligned to end at slot P, then it decodes with the others;
+- padding positions attend only to themselves (never a fully masked row, which would give NaN);
+- rows are kept contiguous (0..n-1): a finished row is replaced by the last one (its cache slots
+  are copied), so a decode step computes exactly the active rows.
+
+A job that does not fit waits, and jobs behind it wait too (first come, first served); once the
+batch drains, a fresh batch starts at slot 0. The batch drains when P nears max_seq_len, which
+bounds the wait by one max_tokens. Greedy outputs equal those of `eval.generate.stream_tokens`
+(tests/test_serve.py checks it for prompts of different lengths joining at different steps), and a
+seeded sampled output does too, since each row samples with its own generator exactly as
+`stream_tokens` does.
+
+Text is produced in the engine: each job decodes its tokens incrementally, holds back text that
+could be the start of a stop string or an incomplete UTF-8 character, and stops at the first stop
+string (the stop string itself is not returned, as in OpenAI's API).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from pretune.eval.generate import filter_logits
+from pretune.model.gpt import GPT, KVCache
+
+log = logging.getLogger("pretune.serve")
+
+
+@dataclass
+class SamplingParams:
+    """How one job samples; temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What a job reports: new text, tokens generated so far, and at the end a finish reason
+    ('stop', 'length', 'cancelled' or 'error', with a message)."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings: push token ids, get the text that is safe to show."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already returned
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (new text, whether a stop string was reached)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        hits = [at for at in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if at >= 0]
+        if hits:
+            at = max(min(hits), self.sent)
+            out, self.sent = text[self.sent:at], len(text)
+            return out, True
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # maybe half of a UTF-8 character
+            safe -= 1
+        hold = 0  # keep back the longest tail that may still grow into a stop string
+        for s in self.stop:
+            hold = max([hold] + [k for k in range(1, min(len(s), safe - self.sent + 1))
+                                 if text.endswith(s[:k], 0, safe)])
+        safe -= hold
+        out = text[self.sent:safe]
+        self.sent = max(self.sent, safe)
+        return out, False
+
+    def flush(self) -> str:
+        """The held-back text, when generation ends without a stop string."""
+        text = self.tokenizer.decode(self.ids)
+        out, self.sent = text[self.sent:], len(text)
+        return out
+
+
+_ids = itertools.count(1)
+
+
+class Job:
+    """One generation request; `sink` receives its Events (called from the engine thread)."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, sink: Callable[[Event], None], tokenizer):
+        self.id = next(_ids)
+        self.prompt = list(prompt)
+        self.params = params
+        self.sink = sink
+        self.stream = TextStream(tokenizer, params.stop)
+        self.n_tokens = 0
+        self.finish_reason: str | None = None
+        self.cancelled = threading.Event()
+        self.created = time.time()
+
+
+@dataclass
+class _Row:
+    """An active sequence: its job, the slot where its prompt starts, the token to feed next."""
+
+    job: Job
+    start: int
+    gen: torch.Generator | None
+    last: int = 0
+    done: bool = False
+
+
+class Engine:
+    """Continuous batching over one model; see the module docstring for the design."""
+
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        p = next(model.parameters())
+        self.device, self.ctx = p.device, model.cfg.max_seq_len
+        self.cache = KVCache.empty(model.cfg, max_batch, self.ctx, p.device, p.dtype)
+        self.pos = 0
+        self.rows: list[_Row] = []
+        self.waiting: deque[Job] = deque()
+        self.stop_ids = {i for i in (tokenizer.eos_id,) if i is not None}
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.throttle_s = 0.0  # a pause after each step; tests use it to make generation slow
+        self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "max_active": 0, "completed": 0,
+                      "cancelled": 0, "errors": 0, "tokens": 0}
+        self.history: deque[Job] = deque(maxlen=256)  # recently finished jobs, newest last
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> "Engine":
+        """Start the thread that owns the model."""
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._loop, name="pretune-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread; jobs still queued or running end as 'cancelled'."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for job in list(self.waiting) + [r.job for r in self.rows]:
+            self._finish(job, "cancelled")
+        self.waiting.clear()
+        self.rows.clear()
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> Job:
+        """Queue a job. The prompt and max_tokens must fit the context: len + max_tokens <= max_seq_len."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if params.max_tokens < 1 or len(prompt) + params.max_tokens > self.ctx:
+            raise ValueError(f"{len(prompt)} prompt tokens + max_tokens={params.max_tokens} exceed the "
+                             f"model's context of {self.ctx} tokens")
+        job = Job(prompt, params, sink, self.tokenizer)
+        with self._cv:
+            self.waiting.append(job)
+            self._cv.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job at the next step (its sink then gets finish_reason 'cancelled')."""
+        if job.finish_reason is None:
+            job.cancelled.set()
+            with self._cv:
+                self._cv.notify_all()
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
+        """Submit a job and yield its events in this thread; leaving the loop early cancels the job."""
+        q: queue.Queue[Event] = queue.Queue()
+        job = self.submit(prompt, params, q.put)
+        try:
+            while True:
+                ev = q.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            self.cancel(job)
+
+    @property
+    def active(self) -> int:
+        """Jobs running or waiting."""
+        return len(self.rows) + len(self.waiting)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self.waiting and not self.rows:
+                    self._cv.wait()
+                if self._closing:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug or out of memory: fail the running jobs, keep serving
+                log.exception("generation step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+            if self.throttle_s and self.rows:
+                time.sleep(self.throttle_s)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Drop cancelled rows, admit waiting jobs (prefill), then one decode step for all rows.
+        Called by the engine thread; tests call it directly on an engine that was never started."""
+        for r in self.rows:
+            if r.job.cancelled.is_set():
+                r.done = True
+                self._finish(r.job, "cancelled")
+        self._retire()
+        self._admit()
+        if self.rows:
+            self._decode()
+
+    def _admit(self) -> None:
+        group, dropped = [], []
+        with self._cv:
+            fresh = not self.rows
+            pos, longest, most = self.pos, 0, 0
+            while self.waiting and len(self.rows) + len(group) < self.max_batch:
+                job = self.waiting[0]
+                if job.cancelled.is_set():
+                    dropped.append(self.waiting.popleft())
+                    continue
+                n, m = len(job.prompt), job.params.max_tokens
+                if fresh:  # the batch starts at the longest prompt; every job must still fit after it
+                    if group and max(longest, n) + max(most, m) - 1 > self.ctx:
+                        break
+                    longest, most = max(longest, n), max(most, m)
+                elif n > pos or pos + m - 1 > self.ctx:
+                    break  # first come, first served: later jobs wait too
+                group.append(self.waiting.popleft())
+        for job in dropped:
+            self._finish(job, "cancelled")
+        if group:
+            self._prefill(group, longest if fresh else pos)
+
+    def _prefill(self, group: list[Job], pos: int) -> None:
+        """Prefill `group` on rows n..n+k-1, each prompt right-aligned to end at slot `pos`."""
+        n, k = len(self.rows), len(group)
+        width = max(len(j.prompt) for j in group)
+        lo = pos - width
+        idx = torch.full((k, width), self.pad_id, dtype=torch.long)
+        starts = torch.tensor([pos - len(j.prompt) for j in group])
+        for i, job in enumerate(group):
+            idx[i, width - len(job.prompt):] = torch.tensor(job.prompt)
+        keys = torch.arange(pos)
+        queries = torch.arange(lo, pos)
+        mask = (keys >= starts[:, None, None]) & (keys <= queries[None, :, None])  # (k, T, S)
+        mask |= keys == queries[None, :, None]  # padding queries see themselves only
+        view = KVCache(self.cache.k[:, n:n + k], self.cache.v[:, n:n + k], pos=lo)  # writes go to the cache
+        logits = self.model(idx.to(self.device), cache=view, mask=mask[:, None].to(self.device))[:, -1]
+        self.pos = pos
+        self.stats["prefills"] += 1
+        new = []
+        for job, start in zip(group, starts.tolist()):
+            gen = None
+            if job.params.temperature > 0:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(job.params.seed if job.params.seed is not None else torch.seed())
+            new.append(_Row(job, start, gen))
+        self.rows.extend(new)
+        self._sample(new, logits)
+        self._retire()
+
+    def _decode(self) -> None:
+        """One forward for every active row at slot self.pos."""
+        n, pos = len(self.rows), self.pos
+        idx = torch.tensor([[r.last] for r in self.rows], device=self.device)
+        starts = torch.tensor([r.start for r in self.rows])
+        mask = (torch.arange(pos + 1)[None, :] >= starts[:, None]).view(n, 1, 1, pos + 1)
+        self.cache.pos = pos
+        logits = self.model(idx, cache=self.cache, mask=mask.to(self.device))[:, -1]
+        self.pos = pos + 1
+        self.stats["steps"] += 1
+        self.stats["rows_stepped"] += n
+        self.stats["max_active"] = max(self.stats["max_active"], n)
+        self._sample(self.rows, logits)
+        self._retire()
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            p = r.job.params
+            if r.gen is None:
+                token = greedy[i]
+            else:
+                probs = filter_logits(logits[i:i + 1], p.temperature, p.top_k, p.top_p)
+                token = int(torch.multinomial(probs, 1, generator=r.gen)[0, 0])
+            self._accept(r, token)
+
+    def _accept(self, row: _Row, token: int) -> None:
+        job = row.job
+        if job.cancelled.is_set():
+            row.done = True
+            self._finish(job, "cancelled")
+            return
+        if token in self.stop_ids:
+            row.done = True
+            self._finish(job, "stop", job.stream.flush())
+            return
+        job.n_tokens += 1
+        self.stats["tokens"] += 1
+        row.last = token
+        text, stopped = job.stream.push(token)
+        if stopped:
+            row.done = True
+            self._finish(job, "stop", text)
+        elif job.n_tokens >= job.params.max_tokens:
+            row.done = True
+            self._finish(job, "length", text + job.stream.flush())
+        elif text:
+            self._emit(job, Event(text, job.n_tokens))
+
+    def _retire(self) -> None:
+        """Remove finished rows, moving the last row into each hole so rows stay 0..n-1."""
+        i = 0
+        while i < len(self.rows):
+            if not self.rows[i].done:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                moved = self.rows[last]
+                s = slice(moved.start, self.pos)
+                self.cache.k[:, i, :, s] = self.cache.k[:, last, :, s]
+                self.cache.v[:, i, :, s] = self.cache.v[:, last, :, s]
+                self.rows[i] = moved
+            self.rows.pop()
+
+    def _finish(self, job: Job, reason: str, text: str = "", error: str | None = None) -> None:
+        if job.finish_reason is not None:
+            return
+        job.finish_reason = reason
+        key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "completed")
+        self.stats[key] += 1
+        self.history.append(job)
+        self._emit(job, Event(text, job.n_tokens, reason, error))
+
+    def _fail_all(self, message: str) -> None:
+        for r in self.rows:
+            self._finish(r.job, "error", error=message)
+        self.rows.clear()
+
+    @staticmethod
+    def _emit(job: Job, event: Event) -> None:
+        try:
+            job.sink(event)
+        except Exception:  # the receiver is gone (its event loop closed): nothing to tell
+            log.debug("job %s: event dropped", job.id)

@@ -1,0 +1,200 @@
+"""Fine-tuning through the one loop: LoRA properties, masking, tasks, methods, regularisers, DPO."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import TINY, make_corpus, read_metrics, run_cli
+from pretune.data.sources import DataError
+from pretune.model.config import ModelConfig, resolve_model_config
+from pretune.model.gpt import GPT
+from pretune.model.lora import apply_lora, merge_lora
+
+FT = [a for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len"))] + ["finetune.max_len=64"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A small pre-trained model (char tokenizer) that the fine-tuning tests start from."""
+    root = tmp_path_factory.mktemp("base")
+    corpus = make_corpus(root / "corpus.txt", lines=1500)
+    out = root / "base"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=40", *TINY,
+                   "train.save_every=0") == 0
+    return out
+
+
+def sentiment(path, n=240, seed=0):
+    rng = random.Random(seed)
+    good, bad = ["great", "lovely", "fine", "superb"], ["awful", "poor", "broken", "sad"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = "positive" if i % 2 == 0 else "negative"
+            word = rng.choice(good if label == "positive" else bad)
+            fh.write(json.dumps({"text": f"the {rng.choice(['cat', 'dog', 'mat'])} was {word}", "label": label}) + "\n")
+    return path
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=40)))
+
+
+def test_lora_starts_at_the_base_trains_only_adapters_and_merges_exactly():
+    model = tiny_model()
+    x = torch.randint(0, 40, (2, 12))
+    base = model(x).detach()
+    apply_lora(model, rank=4, alpha=8)
+    assert torch.equal(model(x), base)
+    model(x).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(n.endswith(("lora_a", "lora_b")) for n in grads)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_()
+    adapted = model(x).detach()
+    assert not torch.allclose(adapted, base)
+    merge_lora(model)
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_prompt_tokens_carry_no_loss(base_run):
+    from pretune.config import Config, load_config
+    from pretune.data.tasks import TaskStats, collate, encode
+    from pretune.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(base_run)
+    cfg = load_config(Config, None, ["task=instruction"])
+    rec = {"messages": [{"role": "user", "content": "say cat"}, {"role": "assistant", "content": "cat"}]}
+    (ex,) = encode([rec], cfg, tok, None, TaskStats())
+    batch = collate([ex], "instruction", "", tok.pad_id)
+    targets = batch["targets"][0]
+    kept = [int(t) for t in targets if t != -100]
+    assert tok.decode(kept, skip_special=True) == "cat" and kept[-1] == tok.eos_id
+    assert (targets[: len(ex["prompt"]) - 1] == -100).all()
+
+
+@pytest.mark.parametrize("classifier", ["head", "verbalizer"])
+def test_classification_learns_well_above_chance(tmp_path, base_run, classifier):
+    train, val = sentiment(tmp_path / "train.jsonl"), sentiment(tmp_path / "val.jsonl", 60, seed=1)
+    out = tmp_path / classifier
+    # the verbalizer learns through the LM's next-character choice: it needs more steps than a head
+    steps = ["train.max_steps=40"] if classifier == "head" else ["train.max_steps=100", "train.batch_size=16",
+                                                                "optim.lr=1e-2"]
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"finetune.classifier={classifier}",
+                   f"data.train={train}", f"data.val={val}", f"out_dir={out}", "train.eval_every=20", *FT,
+                   *steps) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] >= 0.85 and summary["macro_f1"] >= 0.85, summary
+    assert (out / "model" / "task.json").is_file()
+    assert json.loads((out / "lineage.json").read_text())["stage"] == "finetune"
+
+
+@pytest.mark.parametrize("method,expect", [("lora", "adapter/adapter.safetensors"), ("freeze", "model/head.safetensors")])
+def test_methods_train_fewer_parameters(tmp_path, base_run, method, expect):
+    train = sentiment(tmp_path / "train.jsonl", 80)
+    out = tmp_path / method
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"method={method}", "lora.rank=2",
+                   "freeze.last_k=1", f"data.train={train}", f"out_dir={out}", "train.max_steps=6", *FT) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert 0 < s["trainable_params"] < s["params"] and (out / expect).is_file()
+    assert s["flops_per_token"]["frozen"] > 0
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base_run):
+    train, val = sentiment(tmp_path / "t.jsonl", 80), sentiment(tmp_path / "v.jsonl", 40, seed=3)
+    out = tmp_path / "es"
+    assert run_cli("finetune", *FT, f"init_from={base_run}", "task=classification", f"data.train={train}",
+                   f"data.val={val}", f"out_dir={out}", "train.max_steps=200", "train.eval_every=2",
+                   "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant",
+                   "train.early_stop_metric=val_loss", "train.patience=3") == 0
+    s = json.loads((out / "summary.json").read_text())
+    evals = [r for r in read_metrics(out) if "val_loss" in r]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert s["status"] == "early_stopped" and s["steps"] < 200
+    assert s["best_step"] == best["step"] and s["best_value"] == pytest.approx(best["val_loss"], abs=1e-5)
+    assert s["steps"] == best["step"] + 3 * 2  # three evaluations without improvement
+    assert s["val_loss"] == pytest.approx(best["val_loss"], abs=1e-4)  # the final model is the best one
+
+
+def test_cross_validation_folds_are_disjoint(tmp_path, base_run):
+    from pretune.data.tasks import split_folds
+
+    folds = split_folds(23, 4, seed=1)
+    vals = [set(v) for _, v in folds]
+    assert sum(len(v) for v in vals) == 23 and set().union(*vals) == set(range(23))
+    assert all(not (a & b) for i, a in enumerate(vals) for b in vals[i + 1:])
+    assert all(set(t).isdisjoint(v) for (t, _), v in zip(folds, vals))
+    train = sentiment(tmp_path / "t.jsonl", 60)
+    out = tmp_path / "cv"
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"data.train={train}",
+                   f"out_dir={out}", "finetune.cv=3", "train.max_steps=4", *FT) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["cv"] == 3 and len(s["folds"]) == 3 and "accuracy" in s["mean"] and "accuracy" in s["std"]
+    assert sum(s["fold_validation_sizes"]) == 60
+
+
+def test_l2sp_with_zero_lambda_equals_plain_training(tmp_path, base_run):
+    train = sentiment(tmp_path / "t.jsonl", 40)
+    runs = []
+    for lam in ("0.0", "1.0"):
+        out = tmp_path / f"l2sp{lam}"
+        assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"data.train={train}",
+                       f"out_dir={out}", "train.max_steps=5", f"finetune.l2sp={lam}", *FT) == 0
+        runs.append([r["loss"] for r in read_metrics(out)])
+    plain = tmp_path / "plain"
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"data.train={train}",
+                   f"out_dir={plain}", "train.max_steps=5", *FT) == 0
+    assert runs[0] == [r["loss"] for r in read_metrics(plain)]
+    assert runs[1] != runs[0]  # a positive lambda does change the objective
+
+
+def test_instruction_with_replay_and_generation_metrics(tmp_path, base_run):
+    rows = [{"prompt": f"repeat {w}", "response": w} for w in ["cat", "dog", "mat", "fox"] * 10]
+    f = tmp_path / "inst.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    replay = make_corpus(tmp_path / "general.txt", lines=200, seed=4)
+    out = tmp_path / "inst"
+    assert run_cli("finetune", f"init_from={base_run}", "task=instruction", f"data.train={f}", f"data.val={f}",
+                   f"finetune.replay=[{replay}]", "finetune.replay_ratio=0.25", "finetune.eval_examples=8",
+                   "finetune.max_new_tokens=8", f"out_dir={out}", "train.max_steps=8", *FT) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert {"loss", "ppl", "exact_match", "chrf"} <= set(s) and s["target_tokens"] > 0
+
+
+def test_dpo_loss_falls_and_margin_grows(tmp_path, base_run):
+    rows = [{"prompt": f"pick {i % 5}", "chosen": "the cat sat", "rejected": "dog dog dog"} for i in range(40)]
+    f = tmp_path / "pref.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "dpo"
+    assert run_cli("finetune", f"init_from={base_run}", "task=preference", "method=lora", "lora.rank=4",
+                   f"data.train={f}", f"data.val={f}", f"out_dir={out}", "train.max_steps=20",
+                   "train.eval_every=10", "finetune.dpo_beta=0.5", *FT) == 0
+    m = read_metrics(out)
+    evals = [r for r in m if "val_reward_margin" in r]
+    assert m[-1]["loss"] < m[0]["loss"] < 0.7  # -log sigmoid(0) = 0.693 at the start
+    assert evals[-1]["val_reward_margin"] > evals[0]["val_reward_margin"] > 0
+
+
+def test_malformed_records_name_file_line_and_field_or_are_skipped(tmp_path, base_run, capsys):
+    f = tmp_path / "bad.jsonl"
+    good = [json.dumps({"text": f"the cat {i}", "label": "a" if i % 2 else "b"}) for i in range(30)]
+    f.write_text("\n".join(good[:5] + [json.dumps({"text": "no label here"})] + good[5:]) + "\n")
+    out = tmp_path / "bad"
+    args = ["finetune", f"init_from={base_run}", "task=classification", f"data.train={f}", f"out_dir={out}",
+            "train.max_steps=2", *FT]
+    assert run_cli(*args) == 2
+    assert "bad.jsonl:6: field 'label' is missing or empty" in capsys.readouterr().err
+    assert run_cli(*args, "data.on_error=skip", "overwrite=true") == 0
+    assert json.loads((out / "summary.json").read_text())["skipped_records"] == 1
+
+
+def test_from_scratch_needs_a_tokenizer_file(tmp_path, base_run, capsys):
+    train = sentiment(tmp_path / "t.jsonl", 20)
+    assert run_cli("finetune", "task=classification", f"data.train={train}", f"out_dir={tmp_path / 'x'}", *FT) == 2
+    assert "needs a tokenizer" in capsys.readouterr().err
+    assert run_cli("finetune", "task=classification", f"data.train={train}", f"data.tokenizer={base_run}",
+                   f"out_dir={tmp_path / 'y'}", "train.max_steps=3", *FT) == 0
