@@ -7,6 +7,7 @@ import io
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -38,13 +39,22 @@ def tiny_model(tmp_path):
     return load_model(tmp_path / "tiny")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _threads(cpu_threads):
+    """Few threads: on a busy machine, extra intra-op threads make tiny forwards many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_tok(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("serve"))
 
 
-def reference(model, tok, ids, n, **kw) -> str:
-    return tok.decode(generate(model, ids, n, stop_ids={tok.eos_id}, **kw))
+def reference(model, tok, ids, n, stop_at_eos=True, **kw) -> str:
+    return tok.decode(generate(model, ids, n, stop_ids={tok.eos_id} if stop_at_eos else set(), **kw))
 
 
 def drain(engine, sinks):
@@ -76,11 +86,44 @@ def test_batched_equals_single_with_joins(model_tok):
         assert sinks[i][-1].finish_reason in ("stop", "length")
 
 
+def test_admission_skip_ahead_and_drain(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_batch=4)
+    engine.stop_ids = set()  # every job runs to max_tokens, so the batch's life is known
+    texts = {"a": ("Start", 40), "long": ("a prompt longer than the slot", 10), "short": ("hi", 10),
+             "big": ("x", 250), "late": ("y", 5)}
+    sinks = {k: [] for k in texts}
+    jobs = {}
+
+    def submit(k):
+        prompt, n = texts[k]
+        jobs[k] = engine.submit(tok.encode(prompt), SamplingParams(n, temperature=0), sinks[k].append)
+
+    submit("a")
+    engine.step()  # fresh batch: slot P = 5
+    submit("long")
+    submit("short")
+    engine.step()
+    assert list(engine.waiting) == [jobs["long"]]  # "short" went ahead; "long" waits for P to grow
+    for _ in range(30):
+        engine.step()
+    assert not engine.waiting  # P caught up with "long"
+    submit("big")
+    submit("late")
+    engine.step()
+    assert list(engine.waiting) == [jobs["big"], jobs["late"]]  # "big" needs a fresh batch: all wait
+    got = drain(engine, sinks)
+    for k, (prompt, n) in texts.items():
+        assert got[k] == reference(model, tok, tok.encode(prompt), n, stop_at_eos=False, temperature=0), k
+        assert jobs[k].n_tokens == n
+
+
 def test_seeded_sampling_matches_and_cancel(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, max_batch=4)
-    sinks = {i: [] for i in range(3)}
+    sinks = {i: [] for i in range(4)}
     engine.submit(tok.encode("seeded one"), SamplingParams(20, temperature=1.0, top_p=0.9, seed=5), sinks[0].append)
+    engine.submit(tok.encode("same settings"), SamplingParams(20, temperature=1.0, top_p=0.9, seed=6), sinks[3].append)
     engine.submit(tok.encode("two"), SamplingParams(20, temperature=0.7, seed=9), sinks[1].append)
     victim = engine.submit(tok.encode("cancel me"), SamplingParams(50, temperature=0), sinks[2].append)
     engine.step()
@@ -88,6 +131,7 @@ def test_seeded_sampling_matches_and_cancel(model_tok):
     got = drain(engine, sinks)
     assert got[0] == reference(model, tok, tok.encode("seeded one"), 20, temperature=1.0, top_p=0.9, seed=5)
     assert got[1] == reference(model, tok, tok.encode("two"), 20, temperature=0.7, seed=9)
+    assert got[3] == reference(model, tok, tok.encode("same settings"), 20, temperature=1.0, top_p=0.9, seed=6)
     assert victim.finish_reason == "cancelled" and victim.n_tokens < 5 and engine.stats["cancelled"] == 1
 
 
@@ -140,6 +184,17 @@ def client(served):
     openai = pytest.importorskip("openai", reason="the server is tested with the official openai client")
     wait_idle(served)
     return openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+
+
+@contextmanager
+def slow(served, throttle_s):
+    """Make generation slow and never stop early at EOS, so that requests are surely in flight."""
+    engine = served.engine
+    stop_ids, engine.stop_ids, engine.throttle_s = engine.stop_ids, set(), throttle_s
+    try:
+        yield
+    finally:
+        engine.stop_ids, engine.throttle_s = stop_ids, 0.0
 
 
 def wait_idle(served, timeout=10):
@@ -275,10 +330,10 @@ def test_too_many_concurrent_is_429(served, client):
     import httpx
     import openai
 
-    served.engine.throttle_s = 0.05
+    before = served.engine.stats["cancelled"]
     body = {"model": "tiny-test", "prompt": "x", "max_tokens": 200, "temperature": 0.5, "stream": True}
     streams = []
-    try:
+    with slow(served, 0.05):
         with httpx.Client(timeout=20) as http:
             for _ in range(3):
                 streams.append(open_stream(http, served.url + "/v1/completions", body))
@@ -287,17 +342,15 @@ def test_too_many_concurrent_is_429(served, client):
             assert e.value.body["code"] == "rate_limit_exceeded"
             for cm, _ in streams:
                 cm.__exit__(None, None, None)
-    finally:
-        served.engine.throttle_s = 0.0
-    wait_idle(served)  # the closed streams cancelled their jobs and freed their places
+    wait_idle(served, timeout=5)  # the closed streams cancelled their jobs and freed their places
+    assert served.engine.stats["cancelled"] == before + 3
 
 
 def test_disconnect_stops_generation(served, client):
     import httpx
 
-    served.engine.throttle_s = 0.02
     before = served.engine.stats["cancelled"]
-    try:
+    with slow(served, 0.02):
         with httpx.Client(timeout=20) as http:
             cm, lines = open_stream(http, served.url + "/v1/chat/completions",
                                     {"model": "tiny-test", "messages": MESSAGES, "max_tokens": 150,
@@ -307,10 +360,19 @@ def test_disconnect_stops_generation(served, client):
         deadline = time.time() + 10
         while served.engine.stats["cancelled"] == before and time.time() < deadline:
             time.sleep(0.02)
-    finally:
-        served.engine.throttle_s = 0.0
     job = served.engine.history[-1]
     assert job.finish_reason == "cancelled" and job.n_tokens < 100
+    wait_idle(served)
+
+    with slow(served, 0.02):  # a plain request whose client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+        deadline = time.time() + 10
+        while served.engine.stats["cancelled"] == before + 1 and time.time() < deadline:
+            time.sleep(0.02)
+    job = served.engine.history[-1]
+    assert job.finish_reason == "cancelled" and job.n_tokens < 150
     wait_idle(served)
 
 

@@ -79,9 +79,12 @@ def _strftime_now(fmt: str) -> str:
 @lru_cache(maxsize=16)
 def _compile(template: str):
     """Compile once per distinct template text (sandboxed; no attribute access to Python internals)."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    try:
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ChatTemplateError("chat templates need jinja2: pip install jinja2 (or pretune[serve])") from None
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise_exception
@@ -113,10 +116,9 @@ def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool = T
     the model to continue. Raises ChatMessageError for a malformed message list and
     ChatTemplateError when the template fails.
     """
-    import jinja2
-
     msgs = validate_messages(messages)
     template = _compile(chat_template_of(tokenizer))
+    import jinja2  # present: _compile imported it
     try:
         return template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
                                bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))

@@ -22,13 +22,17 @@ class InteropConfig:
     """Keys of `pretune import` and `pretune export` (positional: source, then output)."""
 
     format: str = "hf"
-    """export: 'hf' (a transformers model directory) or 'gguf' (one file for llama.cpp); also --format X."""
+    """export: 'hf' (a transformers model directory) or 'gguf' (one file for llama.cpp);
+    also --format X."""
     adapter: bool = False
-    """export: write the LoRA adapter of a LoRA run as a PEFT adapter instead of the merged model (also --adapter)."""
+    """export: write a LoRA run's adapter as a PEFT adapter instead of the merged model;
+    also --adapter."""
     dtype: str = "float32"
-    """Weights' type on disk: float32, bfloat16 or float16 (gguf: float32 or float16); import also takes 'auto' (as stored)."""
+    """Weights' type on disk: float32, bfloat16 or float16 (gguf: float32 or float16);
+    import also takes 'auto' (as stored)."""
     max_seq_len: int | None = None
-    """import: context length the RoPE tables are built for; None takes max_position_embeddings (capped to a sliding window)."""
+    """import: context length the RoPE tables are built for; None takes max_position_embeddings
+    (capped to a sliding window in use)."""
     revision: str | None = None
     """import: branch, tag or commit of a hub id."""
     overwrite: bool = False

@@ -215,7 +215,8 @@ def export_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overw
     w = gguf.GGUFWriter(str(tmp), ARCH)
     try:
         w.add_name(Path(path).resolve().name)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if want == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
+        f32 = want == torch.float32
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_F16)
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.d_model)

@@ -183,7 +183,8 @@ def hf_to_model_config(hf: dict, max_seq_len: int | None = None,
         n_kv_head=int(hf.get("num_key_value_heads") or n_head),
         head_dim=int(hf.get("head_dim") or d_model // n_head),
         max_seq_len=int(max_seq_len or limit), rope_theta=theta, rope_scaling=scaling,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2", **sizes)
 
 
@@ -302,7 +303,8 @@ def convert_hf_state(sd: dict[str, torch.Tensor], cfg: ModelConfig,
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def hf_state_from_model(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def hf_state_from_model(model: torch.nn.Module,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A pretune model's weights under Hugging Face names (a tied lm_head is left out)."""
     from pretune.model.io import model_state
 
@@ -411,7 +413,8 @@ def import_hf(src: str | Path, out: str | Path, dtype: str = "float32", max_seq_
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise InteropError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
                            f"{cfg.vocab_size} embeddings")
-    save_model_dir(_module_from_state(cfg, sd), out, tok, extra_config={"hf_source": str(src), "hf_model_type": hf["model_type"]})
+    save_model_dir(_module_from_state(cfg, sd), out, tok,
+                   extra_config={"hf_source": str(src), "hf_model_type": hf["model_type"]})
     if (d / "generation_config.json").is_file():
         shutil.copyfile(d / "generation_config.json", out / "generation_config.json")
     n = sum(t.numel() for t in sd.values())

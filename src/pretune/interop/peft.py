@@ -84,7 +84,8 @@ def export_peft_adapter(run: str | Path, out: str | Path, dtype: str = "float32"
     n_layer = _n_layer(run)
     layers = {int(m.split(".")[2]) for m in modules}
     # Leaf names when every block is adapted on the same layers; otherwise the exact module names.
-    everywhere = n_layer is not None and len(modules) == n_layer * len(leaves) and layers == set(range(n_layer))
+    everywhere = (n_layer is not None and layers == set(range(n_layer))
+                  and len(modules) == n_layer * len(leaves))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(meta["rank"]),
         "lora_alpha": float(meta["alpha"]), "lora_dropout": float(meta.get("dropout", 0.0)),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from pretune.errors import UserError
+from pretune.errors import ConfigError, UserError
 
 
 @dataclass
@@ -35,7 +35,8 @@ class ChatConfig:
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
 
-    def validate(self) -> list[str]:
+    def problems(self) -> list[str]:
+        """Every impossible value, each naming its key and the fix."""
         p = []
         if self.max_tokens < 1:
             p.append(f"max_tokens={self.max_tokens}: must be at least 1")
@@ -155,6 +156,8 @@ def cmd_chat(argv: list[str]) -> int:
 
     yaml_path, model_path, overrides = _split(argv)
     cfg = load_config(ChatConfig, yaml_path, overrides)
+    if cfg.problems():
+        raise ConfigError(cfg.problems())
     model, tok = load_model(_model_arg(model_path, "chat"), pick_device(cfg.device))
     if tok is None:
         raise UserError(f"{model_path} has no tokenizer.json; chat needs the model's tokenizer")

@@ -21,9 +21,12 @@ a boolean mask (rows, 1, queries, slots) that hides everything before it:
 - rows are kept contiguous (0..n-1): a finished row is replaced by the last one (its cache slots
   are copied), so a decode step computes exactly the active rows.
 
-A job that does not fit waits, and jobs behind it wait too (first come, first served); once the
-batch drains, a fresh batch starts at slot 0. The batch drains when P nears max_seq_len, which
-bounds the wait by one max_tokens. Greedy outputs equal those of `eval.generate.stream_tokens`
+A job whose prompt is longer than P waits while later jobs that fit may join; P grows by one per
+step, so it soon fits. A job whose max_tokens do not fit after P stops all admissions, so that the
+batch drains and a fresh batch starts at slot 0 with it: no job waits for more than one drain
+(at most max_tokens steps). The cost of this simple scheme is the drain: while P is near
+max_seq_len the batch empties before it refills. (Compacting the cache instead, by re-rotating the
+keys to earlier slots, would avoid that; it is not done.) Greedy outputs equal those of `eval.generate.stream_tokens`
 (tests/test_serve.py checks it for prompts of different lengths joining at different steps), and a
 seeded sampled output does too, since each row samples with its own generator exactly as
 `stream_tokens` does.
@@ -258,27 +261,40 @@ class Engine:
             self._decode()
 
     def _admit(self) -> None:
-        group, dropped = [], []
+        """Move waiting jobs into the batch (see the module docstring for when a job fits)."""
+        group: list[Job] = []
+        dropped: list[Job] = []
         with self._cv:
             fresh = not self.rows
             pos, longest, most = self.pos, 0, 0
-            while self.waiting and len(self.rows) + len(group) < self.max_batch:
-                job = self.waiting[0]
+            for job in list(self.waiting):
+                if len(self.rows) + len(group) >= self.max_batch:
+                    break
                 if job.cancelled.is_set():
-                    dropped.append(self.waiting.popleft())
+                    dropped.append(job)
                     continue
                 n, m = len(job.prompt), job.params.max_tokens
                 if fresh:  # the batch starts at the longest prompt; every job must still fit after it
                     if group and max(longest, n) + max(most, m) - 1 > self.ctx:
                         break
                     longest, most = max(longest, n), max(most, m)
-                elif n > pos or pos + m - 1 > self.ctx:
-                    break  # first come, first served: later jobs wait too
-                group.append(self.waiting.popleft())
+                elif pos + m - 1 > self.ctx:
+                    break  # needs a fresh batch: admit nobody, so that the batch drains
+                elif n > pos:
+                    continue  # its prompt does not fit before the current slot yet; it will, as it grows
+                group.append(job)
+            if group or dropped:
+                taken = {id(j) for j in group + dropped}
+                self.waiting = deque(j for j in self.waiting if id(j) not in taken)
         for job in dropped:
             self._finish(job, "cancelled")
         if group:
-            self._prefill(group, longest if fresh else pos)
+            try:
+                self._prefill(group, longest if fresh else pos)
+            except Exception as e:  # the jobs left the queue: tell their clients
+                for job in group:
+                    self._finish(job, "error", error=f"{type(e).__name__}: {e}")
+                raise
 
     def _prefill(self, group: list[Job], pos: int) -> None:
         """Prefill `group` on rows n..n+k-1, each prompt right-aligned to end at slot `pos`."""
@@ -324,14 +340,19 @@ class Engine:
         self._retire()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        greedy = logits.argmax(-1).tolist()
+        """Next token of each row: argmax for greedy rows; for sampled rows, probabilities computed
+        once per group of rows with the same settings, then one draw from each row's own generator."""
+        tokens = logits.argmax(-1).tolist()
+        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            p = r.job.params
-            if r.gen is None:
-                token = greedy[i]
-            else:
-                probs = filter_logits(logits[i:i + 1], p.temperature, p.top_k, p.top_p)
-                token = int(torch.multinomial(probs, 1, generator=r.gen)[0, 0])
+            if r.gen is not None:
+                p = r.job.params
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (temperature, top_k, top_p), members in groups.items():
+            probs = filter_logits(logits[members], temperature, top_k, top_p)
+            for j, i in enumerate(members):
+                tokens[i] = int(torch.multinomial(probs[j:j + 1], 1, generator=rows[i].gen)[0, 0])
+        for r, token in zip(rows, tokens):
             self._accept(r, token)
 
     def _accept(self, row: _Row, token: int) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretune.config import load_config
-from pretune.errors import UserError
+from pretune.errors import ConfigError, UserError
 
 log = logging.getLogger("pretune.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -44,7 +44,8 @@ class ServeConfig:
     model_name: str | None = None
     """The model id clients give as `model`; default the model directory's name."""
     max_batch: int = 16
-    """Sequences decoded together in one forward pass; 1 serves one request at a time."""
+    """Sequences decoded together in one forward pass; 1 serves one request at a time. The KV cache
+    holds max_batch x the model's context, allocated at start."""
     max_concurrent: int = 64
     """Requests running or queued at once; more are refused with 429."""
     max_body_bytes: int = 1_000_000
@@ -62,7 +63,8 @@ class ServeConfig:
     log_level: str = "info"
     """uvicorn's log level: critical, error, warning, info, debug."""
 
-    def validate(self) -> list[str]:
+    def problems(self) -> list[str]:
+        """Every impossible value, each naming its key and the fix."""
         p = []
         if not 0 <= self.port <= 65535:
             p.append(f"port={self.port}: use 0-65535")
@@ -290,17 +292,24 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
             extra = {"usage": None} if include_usage else {}
             return f"data: {json.dumps(head | {'choices': [choice]} | extra)}\n\n"
 
+        checked = [time.monotonic()]
+
         async def next_event():
-            """The job's next event; None when the client has gone (the job is then cancelled)."""
+            """The job's next event; None when the client has gone (the job is then cancelled).
+            Whether the client is still there is checked at least every half second."""
             while True:
                 try:
                     ev = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    ev = None
+                now = time.monotonic()
+                if ev is None or now - checked[0] > 0.5:
+                    checked[0] = now
                     if await request.is_disconnected():
                         engine.cancel(job)
                         return None
-                    continue
-                return ev
+                if ev is not None:
+                    return ev
 
         if stream:
             async def sse():
@@ -309,7 +318,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
                         yield chunk(None, None, role=True)
                     while True:
                         ev = await next_event()
-                        if ev is None or await request.is_disconnected():
+                        if ev is None:
                             return
                         if ev.finish_reason == "error":
                             yield f"data: {json.dumps(APIError(500, ev.error or 'generation failed', 'server_error').body())}\n\n"
@@ -403,7 +412,9 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "in_flight": in_flight[0]}
+        s = engine.stats
+        return {"status": "ok", "in_flight": in_flight[0], "decode_steps": s["steps"],
+                "mean_batch": round(s["rows_stepped"] / s["steps"], 2) if s["steps"] else 0.0}
 
     return app
 
@@ -432,6 +443,8 @@ def load_serve_config(argv: list[str]) -> tuple[ServeConfig, str]:
 
     yaml_path, model_path, overrides = _split(_flags(argv))
     cfg = load_config(ServeConfig, yaml_path, overrides)
+    if cfg.problems():
+        raise ConfigError(cfg.problems())
     if not cfg.api_key:
         cfg.api_key = os.environ.get("PRETUNE_API_KEY") or None
     return cfg, _model_arg(model_path, "serve")

@@ -1,9 +1,27 @@
-"""Process-group set-up for torchrun, device and precision choice."""
+"""Process-group set-up for torchrun, device and precision choice, and the data-parallel strategies.
+
+One process is plain training. Under `torchrun` every process joins the group (gloo on CPU, NCCL on
+CUDA) and the model is wrapped from outside, so the model code knows nothing of it:
+
+- `dist.strategy=ddp`: DistributedDataParallel replicates the model; gradients are all-reduced on
+  the last micro-batch of a step only (`no_sync` on the others).
+- `dist.strategy=fsdp`: FSDP2 (`fully_shard`) per transformer block, then the root, so parameters,
+  gradients and optimiser state are divided among the processes; a MixedPrecisionPolicy (bf16
+  compute, fp32 gradient reduction) when the run is in bf16; gradient reduction on the last
+  micro-batch only (`set_requires_gradient_sync`). The optimiser must be built after wrapping.
+- `dist.activation_checkpointing=true` recomputes each block's activations in the backward pass
+  (non-reentrant `torch.utils.checkpoint`; parameter names stay unchanged).
+
+Every rank sees a disjoint slice of the same global batch (the samplers' contract), so 1 and N
+processes compute the same losses.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +48,13 @@ class Runtime:
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' is this process's GPU when there is one, else the CPU."""
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={requested} but CUDA is not available; use train.device=cpu")
+    if requested == "cuda":
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(requested)
 
 
@@ -53,45 +74,209 @@ def setup(device: str = "auto", precision: str = "auto", threads: int | None = N
     if threads:
         torch.set_num_threads(threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = pick_device(device, local_rank)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     return Runtime(rank, world, local_rank, dev, pick_autocast(precision, dev))
 
 
+# ----------------------------------------------------------------------------- wrapping
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks, wherever they sit (a classifier keeps its decoder in .lm)."""
+    from pretune.model.gpt import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every block's activations during backward (when gradients are on), in place.
+
+    The block's forward is replaced on the instance, so parameter names and the state dict stay
+    as they are (a checkpoint wrapper module would insert a level into every name)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in _blocks(model):
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model wrapped by FSDP2 (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+_SKELETONS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model's structure with parameters on the meta device (no memory), ties kept;
+    buffers are copied. It becomes the plain final model once the gathered weights are loaded."""
+    memo: dict = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def shard_model(model: torch.nn.Module, rt: Runtime, compile_blocks: bool = False) -> None:
+    """FSDP2 in place: fully_shard each block, then the root (embedding, final norm, output head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world,))
+    kw: dict = {"mesh": mesh}
+    if rt.autocast_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=rt.autocast_dtype, reduce_dtype=torch.float32)
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        if compile_blocks:
+            block.compile()
+        # the last block's parameters are needed again at once by backward: keep them gathered
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
+    fully_shard(model, **kw)
+
+
 def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
-    """What the loop calls forward/backward on: the model, wrapped for data parallelism across ranks,
-    compiled when train.compile says so. The model itself (for saving) stays unwrapped."""
+    """What the loop calls forward/backward on.
+
+    Single process: the model (compiled when train.compile says so). DDP: a DDP wrapper around it,
+    the model itself stays unwrapped for saving. FSDP: the model, sharded in place (its parameters
+    become DTensors: build the optimiser after this call). Activation checkpointing is applied to
+    the blocks first when dist.activation_checkpointing is set."""
+    dcfg = getattr(cfg, "dist", None)
+    strategy = getattr(dcfg, "strategy", "ddp")
+    compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and rt.device.type == "cuda")
+    sharded = rt.distributed and strategy == "fsdp"
+    if sharded:
+        _SKELETONS[model] = _skeleton(model)
+    if getattr(dcfg, "activation_checkpointing", False):
+        apply_activation_checkpointing(model)
+    if sharded:
+        shard_model(model, rt, compile_blocks=compile_on)
+        return model
     fwd = model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         fwd = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and rt.device.type == "cuda")
     if compile_on:
         fwd = torch.compile(fwd)
     return fwd
 
 
 def grad_sync(fwd: torch.nn.Module, rt: Runtime, last_micro_batch: bool):
-    """Context for one micro-batch's backward: skip the gradient all-reduce except on the last one."""
-    if not rt.distributed or last_micro_batch:
+    """Context for one micro-batch's backward: reduce gradients on the last micro-batch only."""
+    if not rt.distributed:
         return contextlib.nullcontext()
     inner = getattr(fwd, "_orig_mod", fwd)  # under torch.compile
-    return inner.no_sync()
+    if is_sharded(inner):
+        inner.set_requires_gradient_sync(last_micro_batch)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last_micro_batch else inner.no_sync()
+
+
+# ----------------------------------------------------------------------------- full weights
+
+
+def full_state_dict(model: torch.nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:
+    """The whole model's weights as contiguous CPU tensors, each tied tensor once (io.model_state).
+
+    Under FSDP this is a collective (every rank must call it); rank 0 gets the dict, the others
+    an empty one."""
+    from pretune.model.io import model_state
+
+    if not is_sharded(model):
+        return model_state(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not rt.is_main:
+        return {}
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v.detach().contiguous() for k, v in sd.items() if k not in aliases}
+
+
+def unsharded(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module | None:
+    """The model as plain PyTorch with its current weights: the model itself unless it is sharded.
+
+    Under FSDP (a collective): rank 0 gets a plain copy with the gathered weights on its device,
+    the other ranks None. `final_model(model)` returns that copy afterwards."""
+    if not is_sharded(model):
+        return model
+    from pretune.model.io import load_model_state
+
+    sd = full_state_dict(model, rt)
+    if not rt.is_main:
+        return None
+    plain = _materialize(_SKELETONS[model], rt.device)
+    load_model_state(plain, {k: v.to(rt.device) for k, v in sd.items()})
+    plain.train(model.training)
+    _FINAL[model] = plain
+    return plain
+
+
+_FINAL: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def final_model(model: torch.nn.Module) -> torch.nn.Module:
+    """After train(): the plain model rank 0 saved (FSDP), else the model itself."""
+    return _FINAL.get(model, model)
+
+
+def _materialize(skeleton: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Give a meta-device skeleton real (uninitialised) parameters on `device`, keeping ties."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in skeleton.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+    return skeleton.to(device)
+
+
+# ----------------------------------------------------------------------------- collectives
 
 
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum over ranks in place (a no-op in one process)."""
     if rt.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_objects(obj, rt: Runtime) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not rt.distributed:
+        return [obj]
+    out: list = [None] * rt.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, rt: Runtime):
+    """Rank 0's `obj` on every rank."""
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(rt: Runtime) -> None:

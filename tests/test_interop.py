@@ -1,0 +1,454 @@
+"""Hugging Face interoperability: import parity per architecture, export to transformers / PEFT /
+GGUF, loading a Hugging Face directory in place, and evaluation with lm-evaluation-harness.
+
+Every model here is tiny and random (with weights spread wide enough that greedy decoding has no
+near-ties); logits are compared in float32 with a tolerance of 1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file, save_file
+
+from pretune.data.tokenizer import Tokenizer, train_bpe, train_char
+from pretune.errors import UserError
+from pretune.model.config import ModelConfig, resolve_model_config
+from pretune.model.gpt import GPT
+from pretune.model.io import load_model, save_model_dir
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+TEXT = ["the quick brown fox jumps over the lazy dog. ", "a bird sings in the old tree by the river.\n",
+        "User: hello there!\nAssistant: hi, how can I help?\n"] * 20
+TOL = 1e-4
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    tok = train_bpe(iter(TEXT), vocab_size=300)
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def char() -> Tokenizer:
+    return train_char(TEXT)
+
+
+def spread(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torch.nn.Module:
+    """Random weights (biases and norms included) far enough from init that logits are distinct."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+def save_hf_tokenizer(tok: Tokenizer, directory: Path) -> None:
+    """The tokenizer as transformers itself saves one (tokenizer_config.json, chat_template.jinja)."""
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok.tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        unk_token="<|unk|>", chat_template=tok.chat_template)
+    fast.save_pretrained(directory)
+
+
+def hf_model(kind: str, **kw):
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=256, rms_norm_eps=1e-6)
+    small.update(kw)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(0)
+    return spread(cls[1](cls[0](**small, attn_implementation="eager")))
+
+
+VARIANTS = {
+    "llama3-rope-untied": ("llama", dict(rope_scaling=LLAMA3, rope_theta=10000.0, tie_word_embeddings=False)),
+    "smollm-tied": ("llama", dict(tie_word_embeddings=True, rope_theta=100000.0)),
+    "mistral-window": ("mistral", dict(sliding_window=48, head_dim=24)),
+    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_import_matches_transformers_logits(tmp_path, bpe, variant):
+    kind, kw = VARIANTS[variant]
+    ref = hf_model(kind, **kw)
+    ref.save_pretrained(tmp_path / "hf")
+    save_hf_tokenizer(bpe, tmp_path / "hf")
+    assert run_cli("import", tmp_path / "hf", tmp_path / "pt") == 0
+    raw = json.loads((tmp_path / "pt" / "config.json").read_text())
+    assert raw["pretune_format"] == 1 and raw["tie_embeddings"] == kw.get("tie_word_embeddings", False)
+    model, tok = load_model(tmp_path / "pt")
+    assert model.cfg.qkv_bias == (kind == "qwen2")
+    assert model.cfg.max_seq_len == (48 if kind == "mistral" else 256)  # capped to the sliding window
+    idx = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        diff = (model(idx) - ref(idx).logits).abs().max().item()
+    assert diff <= TOL, f"{variant}: max |logit diff| {diff}"
+    assert tok.encode("the quick fox") == bpe.encode("the quick fox")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (bpe.bos_id, bpe.eos_id, bpe.pad_id)
+    assert tok.chat_template == TEMPLATE
+    # Back out again: the exported tensors are the original ones.
+    assert run_cli("export", tmp_path / "pt", tmp_path / "back") == 0
+    orig = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    if kw.get("tie_word_embeddings"):
+        orig.pop("lm_head.weight", None)
+    assert back.keys() == orig.keys() and all(torch.equal(back[k], orig[k]) for k in orig)
+
+
+def test_sharded_checkpoint_loads_in_place_and_generates(tmp_path, bpe, capsys):
+    ref = hf_model("llama", rope_scaling=LLAMA3)
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    save_hf_tokenizer(bpe, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
+    model, tok = load_model(tmp_path / "hf")  # every verb: a Hugging Face directory converts in memory
+    idx = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        assert (model(idx) - ref(idx).logits).abs().max().item() <= TOL
+    assert tok.chat_template == TEMPLATE
+    assert run_cli("generate", tmp_path / "hf", "prompt=the", "max_new_tokens=5", "temperature=0") == 0
+    assert capsys.readouterr().out.startswith("the")
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "model_type 'gemma'"),
+    ({"model_type": "llama", "mlp_bias": True}, "mlp_bias"),
+    ({"model_type": "llama", "attention_bias": True}, "attention_bias"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn'"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]},
+     "LlamaForSequenceClassification"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64, "max_seq_len": 128},
+     "sliding_window=64 in use"),
+])
+def test_unsupported_checkpoints_are_refused_by_name(tmp_path, config, words):
+    from pretune.interop.hf import import_hf
+
+    max_seq_len = config.pop("max_seq_len", None)
+    hf = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              vocab_size=300, max_position_embeddings=256, **config)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace("[", r"\[")):
+        import_hf(tmp_path / "hf", tmp_path / "out", max_seq_len=max_seq_len, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_errors_are_user_errors(tmp_path, capsys):
+    assert run_cli("import", tmp_path / "absent", tmp_path / "out") == 2
+    assert "neither a Hugging Face model directory nor a hub id" in capsys.readouterr().err
+    assert run_cli("export", tmp_path / "absent", tmp_path / "out", "--format", "onnx") == 2
+    assert "format='onnx'" in capsys.readouterr().err
+    assert run_cli("export", tmp_path / "absent") == 2
+    assert run_cli("export", tmp_path / "absent", tmp_path / "out", "--adapter") == 2
+    assert "is it a LoRA fine-tuning run?" in capsys.readouterr().err
+    assert run_cli("export", "--help") == 0
+    assert "adapter" in capsys.readouterr().out
+
+
+def test_hub_id_is_downloaded_with_snapshot_download(tmp_path, bpe, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="the hf extra is not installed")
+    ref = hf_model("qwen2")
+    ref.save_pretrained(tmp_path / "snapshot")
+    save_hf_tokenizer(bpe, tmp_path / "snapshot")
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None, **kw):  # the hub is unreachable here
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert run_cli("import", "Qwen/Qwen2.5-0.5B", tmp_path / "pt", "revision=main", "dtype=bfloat16") == 0
+    assert calls[0][:2] == ("Qwen/Qwen2.5-0.5B", "main") and "*.safetensors" in calls[0][2]
+    stored = load_file(str(tmp_path / "pt" / "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "pt" / "config.json").read_text())["hf_source"] == "Qwen/Qwen2.5-0.5B"
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def pretune_model(tok: Tokenizer, seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = resolve_model_config(ModelConfig(preset="tiny", vocab_size=tok.vocab_size + 3, **kw))
+    return spread(GPT(cfg), seed)
+
+
+def save_run(model: GPT, tok: Tokenizer, run: Path) -> Path:
+    """A run directory as training leaves it: model/ and the tokenizer beside it."""
+    save_model_dir(model, run / "model", tok)
+    tok.save(run)
+    return run
+
+
+EXPORTS = {
+    "char-untied-llama": ("char", dict(tie_embeddings=False)),
+    "bpe-tied-qwen2-llama3": ("bpe", dict(tie_embeddings=True, qkv_bias=True, rope_scaling=LLAMA3)),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_export_loads_in_transformers_with_same_logits_and_greedy_text(tmp_path, request, name):
+    from pretune.eval.generate import generate
+
+    tok_kind, kw = EXPORTS[name]
+    tok = request.getfixturevalue(tok_kind)
+    model = pretune_model(tok, **kw)
+    run = save_run(model, tok, tmp_path / "run")
+    assert run_cli("export", run, tmp_path / "hf", "format=hf") == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM" if kw.get("qkv_bias") else "LlamaForCausalLM"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() <= TOL
+    prompt = "the quick brown"
+    ids = tok.encode(prompt)
+    assert hf_tok(prompt, add_special_tokens=False)["input_ids"] == ids
+    specials = (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id)
+    assert specials == (tok.bos_id, tok.eos_id, tok.pad_id)
+    ours = generate(model, ids, 20, temperature=0, stop_ids={tok.eos_id})
+    x = torch.tensor([ids])
+    theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=20)
+    theirs = [t for t in theirs[0, len(ids):].tolist() if t != tok.eos_id]
+    assert ours == theirs and len(ours) > 0
+    assert hf_tok.decode(theirs, skip_special_tokens=True) == tok.decode(ours)
+    if tok.chat_template:
+        msgs = [{"role": "user", "content": "hi"}]
+        assert hf_tok.apply_chat_template(msgs, tokenize=False) == "user: hi\n"
+
+
+def test_exported_directory_is_refused_as_output_twice(tmp_path, char, capsys):
+    run = save_run(pretune_model(char), char, tmp_path / "run")
+    assert run_cli("export", run, tmp_path / "hf") == 0
+    assert run_cli("export", run, tmp_path / "hf") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert run_cli("export", run, tmp_path / "hf", "overwrite=true", "dtype=bfloat16") == 0
+    assert load_file(str(tmp_path / "hf" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+
+
+def make_lora_run(base_run: Path, run: Path, tok: Tokenizer, targets, rank=4, alpha=8.0) -> GPT:
+    """A LoRA fine-tuning run as the finetune stage writes it: merged model/ and adapter/."""
+    from pretune.model.lora import apply_lora, lora_state_dict, merge_lora
+
+    lora, _ = load_model(base_run)
+    apply_lora(lora, rank=rank, alpha=alpha, targets=targets)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith(("lora_a", "lora_b")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    lora.eval()
+    save_run(merge_lora(copy.deepcopy(lora)), tok, run)
+    (run / "adapter").mkdir()
+    save_file(lora_state_dict(lora), str(run / "adapter" / "adapter.safetensors"))
+    (run / "adapter" / "lora.json").write_text(json.dumps(
+        {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": list(targets), "base": str(base_run)}))
+    return lora
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj", "down_proj"), ("blocks.1.*",)])
+def test_lora_run_exports_a_peft_adapter_with_same_logits(tmp_path, char, targets):
+    peft = pytest.importorskip("peft", reason="the hf extra (peft) is not installed")
+    save_run(pretune_model(char, tie_embeddings=False), char, tmp_path / "base")
+    lora = make_lora_run(tmp_path / "base", tmp_path / "run", char, targets)
+    assert run_cli("export", tmp_path / "base", tmp_path / "hf-base") == 0
+    assert run_cli("export", tmp_path / "run", tmp_path / "adapter", "--adapter") == 0
+    assert run_cli("export", tmp_path / "run", tmp_path / "hf-merged") == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    leaf = targets[0] != "blocks.1.*"
+    assert (config["target_modules"] == sorted(targets)) == leaf
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base", dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-merged", dtype=torch.float32)
+    idx = torch.randint(0, char.vocab_size, (2, 30))
+    with torch.no_grad():
+        ours = lora(idx)
+        assert (adapted(idx).logits - ours).abs().max().item() <= TOL
+        assert (merged(idx).logits - ours).abs().max().item() <= TOL
+        with adapted.disable_adapter():  # the adapter really does something
+            assert (adapted(idx).logits - ours).abs().max().item() > 1e-2
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def rope_interleaved(x: torch.Tensor, pos: torch.Tensor, theta: float, factors=None) -> torch.Tensor:
+    """llama.cpp's `llama` RoPE: rotate neighbouring pairs (x[2i], x[2i+1]) by pos * theta^(-2i/D) / f_i."""
+    d = x.shape[-1]
+    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if factors is not None:
+        freq = freq / factors.double()
+    ang = pos[:, None].double() * freq  # (T, D/2)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("tok_kind, dtype, kw", [
+    ("char", "float32", dict(tie_embeddings=False)),
+    ("bpe", "float16", dict(tie_embeddings=True, qkv_bias=True, rope_scaling=LLAMA3)),
+])
+def test_gguf_export_round_trips_and_matches_llama_rope(tmp_path, request, tok_kind, dtype, kw):
+    gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    from pretune.interop.gguf import gguf_name, llama3_rope_factors, unpermute_qk
+    from pretune.model.gpt import apply_rope
+    from pretune.model.io import model_state
+
+    tok = request.getfixturevalue(tok_kind)
+    model = pretune_model(tok, **kw)
+    run = save_run(model, tok, tmp_path / "run")
+    assert run_cli("export", run, tmp_path / "out", "--format", "gguf", f"dtype={dtype}") == 0
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    cfg = model.cfg
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    assert field("general.architecture") == "llama"
+    expect = {"llama.context_length": cfg.max_seq_len, "llama.embedding_length": cfg.d_model,
+              "llama.block_count": cfg.n_layer, "llama.feed_forward_length": cfg.d_ff,
+              "llama.attention.head_count": cfg.n_head, "llama.attention.head_count_kv": cfg.n_kv_head,
+              "llama.rope.dimension_count": cfg.head_dim, "llama.vocab_size": cfg.vocab_size,
+              "tokenizer.ggml.bos_token_id": tok.bos_id, "tokenizer.ggml.eos_token_id": tok.eos_id}
+    assert {k: field(k) for k in expect} == expect
+    assert field("llama.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size == len(field("tokenizer.ggml.token_type"))
+    if tok_kind == "bpe":
+        assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+        assert tokens[:tok.vocab_size] == [tok.tok.id_to_token(i) for i in range(tok.vocab_size)]
+        merges = json.loads(tok.tok.to_str())["model"]["merges"]
+        assert field("tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+        assert field("tokenizer.chat_template") == TEMPLATE
+    else:
+        assert field("tokenizer.ggml.model") == "llama" and not field("tokenizer.ggml.add_space_prefix")
+        assert tokens[tok.encode(" ")[0]] == "\u2581" and tokens[tok.encode("q")[0]] == "q"
+    assert field("tokenizer.ggml.token_type")[tok.eos_id] == gguf.TokenType.CONTROL
+
+    # Every tensor, values included (q and k after undoing llama.cpp's permutation).
+    sd = model_state(model)
+    got = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    assert len(got) == len(sd) + (1 if kw.get("rope_scaling") else 0)
+    assert ("output.weight" in got) != cfg.tie_embeddings
+    assert "blk.1.attn_q.weight" in got and "blk.1.ffn_down.weight" in got and "output_norm.weight" in got
+    for name, ref in sd.items():
+        t = got[gguf_name(name)]
+        assert t.dtype == (torch.float32 if ref.ndim == 1 else getattr(torch, dtype)), name
+        assert tuple(t.shape) == tuple(ref.shape), name
+        heads = cfg.n_head if ".q_proj." in name else cfg.n_kv_head if ".k_proj." in name else None
+        t = unpermute_qk(t.float(), heads) if heads else t.float()
+        assert torch.allclose(t, ref.float(), atol=1e-3 if dtype == "float16" else 0.0), name
+    factors = llama3_rope_factors(cfg)
+    if factors is not None:
+        assert torch.equal(got["rope_freqs.weight"], factors)
+        # pretune's scaled frequencies are llama.cpp's base frequencies divided by rope_freqs
+        inv = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+        expect_cos = torch.cos(inv / factors.double()).float()
+        assert torch.allclose(model.rope_cos[1, : cfg.head_dim // 2], expect_cos, atol=1e-6)
+
+    # Attention scores with llama.cpp's neighbour RoPE on the permuted weights equal pretune's.
+    x = torch.randn(12, cfg.d_model)
+    pos = torch.arange(12)
+    wq, wk = sd["blocks.0.attn.q_proj.weight"], sd["blocks.0.attn.k_proj.weight"]
+    gq, gk = got["blk.0.attn_q.weight"].float(), got["blk.0.attn_k.weight"].float()
+    if cfg.qkv_bias:
+        q_ref = x @ wq.T + sd["blocks.0.attn.q_proj.bias"]
+        k_ref = x @ wk.T + sd["blocks.0.attn.k_proj.bias"]
+        q_gg, k_gg = x @ gq.T + got["blk.0.attn_q.bias"], x @ gk.T + got["blk.0.attn_k.bias"]
+    else:
+        q_ref, k_ref, q_gg, k_gg = x @ wq.T, x @ wk.T, x @ gq.T, x @ gk.T
+    def heads(t, n):  # (T, n * D) -> (n, T, D)
+        return t.view(12, n, cfg.head_dim).transpose(0, 1)
+
+    cos, sin = model.rope_cos[:12], model.rope_sin[:12]
+    q_ref = apply_rope(heads(q_ref, cfg.n_head), cos, sin)
+    k_ref = apply_rope(heads(k_ref, cfg.n_kv_head), cos, sin)
+    q_gg = rope_interleaved(heads(q_gg, cfg.n_head), pos, cfg.rope_theta, factors)
+    k_gg = rope_interleaved(heads(k_gg, cfg.n_kv_head), pos, cfg.rope_theta, factors)
+    rep = cfg.n_head // cfg.n_kv_head
+    scores_ref = q_ref @ k_ref.repeat_interleave(rep, 0).transpose(1, 2)
+    scores_gg = q_gg @ k_gg.repeat_interleave(rep, 0).transpose(1, 2)
+    tol = 2e-2 if dtype == "float16" else 1e-4
+    assert torch.allclose(scores_gg, scores_ref, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+
+TASK = """task: tiny_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_lm_eval_scores_an_exported_model_on_a_local_task(tmp_path, char, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model = pretune_model(char, tie_embeddings=False)
+    run = save_run(model, char, tmp_path / "run")
+    assert run_cli("export", run, tmp_path / "hf") == 0
+    rows = [{"question": "the quick brown", "choices": ["fox", "dog", "cat"], "answer": 0},
+            {"question": "a bird sings in the", "choices": ["old tree", "river"], "answer": 1},
+            {"question": "hello", "choices": ["there", "world"], "answer": 0}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_local.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl",
+                                                                     cache=tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", batch_size=1, device="cpu")
+        tasks = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False).load(["tiny_local"])
+        out = evaluate(lm, tasks, log_samples=True, bootstrap_iters=0)
+    finally:
+        torch.set_num_threads(threads)
+
+    def logprob(context: str, continuation: str) -> float:
+        """log p(continuation | context) under the pretune model itself."""
+        ctx, cont = char.encode(context), char.encode(continuation)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0, :-1].double(), -1)
+        return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+    correct = 0
+    for sample in out["samples"]["tiny_local"]:
+        doc = sample["doc"]
+        ours = [logprob(doc["question"], " " + c) for c in doc["choices"]]
+        theirs = [r[0][0] for r in sample["resps"]]
+        assert ours == pytest.approx(theirs, abs=1e-3)
+        correct += max(range(len(ours)), key=ours.__getitem__) == doc["answer"]
+    assert out["results"]["tiny_local"]["acc,none"] == pytest.approx(correct / len(rows))
