@@ -182,7 +182,8 @@ def main() -> int:
             "" if (args.clients, args.duration, args.max_tokens) == (32, 60.0, 32)
             else f" --clients {args.clients} --duration {args.duration:g} --max-tokens {args.max_tokens}") + "`",
         "",
-        "| mode | max_batch | requests | errors | p50 latency | p99 latency | completion tokens/s | mean decode batch |",
+        "| mode | max_batch | requests | errors | p50 latency | p99 latency | completion tokens/s "
+        "| mean decode batch |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():

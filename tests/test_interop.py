@@ -24,7 +24,7 @@ from pretune.model.io import load_model, save_model_dir
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
-TEXT = ["the quick brown fox jumps over the lazy dog. ", "a bird sings in the old tree by the river.\n",
+TEXT = ["the quick brown fox jumps over the lazy dog. café ", "a bird sings in the old tree by the river.\n",
         "User: hello there!\nAssistant: hi, how can I help?\n"] * 20
 TOL = 1e-4
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -302,6 +302,7 @@ def rope_interleaved(x: torch.Tensor, pos: torch.Tensor, theta: float, factors=N
 
 @pytest.mark.parametrize("tok_kind, dtype, kw", [
     ("char", "float32", dict(tie_embeddings=False)),
+    ("bpe", "float32", dict(tie_embeddings=True)),
     ("bpe", "float16", dict(tie_embeddings=True, qkv_bias=True, rope_scaling=LLAMA3)),
 ])
 def test_gguf_export_round_trips_and_matches_llama_rope(tmp_path, request, tok_kind, dtype, kw):
@@ -331,15 +332,15 @@ def test_gguf_export_round_trips_and_matches_llama_rope(tmp_path, request, tok_k
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
     tokens = field("tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size == len(field("tokenizer.ggml.token_type"))
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     if tok_kind == "bpe":
-        assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
         assert tokens[:tok.vocab_size] == [tok.tok.id_to_token(i) for i in range(tok.vocab_size)]
         merges = json.loads(tok.tok.to_str())["model"]["merges"]
         assert field("tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
         assert field("tokenizer.chat_template") == TEMPLATE
-    else:
-        assert field("tokenizer.ggml.model") == "llama" and not field("tokenizer.ggml.add_space_prefix")
-        assert tokens[tok.encode(" ")[0]] == "\u2581" and tokens[tok.encode("q")[0]] == "q"
+    else:  # characters in the byte alphabet: ' ' -> 'Ġ', '\n' -> 'Ċ', 'é' -> 'Ã©' built by a merge
+        assert [tokens[tok.encode(c)[0]] for c in " \nqé"] == ["\u0120", "\u010a", "q", "\u00c3\u00a9"]
+        assert "\u00c3 \u00a9" in field("tokenizer.ggml.merges")
     assert field("tokenizer.ggml.token_type")[tok.eos_id] == gguf.TokenType.CONTROL
 
     # Every tensor, values included (q and k after undoing llama.cpp's permutation).
@@ -387,6 +388,49 @@ def test_gguf_export_round_trips_and_matches_llama_rope(tmp_path, request, tok_k
     scores_gg = q_gg @ k_gg.repeat_interleave(rep, 0).transpose(1, 2)
     tol = 2e-2 if dtype == "float16" else 1e-4
     assert torch.allclose(scores_gg, scores_ref, atol=tol, rtol=tol)
+
+    # An independent reader: transformers' own GGUF loader un-permutes q/k and builds a Llama.
+    # (It ignores llama-arch q/k/v biases and rope_freqs, which llama.cpp reads, so those are
+    # checked above only.)
+    if not cfg.qkv_bias and not cfg.rope_scaling:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf",
+                                                               dtype=torch.float32).eval()
+        idx = torch.randint(0, tok.vocab_size, (1, 30))
+        with torch.no_grad():
+            assert (hf(idx).logits - model(idx)).abs().max().item() <= TOL
+        if tok_kind == "bpe":  # (its BPE builder wants every merge's halves in the vocabulary)
+            hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+            text = "the quick café fox\nhello"
+            assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("pre, name", [
+    ("split:" + LLAMA3_SPLIT, "llama-bpe"),
+    ("split:" + LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"), "qwen2"),
+    ("digits", "smollm"),
+    ("bytelevel", "gpt-2"),
+    ("split:[a-z]+", "default"),
+])
+def test_gguf_names_the_pre_tokenizer_llama_cpp_knows(pre, name):
+    from tokenizers import Regex, pre_tokenizers
+
+    from pretune.interop.gguf import _pre_name
+
+    if pre.startswith("split:"):
+        p = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pre[6:]), "isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "digits":
+        p = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        p = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    warnings = []
+    assert _pre_name({"pre_tokenizer": json.loads(p.__getstate__())}, warnings.append) == name
+    assert bool(warnings) == (name == "default")
 
 
 # ----------------------------------------------------------------------------- lm-evaluation-harness

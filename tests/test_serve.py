@@ -122,8 +122,9 @@ def test_seeded_sampling_matches_and_cancel(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, max_batch=4)
     sinks = {i: [] for i in range(4)}
-    engine.submit(tok.encode("seeded one"), SamplingParams(20, temperature=1.0, top_p=0.9, seed=5), sinks[0].append)
-    engine.submit(tok.encode("same settings"), SamplingParams(20, temperature=1.0, top_p=0.9, seed=6), sinks[3].append)
+    nucleus = dict(temperature=1.0, top_p=0.9)
+    engine.submit(tok.encode("seeded one"), SamplingParams(20, seed=5, **nucleus), sinks[0].append)
+    engine.submit(tok.encode("same settings"), SamplingParams(20, seed=6, **nucleus), sinks[3].append)
     engine.submit(tok.encode("two"), SamplingParams(20, temperature=0.7, seed=9), sinks[1].append)
     victim = engine.submit(tok.encode("cancel me"), SamplingParams(50, temperature=0), sinks[2].append)
     engine.step()
@@ -406,8 +407,8 @@ def test_chat_session_history_and_commands(model_tok):
         assert session.messages[1]["content"] == "again"
         replies = [line for line in out.getvalue().splitlines() if line.startswith("assistant> ")]
         assert len(replies) == 3 and "(history cleared)" in out.getvalue()
-        first = chat_reference(SimpleNamespace(model=model, tok=tok),
-                               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}], 10)
+        history = [MESSAGES[0], {"role": "user", "content": "hello"}]
+        first = chat_reference(SimpleNamespace(model=model, tok=tok), history, 10)
         assert out.getvalue().startswith("assistant> " + first)
     finally:
         engine.close()

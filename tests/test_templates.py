@@ -66,7 +66,8 @@ def test_prompt_plus_response_is_the_conversation(tok, template):
 
 def test_tokenizer_template_is_used(tok):
     tok = with_template(tok, CHATML)
-    assert render_chat([{"role": "user", "content": "x"}], tok) == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    text = render_chat([{"role": "user", "content": "x"}], tok)
+    assert text == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_single_assistant_message_splits(tok):

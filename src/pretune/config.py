@@ -409,11 +409,11 @@ def load_config(cls: type = Config, path: str | Path | None = None, overrides: l
         data = deep_merge(data, read_yaml(path))
     data = deep_merge(data, parse_overrides(overrides or []))
     cfg = from_dict(cls, data)
-    validate = getattr(cfg, "validate", None) or _VALIDATORS.get(cls)
-    if validate is not None:
-        problems = validate(cfg)
-        if problems:
-            raise ConfigError(problems)
+    # Semantic checks: a registered validator, or the config class's own problems() method.
+    problems = _VALIDATORS[cls](cfg) if cls in _VALIDATORS else (
+        cfg.problems() if callable(getattr(cfg, "problems", None)) else [])
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 

@@ -19,10 +19,12 @@ row i goes to 2i and row i + D/2 to 2i + 1 makes both compute the same attention
 permutation llama.cpp's convert_hf_to_gguf.py applies to Llama checkpoints.
 
 Tokenizer: byte-level BPE (pretune's `bpe`, Llama 3, Qwen2, SmolLM) is written as model "gpt2" with
-its tokens, token types and merges. pretune's character tokenizer is written as model "llama"
-(sentencepiece-style): one token per character with ' ' spelled U+2581, no space prefix, score 0, so
-llama.cpp's tokenizer, which never finds a multi-character piece to merge, splits text into characters
-exactly as pretune does. Other tokenizers are refused (export to hf and use llama.cpp's converter).
+its tokens, token types and merges. pretune's character tokenizer is written the same way: each
+character's token is spelled in the GPT-2 byte alphabet, and a multi-byte character gets the merges
+that join its UTF-8 bytes (lead byte first), so llama.cpp's BPE tokenizer, which never merges across
+characters, splits text into characters exactly as pretune does. (A character outside the vocabulary
+becomes <|unk|> in pretune and is dropped by llama.cpp.) Other tokenizers are refused: export to hf
+and use llama.cpp's converter.
 """
 
 from __future__ import annotations
@@ -144,21 +146,23 @@ def tokenizer_metadata(tok, vocab_size: int, log: Callable[[str], None] = print)
     meta: dict = {}
     byte_level = '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
     if kind == "BPE" and byte_level:
-        merges = spec["model"].get("merges", [])
-        meta.update(model="gpt2", pre=_pre_name(spec, log),
-                    merges=[m if isinstance(m, str) else " ".join(m) for m in merges])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+        pre = _pre_name(spec, log)
     elif kind == "WordLevel" and all(len(t) == 1 for i, t in enumerate(tokens) if i not in added):
-        if "\u2581" in tokens:
-            raise InteropError("the character vocabulary contains U+2581, which GGUF's sentencepiece "
-                               "encoding uses for spaces; export with --format hf instead")
-        tokens = [t.replace(" ", "\u2581") if i not in added else t for i, t in enumerate(tokens)]
-        meta.update(model="llama", scores=[0.0] * vocab_size, add_space_prefix=False)
+        tokens, merges = _char_as_byte_level(tokens, set(added))
+        pre = "gpt-2"
         if unk is not None:
             types[unk] = T.UNKNOWN
     else:
         raise InteropError(f"GGUF export writes byte-level BPE and pretune's character tokenizers; this "
                            f"one is {kind}. Export with --format hf and convert that directory with "
                            "llama.cpp's convert_hf_to_gguf.py")
+    if not merges:  # llama.cpp requires the key; a merge of two special tokens never applies
+        specials = [tokens[i] for i in sorted(added)][:2]
+        if len(specials) < 2:
+            raise InteropError("a GGUF tokenizer needs at least one merge or two special tokens")
+        merges = [" ".join(specials)]
+    meta: dict = {"model": "gpt2", "pre": pre, "merges": merges}
     tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]  # embedding rows the tokenizer never uses
     types += [T.UNUSED] * (vocab_size - n)
     post = json.dumps(spec.get("post_processor"))
@@ -169,17 +173,35 @@ def tokenizer_metadata(tok, vocab_size: int, log: Callable[[str], None] = print)
     return meta
 
 
+def _char_as_byte_level(tokens: list[str], special: set[int]) -> tuple[list[str], list[str]]:
+    """Character tokens spelled in the GPT-2 byte alphabet, and the merges that build each
+    multi-byte character from its bytes."""
+    from pretune.data.tokenizer import _bytes_to_unicode
+
+    alphabet = _bytes_to_unicode()
+    out, merges, seen = [], [], set()
+    for i, t in enumerate(tokens):
+        if i in special:
+            out.append(t)
+            continue
+        pieces = [alphabet[b] for b in t.encode("utf-8")]
+        out.append("".join(pieces))
+        left = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{left} {piece}"
+            if merge not in seen:
+                seen.add(merge)
+                merges.append(merge)
+            left += piece
+    return out, merges
+
+
 def _write_tokenizer(w, meta: dict) -> None:
     w.add_tokenizer_model(meta["model"])
-    if "pre" in meta:
-        w.add_tokenizer_pre(meta["pre"])
+    w.add_tokenizer_pre(meta["pre"])
     w.add_token_list(meta["tokens"])
     w.add_token_types(meta["token_type"])
-    if "merges" in meta:
-        w.add_token_merges(meta["merges"])
-    if "scores" in meta:
-        w.add_token_scores(meta["scores"])
-        w.add_add_space_prefix(meta["add_space_prefix"])
+    w.add_token_merges(meta["merges"])
     for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                      ("padding_token_id", w.add_pad_token_id), ("unknown_token_id", w.add_unk_token_id)):
         if meta[key] is not None:

@@ -16,7 +16,8 @@ The two layouts differ only in names, so a conversion is a rename:
     lm_head                                lm_head   (absent when the embeddings are tied)
 
 Both use the "rotate half" RoPE layout, so q and k need no permutation (GGUF does; see gguf.py).
-This module imports neither transformers nor huggingface_hub unless a hub id is given.
+This module needs neither transformers nor huggingface_hub: huggingface_hub is imported for a hub
+id, transformers only to convert a sentencepiece tokenizer.model that has no tokenizer.json.
 """
 
 from __future__ import annotations

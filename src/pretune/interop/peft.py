@@ -53,13 +53,16 @@ def read_adapter(run: str | Path) -> tuple[dict, dict]:
 
 
 def _n_layer(run: Path) -> int | None:
-    """Number of blocks of the run's model, when its config is readable."""
-    for cfg in (run / "model" / "config.json", run / "config.json"):
-        if cfg.is_file():
-            value = json.loads(cfg.read_text()).get("n_layer")
-            if value:
-                return int(value)
-    return None
+    """Number of blocks of the run's model (model/config.json, else the run's config.yaml)."""
+    if (run / "model" / "config.json").is_file():
+        value = json.loads((run / "model" / "config.json").read_text()).get("n_layer")
+    elif (run / "config.yaml").is_file():
+        import yaml
+
+        value = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {}).get("n_layer")
+    else:
+        value = None
+    return int(value) if value else None
 
 
 def export_peft_adapter(run: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False,

@@ -26,10 +26,11 @@ step, so it soon fits. A job whose max_tokens do not fit after P stops all admis
 batch drains and a fresh batch starts at slot 0 with it: no job waits for more than one drain
 (at most max_tokens steps). The cost of this simple scheme is the drain: while P is near
 max_seq_len the batch empties before it refills. (Compacting the cache instead, by re-rotating the
-keys to earlier slots, would avoid that; it is not done.) Greedy outputs equal those of `eval.generate.stream_tokens`
-(tests/test_serve.py checks it for prompts of different lengths joining at different steps), and a
-seeded sampled output does too, since each row samples with its own generator exactly as
-`stream_tokens` does.
+keys to earlier slots, would avoid that; it is not done.)
+
+Greedy outputs equal those of `eval.generate.stream_tokens` (tests/test_serve.py checks it for
+prompts of different lengths joining at different steps), and a seeded sampled output does too,
+since each row samples with its own generator exactly as `stream_tokens` does.
 
 Text is produced in the engine: each job decodes its tokens incrementally, holds back text that
 could be the start of a stop string or an incomplete UTF-8 character, and stops at the first stop

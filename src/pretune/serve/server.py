@@ -321,7 +321,8 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
                         if ev is None:
                             return
                         if ev.finish_reason == "error":
-                            yield f"data: {json.dumps(APIError(500, ev.error or 'generation failed', 'server_error').body())}\n\n"
+                            failure = APIError(500, ev.error or "generation failed", "server_error")
+                            yield f"data: {json.dumps(failure.body())}\n\n"
                             return
                         if ev.finish_reason == "cancelled":
                             return

@@ -55,9 +55,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def rng_state() -> dict:
+    """This process's random state (CPU, and CUDA when present)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
-                    tokenizer=None, protect: set[int] | None = None) -> Path:
-    """Everything needed to continue exactly: weights, optimiser, loop state, random state."""
+                    tokenizer=None, protect: set[int] | None = None, rank_rng: list[dict] | None = None) -> Path:
+    """Everything needed to continue exactly: weights, optimiser, loop state, random state
+    (`rank_rng`: every rank's random state, gathered, in a data-parallel run)."""
     from dataclasses import asdict
 
     final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
@@ -65,9 +80,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng = rng_state()
+        if rank_rng:
+            rng["ranks"] = rank_rng
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step, saved_at=time.time()), indent=2))
         if tokenizer is not None:
@@ -79,14 +94,104 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return final
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, device) -> dict:
-    load_model_state(model, load_file(str(ckpt / "model.safetensors"), device=str(device)))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def load_checkpoint(ckpt: Path, model, optimizer, device, rank: int = 0) -> dict:
+    """Restore weights, optimiser and this rank's random state; return the loop state.
+
+    Either format loads into a plain, DDP or FSDP model: a sharded (DCP) checkpoint reshards to
+    any number of processes, and a safetensors one is spread over the shards of an FSDP model."""
+    from pretune.train.dist import is_sharded
+
+    if (ckpt / DCP_DIR).is_dir():
+        _load_dcp(ckpt, model, optimizer)
+        names = sorted(ckpt.glob("rng-*.pt"))
+        mine = ckpt / f"rng-{rank:05d}.pt"
+        set_rng_state(torch.load(mine if mine.is_file() else names[0], weights_only=False))
+    else:
+        if is_sharded(model):
+            _load_full_into_sharded(ckpt, model, optimizer)
+        else:
+            load_model_state(model, load_file(str(ckpt / "model.safetensors"), device=str(device)))
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        rng = torch.load(ckpt / "rng.pt", weights_only=False)
+        ranks = rng.get("ranks") or [rng]
+        set_rng_state(ranks[rank] if rank < len(ranks) else rng)
     return json.loads((ckpt / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP)
+
+DCP_DIR = "dcp"
+
+
+def save_checkpoint_sharded(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
+                            rt, tokenizer=None, protect: set[int] | None = None) -> Path:
+    """A checkpoint of an FSDP run, written by every rank together (a collective).
+
+    dcp/ holds the model and optimiser state through torch.distributed.checkpoint (each rank writes
+    its shards; loading reshards them to any number of processes), rng-RRRRR.pt each rank's random
+    state; state.json, config.json and the tokenizer as in save_checkpoint. Rank 0 renames the
+    finished directory into place, so a crash leaves the whole checkpoint or none of it. With
+    several nodes, run_dir must be on a file system that every node sees."""
+    import contextlib
+    from dataclasses import asdict
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from pretune.train.dist import barrier, broadcast_object
+
+    final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
+    msd, osd = get_state_dict(model, optimizer)
+    with (atomic_dir(final) if rt.is_main else contextlib.nullcontext()) as tmp:
+        tmp = Path(broadcast_object(str(tmp) if rt.is_main else None, rt))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR), no_dist=not rt.distributed)
+        torch.save(rng_state(), tmp / f"rng-{rt.rank:05d}.pt")
+        barrier(rt)
+        if rt.is_main:
+            cfg = getattr(model, "cfg", None) or getattr(getattr(model, "lm", None), "cfg", None)
+            if cfg is not None:
+                (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            (tmp / "state.json").write_text(json.dumps(dict(state, step=step, saved_at=time.time()), indent=2))
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+    barrier(rt)
+    if rt.is_main:
+        protect = protect or set()
+        old = [d for d in checkpoint_dirs(run_dir) if int(d.name[len(CKPT_PREFIX):]) not in protect]
+        for d in old[:-keep_last]:
+            shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def _load_dcp(ckpt: Path, model, optimizer) -> None:
+    """Load a DCP checkpoint into a sharded or plain model and its optimiser (any process count)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    import torch.distributed as dist
+
+    dcp.load(sd, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def _load_full_into_sharded(ckpt: Path, model, optimizer) -> None:
+    """A safetensors checkpoint (DDP or one process) into an FSDP model: every rank reads the full
+    tensors and keeps its shards; the optimiser's positional state is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    sd = load_file(str(ckpt / "model.safetensors"))
+    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_index: dict[int, str] = {}
+    for live, old in zip(optimizer.param_groups, saved["param_groups"]):
+        for p, i in zip(live["params"], old["params"]):
+            by_index[i] = names[id(p)]
+    osd = {"state": {by_index[i]: s for i, s in saved["state"].items()},
+           "param_groups": [dict(g, params=[by_index[i] for i in g["params"]]) for g in saved["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=sd, optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def write_lineage(run_dir: Path, stage: str, parent: str | None, **extra) -> None:

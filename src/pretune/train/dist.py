@@ -12,7 +12,8 @@ CUDA) and the model is wrapped from outside, so the model code knows nothing of 
 - `dist.activation_checkpointing=true` recomputes each block's activations in the backward pass
   (non-reentrant `torch.utils.checkpoint`; parameter names stay unchanged).
 
-Every rank sees a disjoint slice of the same global batch (the samplers' contract), so 1 and N
+Only rank 0 prints (the others' stdout goes to /dev/null unless PRETUNE_LOG_ALL_RANKS=1; errors
+still reach stderr). Every rank sees a disjoint slice of the same global batch (the samplers' contract), so 1 and N
 processes compute the same losses.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -82,6 +84,8 @@ def setup(device: str = "auto", precision: str = "auto", threads: int | None = N
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if rank > 0 and os.environ.get("PRETUNE_LOG_ALL_RANKS", "0") != "1":
+        sys.stdout = open(os.devnull, "w")  # rank 0 reports; errors still reach stderr
     dev = pick_device(device, local_rank)
     return Runtime(rank, world, local_rank, dev, pick_autocast(precision, dev))
 

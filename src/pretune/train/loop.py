@@ -20,7 +20,8 @@ from pretune.errors import ConfigError, UserError
 from pretune.files import atomic_write_bytes
 from pretune.model.io import load_model_state, model_state
 from pretune.train import checkpoint as ck
-from pretune.train.dist import Runtime, all_reduce_sum, grad_sync, wrap_model
+from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_sum, full_state_dict, grad_sync,
+                                unsharded, wrap_model)
 from pretune.model.io import save_model_dir
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes
 from pretune.train.optim import build_optimizer, lr_at
@@ -55,15 +56,26 @@ def _track_best(state: dict, metric: str, step: int) -> bool:
     return False
 
 
-def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime) -> dict[str, float]:
-    """Targets per kind of micro-batch (task, replay) in this optimiser step, summed over ranks."""
+def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime) -> dict:
+    """Targets per kind of micro-batch (task, replay) in this optimiser step, summed over ranks.
+
+    Floats in one process. With several, 0-d device tensors: the all-reduce is queued on the device
+    and the step goes on without waiting for it (no host synchronisation in the step)."""
     counts = dict.fromkeys(kinds, 0.0)
-    for mb in micro:
+    for mb in micro:  # counted on the host, before the batch moves to the device
         counts[mb.get("kind", "task")] += objective.count(mb)
     if rt.distributed:
-        total = torch.tensor([counts[k] for k in kinds], dtype=torch.float64, device=rt.device)
-        counts = dict(zip(kinds, all_reduce_sum(total, rt).tolist()))
+        total = torch.tensor([counts[k] for k in kinds], dtype=torch.float64)
+        if rt.device.type == "cuda":
+            total = total.pin_memory()
+        total = all_reduce_sum(total.to(rt.device, non_blocking=True), rt)
+        counts = dict(zip(kinds, total.unbind()))
     return counts
+
+
+def _per_target(weight: float, count) -> float | torch.Tensor:
+    """weight / count, for a count that is a float or a device tensor (at least 1 either way)."""
+    return weight / (count.clamp(min=1.0) if torch.is_tensor(count) else max(count, 1.0))
 
 
 class MetricsLog:
@@ -102,6 +114,10 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     t_cfg = cfg.train
     device = rt.device
     model.to(device)
+    # DDP across ranks, FSDP2 sharding in place, torch.compile on CUDA. The optimiser is built
+    # after wrapping: FSDP replaces the parameters by DTensor shards.
+    fwd = wrap_model(model, cfg, rt)
+    sharded_ckpt = getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp"  # DCP checkpoints
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main)
@@ -113,14 +129,13 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         if last is None:
             raise ck.RunDirError(f"resume={run_dir}: it has no checkpoint to resume from; start it again "
                                  f"with overwrite=true")
-        state.update(ck.load_checkpoint(last, model, optimizer, device))
+        state.update(ck.load_checkpoint(last, model, optimizer, device, rt.rank))
         start = state["step"]
         metrics.truncate_after(start)
-        log(f"resumed from {last} at step {start}")
+        if rt.is_main:
+            log(f"resumed from {last} at step {start}")
     else:
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout stream; the weights were seeded before
-
-    fwd = wrap_model(model, cfg, rt)  # DDP across ranks, torch.compile on CUDA
 
     fpt = flops_per_token(model, data.seq_len)
     peak = peak_flops(device)
@@ -139,6 +154,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
     interval_steps = 0
     interval_tokens = 0
+    pending_targets = 0.0  # target tokens not yet added to state (a device tensor when distributed)
     kinds = tuple(getattr(data, "kinds", ("task",)))
     weights = dict(getattr(objective, "weights", {}))
     t_interval = time.perf_counter()
@@ -168,14 +184,14 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             step_tokens = 0
             for i, mb in enumerate(micro):
                 kind = mb.get("kind", "task")
-                scale = weights.get(kind, 1.0) / max(counts[kind], 1.0)  # token-weighted within each kind
+                scale = _per_target(weights.get(kind, 1.0), counts[kind])  # token-weighted within each kind
+                step_tokens += int(mb.get("n_tokens", mb["input_ids"].numel())) * rt.world  # on the host
                 mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
                 with grad_sync(fwd, rt, i == len(micro) - 1):  # all-reduce on the last micro-batch only
                     with autocast:
                         loss_sum = objective(fwd, mb)
                     (loss_sum * (scale * rt.world)).backward()
                 step_loss += loss_sum.detach().double() * scale
-                step_tokens += int(mb.get("n_tokens", mb["input_ids"].numel())) * rt.world
             penalty = objective.penalty(model)
             if penalty is not None:
                 penalty.backward()
@@ -188,7 +204,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             interval_steps += 1
             interval_tokens += step_tokens
             state["tokens"] += step_tokens
-            state["target_tokens"] += int(sum(counts.values()))
+            pending_targets = pending_targets + sum(counts.values())
             state["flops"] += fpt["total"] * step_tokens
             s = step + 1
             if device.type == "cpu":
@@ -200,6 +216,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             do_save = t_cfg.save_every and (s % t_cfg.save_every == 0 or is_last)
             if do_log or do_eval or do_save:
                 check_finite(s)
+                state["target_tokens"] += int(round(float(pending_targets)))
+                pending_targets = 0.0
             if do_log:
                 total_loss = float(all_reduce_sum(interval_loss.clone(), rt)) / max(interval_steps, 1)
                 elapsed = time.perf_counter() - t_interval
@@ -220,9 +238,11 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 else:
                     metrics.write({"step": s, **{k: _round(v) for k, v in state["eval"].items()}})
                 t_interval += time.perf_counter() - t_eval  # evaluation time is not training throughput
-                if t_cfg.early_stop_metric and _track_best(state, t_cfg.early_stop_metric, s) and rt.is_main:
-                    atomic_write_bytes(run_dir / "best" / "model.safetensors",
-                                       save(model_state(model), metadata={"step": str(s)}))
+                if t_cfg.early_stop_metric and _track_best(state, t_cfg.early_stop_metric, s):
+                    best_sd = full_state_dict(model, rt)  # a collective under FSDP
+                    if rt.is_main:
+                        atomic_write_bytes(run_dir / "best" / "model.safetensors",
+                                           save(best_sd, metadata={"step": str(s)}))
             if do_log:
                 metrics.write({k: _round(v) for k, v in record.items()})
                 msg = f"step {s}/{max_steps} loss {total_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
@@ -236,11 +256,17 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             if bar is not None:
                 bar.update(1)
             patience_out = bool(t_cfg.patience and state["bad_evals"] >= t_cfg.patience)
-            if do_save and rt.is_main:
+            if do_save:
                 state["wall_s"] = wall_before + time.perf_counter() - t_run
                 state["energy_j"] = energy_before + energy.joules()
-                last_good_ckpt = ck.save_checkpoint(run_dir, s, model, optimizer, state, t_cfg.keep_last,
-                                                    tokenizer)
+                if sharded_ckpt:  # every rank writes its shards (DCP)
+                    last_good_ckpt = ck.save_checkpoint_sharded(run_dir, s, model, optimizer, state,
+                                                                t_cfg.keep_last, rt, tokenizer)
+                else:
+                    rank_rng = all_gather_objects(ck.rng_state(), rt) if rt.distributed else None
+                    if rt.is_main:
+                        last_good_ckpt = ck.save_checkpoint(run_dir, s, model, optimizer, state,
+                                                            t_cfg.keep_last, tokenizer, rank_rng=rank_rng)
             if patience_out:
                 status = "early_stopped"
                 log(f"early stopping at step {s}: {t_cfg.early_stop_metric} has not improved for "
@@ -257,8 +283,13 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     final_step = step + 1 if stop > start else start
     if final_step < max_steps and status != "early_stopped":
         status = "stopped"
+    state["target_tokens"] += int(round(float(pending_targets)))
+    # the final model as plain PyTorch: the model itself, or under FSDP a copy with the gathered
+    # weights on rank 0 (None on the others; dist.final_model(model) returns it afterwards)
+    final = unsharded(model, rt) if status != "stopped" else model
     if state["best"] is not None and status != "stopped":  # the final model is the best one
-        load_model_state(model, load_file(str(run_dir / "best" / "model.safetensors"), device=str(device)))
+        if final is not None:
+            load_model_state(final, load_file(str(run_dir / "best" / "model.safetensors"), device=str(device)))
         summary_extra = dict(summary_extra or {}, best_step=state["best"]["step"],
                              best_metric=t_cfg.early_stop_metric, best_value=state["best"]["value"])
     wall = wall_before + time.perf_counter() - t_run
@@ -280,7 +311,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     summary.update(summary_extra or {})
     if rt.is_main:
         if status != "stopped":
-            (save_final or (lambda m, d: save_model_dir(m, d, tokenizer)))(model, run_dir / "model")
+            (save_final or (lambda m, d: save_model_dir(m, d, tokenizer)))(final, run_dir / "model")
         ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in summary.items()})
     return summary
 

@@ -1,0 +1,104 @@
+"""Data parallelism on CPU: `torchrun` (gloo, 2 processes) with DDP and FSDP2 against one process.
+
+The sampler gives rank r the rows r::world of the same global batch, so the losses of 1 and 2
+processes agree to float tolerance; a stopped run resumes exactly under either strategy, and an
+FSDP (DCP) checkpoint written by 2 processes resumes in 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_cli
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+STEPS = ["train.max_steps=10", "train.save_every=5", "train.eval_every=0", "train.log_every=1",
+         "train.batch_size=8", "train.micro_batch_size=2", "train.seq_len=32", "train.progress=false",
+         "model.preset=tiny", "data.tokenizer=char", "optim.lr=3e-3", "optim.warmup_steps=5"]
+
+
+def torchrun(*args: str, nproc: int = 2) -> str:
+    """`python -m torch.distributed.run --nproc_per_node N -m pretune pretrain ARGS`; its stdout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pretune", "pretrain", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def reference(tmp_path, corpus) -> list[float]:
+    """One process, the same global batch (8 sequences in micro-batches of 2)."""
+    out = tmp_path / "ref"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.threads=1", *STEPS) == 0
+    return losses(out)
+
+
+def assert_close(a: list[float], b: list[float], rel: float = 1e-4) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(x), (a, b)
+
+
+def test_ddp_matches_one_process_and_resumes(tmp_path, corpus):
+    ref = reference(tmp_path, corpus)
+    run = tmp_path / "ddp"
+    out = torchrun(f"data.train={corpus}", f"out_dir={run}", *STEPS, "dist.strategy=ddp", "train.stop_after=5")
+    assert out.count("summary:") == 1  # rank 0 alone reports
+    assert_close(losses(run), ref[:5])
+    ckpt = run / "checkpoints" / "step-000005"
+    assert (ckpt / "model.safetensors").is_file()  # DDP keeps the single-file format
+    assert len(torch.load(ckpt / "rng.pt", weights_only=False)["ranks"]) == 2  # each rank's random state
+    torchrun(f"resume={run}", "train.stop_after=null")
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 11))
+    assert_close(losses(run), ref)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert summary["tokens"] == 10 * 8 * 32 and summary["target_tokens"] == 10 * 8 * 32
+    a, b = load_file(str(run / "model" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(tmp_path, corpus):
+    ref = reference(tmp_path, corpus)
+    run, single = tmp_path / "fsdp", tmp_path / "fsdp_to_1"
+    fsdp = ["dist.strategy=fsdp", "dist.activation_checkpointing=true"]
+    torchrun(f"data.train={corpus}", f"out_dir={run}", *STEPS, *fsdp, "train.stop_after=5")
+    assert_close(losses(run), ref[:5])
+    ckpt = run / "checkpoints" / "step-000005"
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    assert sorted(p.name for p in ckpt.glob("rng-*.pt")) == ["rng-00000.pt", "rng-00001.pt"]
+    shutil.copytree(run, single)
+
+    torchrun(f"resume={run}", "train.stop_after=null")  # 2 processes again
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 11))
+    assert_close(losses(run), ref)
+
+    # the 2-process DCP checkpoint resumes in one process (DCP reshards on load)
+    assert run_cli("pretrain", f"resume={single}", "train.stop_after=null", "train.threads=1") == 0
+    assert_close(losses(single), ref)
+
+    # model/ is a plain full state dict written by rank 0, the same weights as one process trained
+    want = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    for got in (load_file(str(run / "model" / "model.safetensors")),
+                load_file(str(single / "model" / "model.safetensors"))):
+        assert got.keys() == want.keys()
+        assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["params"] == json.loads(
+        (tmp_path / "ref" / "summary.json").read_text())["params"]  # global counts, not one shard's
