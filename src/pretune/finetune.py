@@ -248,6 +248,7 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
              "skipped_records": stats.skipped, "truncated_examples": truncated_train}
     summary = train(model, cfg, rt, run_dir, data, objective, evaluate if val_ex else None, tok, log, extra,
                     save_final_factory(cfg, tok, labels))
+    model = dist.final_model(model)  # under FSDP: rank 0's plain copy with the gathered weights
     if summary["status"] in ("completed", "early_stopped") and rt.is_main:
         final = {}
         for split, ex in (("val", val_ex), ("test", test_ex)):

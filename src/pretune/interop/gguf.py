@@ -129,7 +129,7 @@ def _pre_name(spec: dict, log: Callable[[str], None]) -> str:
 
 
 def tokenizer_metadata(tok, vocab_size: int, log: Callable[[str], None] = print) -> dict:
-    """tokenizer.ggml.* values: model, pre, tokens, token_type, merges or scores, special ids."""
+    """tokenizer.ggml.* values: model, pre, tokens, token_type, merges, special ids, chat template."""
     import gguf
 
     T = gguf.TokenType
@@ -143,7 +143,6 @@ def tokenizer_metadata(tok, vocab_size: int, log: Callable[[str], None] = print)
     types = [T.CONTROL if added.get(i, {}).get("special") else T.USER_DEFINED if i in added else T.NORMAL
              for i in range(n)]
     unk = tok.tok.token_to_id(spec["model"].get("unk_token") or "") if kind == "WordLevel" else None
-    meta: dict = {}
     byte_level = '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
     if kind == "BPE" and byte_level:
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
@@ -231,6 +230,9 @@ def export_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overw
     cfg = model.cfg
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") != "llama3":
         raise InteropError(f"rope_scaling {cfg.rope_scaling} has no GGUF form here")
+    if cfg.qkv_bias and cfg.n_head * cfg.head_dim != cfg.d_model:
+        raise InteropError("llama.cpp's llama graph sizes the q bias by d_model, but n_head * head_dim = "
+                           f"{cfg.n_head * cfg.head_dim} != d_model = {cfg.d_model}; export with --format hf")
     tensors = gguf_tensors(model, want)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")

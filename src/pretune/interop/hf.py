@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from pretune.errors import UserError
 from pretune.files import atomic_dir
 from pretune.model.config import ModelConfig
-from pretune.model.io import is_hf_model_dir, save_model_dir
+from pretune.model.io import is_hf_model_dir, model_state, save_model_dir
 
 # model_type -> the architecture class transformers builds for it.
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -307,8 +307,6 @@ def convert_hf_state(sd: dict[str, torch.Tensor], cfg: ModelConfig,
 def hf_state_from_model(model: torch.nn.Module,
                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A pretune model's weights under Hugging Face names (a tied lm_head is left out)."""
-    from pretune.model.io import model_state
-
     return {pretune_to_hf_name(k): v.to(dtype).contiguous() for k, v in model_state(model).items()}
 
 
@@ -436,7 +434,8 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "float32", overwri
     model, tok = load_model(path)
     cfg = model.cfg
     with atomic_dir(out) as tmp:
-        save_file(hf_state_from_model(model, want), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_state_from_model(model, want), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model_config_to_hf(cfg, tok, want), indent=2))
         gen = {"_from_model_config": True}
         if tok is not None:
