@@ -40,13 +40,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides, e.g. train.threads=1")
     args = ap.parse_args()
     if not Path(args.data).is_file():
         print(f"no data at {args.data}; pass --data PATH/tinyshakespeare/input.txt", file=sys.stderr)
         return 2
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="shakespeare-")) / "run"
     cmd = [sys.executable, "-m", "pretune", "pretrain", str(ROOT / "configs" / "shakespeare-char.yaml"),
-           f"data.train={args.data}", f"out_dir={out}", "train.progress=false", "overwrite=true"]
+           f"data.train={args.data}", f"out_dir={out}", "train.progress=false", "overwrite=true", *args.overrides]
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     s = json.loads((out / "summary.json").read_text())
     train_wall = s["wall_s"]
@@ -56,9 +57,11 @@ def main() -> int:
             ("tokens/s (training)", f"{s['tokens_per_s']:,.0f}", f"~{NANOGPT['tokens_per_s']:,.0f}")]
     md = [f"# shakespeare-char (nanoGPT's CPU recipe)", "",
           f"Date: {datetime.date.today().isoformat()}  ",
-          f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch threads default, PyTorch "
+          f"Machine: {cpu_name()}, {os.cpu_count()} cores, PyTorch "
           f"{__import__('torch').__version__}  ",
-          f"Command: `python benchmarks/shakespeare_char.py` (config `configs/shakespeare-char.yaml`)", "",
+          f"Command: `python benchmarks/shakespeare_char.py {' '.join(args.overrides)}` (config "
+          "`configs/shakespeare-char.yaml`)  ",
+          f"Load average when it finished: {os.getloadavg()[0]:.1f} (other jobs shared the machine)", "",
           "| figure | pretune | nanoGPT (reference, same kind of machine) |", "|---|---|---|"]
     md += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     md += ["", f"Target: validation loss <= 1.88: **{'met' if s['val_loss'] <= 1.88 else 'NOT met'}**. "

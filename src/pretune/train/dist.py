@@ -177,7 +177,8 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        fwd = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        fwd = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                  gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no second copy
     if compile_on:
         fwd = torch.compile(fwd)
     return fwd
