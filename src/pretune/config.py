@@ -494,14 +494,15 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     import inspect
 
     docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(str(b.value.value).split())
-    except (OSError, TypeError):
-        pass
+    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):  # a subclass's fields too
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+            body = tree.body[0].body
+            for a, b in zip(body, body[1:]):
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                    docs[a.target.id] = " ".join(str(b.value.value).split())
+        except (OSError, TypeError):
+            pass
     rows = []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):

@@ -52,6 +52,8 @@ class PlanConfig(Config):
     """Model FLOPs utilisation to assume for the time estimate (0.3-0.5 is typical)."""
     power_w: float | None = None
     """Power per device in watts for the energy estimate; None uses the GPU's board power."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s per device; None takes the GPU's bf16 datasheet figure (set it for a CPU)."""
     json_out: str | None = None
     """Also write the figures to this JSON file."""
 
@@ -280,7 +282,7 @@ def estimate(cfg: PlanConfig) -> dict:
     tokens = cfg.train.max_steps * cfg.train.batch_size * seq_len
     flops = fpt["total"] * tokens
     gpu_key = next((k for k in PEAK_FLOPS if k.lower() == cfg.gpu.lower()), None)
-    peak = PEAK_FLOPS.get(gpu_key) if gpu_key else None
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (PEAK_FLOPS.get(gpu_key) if gpu_key else None)
     seconds = flops / (cfg.mfu * peak * world) if peak else None
     power = cfg.power_w or (GPU_POWER_W.get(gpu_key) if gpu_key else None)
     energy = seconds * power * world if (seconds is not None and power) else None
@@ -301,7 +303,7 @@ def estimate(cfg: PlanConfig) -> dict:
 
 
 def _gib(x: float) -> str:
-    return f"{x / GIB:,.2f} GiB"
+    return f"{x / GIB:,.2f} GiB" if x >= GIB / 10 else f"{x / 1024 ** 2:,.2f} MiB"
 
 
 def _duration(s: float) -> str:
@@ -337,7 +339,7 @@ def format_plan(p: dict) -> str:
         lines.append(f"time at MFU {p['mfu']:.0%} of {p['peak_flops'] / 1e12:,.0f} TFLOP/s x {p['world_size']}: "
                      f"{_duration(p['time_s'])}")
     else:
-        lines.append(f"time: no peak FLOP/s known for gpu={p['device']} (try H100, H200, A100, L4)")
+        lines.append(f"time: no peak FLOP/s known for gpu={p['device']}; set peak_tflops=... (or gpu=H100, A100, L4)")
     if p["energy_j"] is not None:
         lines.append(f"energy at {p['power_w']:,.0f} W x {p['world_size']}: {p['energy_j'] / 3.6e6:,.3f} kWh")
     return "\n".join(lines)

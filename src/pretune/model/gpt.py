@@ -52,8 +52,8 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. x: (..., T, D) with cos/sin (T, D), or (B, T, H, D) with cos/sin (T, 1, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # a split, not two slices: its backward is one cat, not two zero-fills
+    rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
 
 
@@ -88,11 +88,31 @@ def _fuse(x: torch.Tensor, *layers: nn.Module) -> bool:
             and all(type(m) is nn.Linear for m in layers))
 
 
-def fused_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
-    """x through several linear layers that share their input, as one matrix product."""
+def fused_linear(x: torch.Tensor, *layers: nn.Linear, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """x through several linear layers that share their input, as one matrix product (`rows`: an
+    order for the output features)."""
     weight = torch.cat([m.weight for m in layers])
     bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+    if rows is not None:
+        weight, bias = weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
     return F.linear(x, weight, bias)
+
+
+_PAIRED_ROWS: dict = {}
+
+
+def _paired_rows(H: int, Hkv: int, D: int, device) -> torch.Tensor:
+    """Output order of the fused q/k/v product that puts each rotate-half pair (i, i + D/2) of a
+    q or k head side by side, so RoPE becomes one complex product; v keeps its order. Attention
+    scores are dot products within a head, the same under any order applied to both q and k."""
+    key = (H, Hkv, D, str(device))
+    if key not in _PAIRED_ROWS:
+        half = D // 2
+        within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # 0, h, 1, h+1, ...
+        qk = (torch.arange(H + Hkv)[:, None] * D + within).flatten()
+        v = torch.arange((H + Hkv) * D, (H + 2 * Hkv) * D)
+        _PAIRED_ROWS[key] = torch.cat([qk, v]).to(device)
+    return _PAIRED_ROWS[key]
 
 
 _CAUSAL_BIAS: dict = {}
@@ -129,9 +149,20 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): broadcast over heads in (B, T, H, D)
         if _fuse(x, self.q_proj, self.k_proj, self.v_proj):
-            qkv = fused_linear(x, self.q_proj, self.k_proj, self.v_proj).view(B, T, H + 2 * Hkv, D)
-            qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # q and k rotated together
-            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+            # in fp32 without a cache, RoPE as one complex product on q/k rows ordered in pairs;
+            # keys stored in a cache keep the plain order (decoding steps use the unfused path)
+            paired = (cache is None and self.q_proj.weight.dtype == x.dtype == torch.float32
+                      and not torch.is_autocast_enabled(x.device.type))
+            rows = _paired_rows(H, Hkv, D, x.device) if paired else None
+            qkv = fused_linear(x, self.q_proj, self.k_proj, self.v_proj, rows=rows).view(B, T, H + 2 * Hkv, D)
+            qk, v = qkv.split([H + Hkv, Hkv], dim=2)
+            if paired:
+                half = D // 2
+                rot = torch.complex(cos[..., :half], sin[..., :half])  # (T, 1, D/2)
+                qk = torch.view_as_real(torch.view_as_complex(qk.unflatten(-1, (half, 2))) * rot).flatten(-2)
+            else:
+                qk = apply_rope(qk, cos, sin)  # q and k rotated together
+            q, k = qk.split([H, Hkv], dim=2)  # (B, T, H or Hkv, D)
         else:
             q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
             k = apply_rope(self.k_proj(x).view(B, T, Hkv, D), cos, sin)

@@ -71,6 +71,25 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed blocks for reuse instead of returning them to the OS at once.
+
+    CPU training allocates and frees the same activation sizes every step; with glibc's default
+    thresholds many of them are fresh mmap()s, each page faulted in and zeroed again (about a
+    thousand page faults per step of the shakespeare-char model, 5-10% of its step time). The
+    process keeps its peak footprint instead. False where this is not glibc."""
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def setup(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
     """Join the torchrun process group when launched by torchrun; otherwise a single process."""
     if threads:
@@ -87,6 +106,8 @@ def setup(device: str = "auto", precision: str = "auto", threads: int | None = N
     if rank > 0 and os.environ.get("PRETUNE_LOG_ALL_RANKS", "0") != "1":
         sys.stdout = open(os.devnull, "w")  # rank 0 reports; errors still reach stderr
     dev = pick_device(device, local_rank)
+    if dev.type == "cpu":
+        keep_freed_memory()
     return Runtime(rank, world, local_rank, dev, pick_autocast(precision, dev))
 
 

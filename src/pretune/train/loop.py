@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from pretune.config import Config
 from pretune.errors import ConfigError, UserError
 from pretune.files import atomic_write_bytes
-from pretune.model.io import load_model_state, model_state
+from pretune.model.io import load_model_state
 from pretune.train import checkpoint as ck
 from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_sum, full_state_dict, grad_sync,
                                 unsharded, wrap_model)

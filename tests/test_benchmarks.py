@@ -1,0 +1,67 @@
+"""The benchmark scripts run and measure what they claim (tiny sizes; the figures live in
+benchmarks/results/)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_throughput_runs_on_cpu_for_correctness(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_throughput.py"), "--device", "cpu", "--preset", "tiny",
+                        "--steps", "2", "--vocab", "512", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_throughput.json").read_text())
+    (res,) = data["results"]
+    from pretune.model.config import ModelConfig, count_params, resolve_model_config
+
+    assert res["params"] == count_params(resolve_model_config(ModelConfig(preset="tiny"), 512))["total"]
+    assert res["tokens_per_s"] > 0 and res["steps"] == 2 and res["precision"] == "fp32" and res["mfu"] is None
+    assert abs(res["loss"] - math.log(512)) < 0.5  # random tokens: the loss starts at ln(vocab)
+    assert res["tflops"] == pytest.approx(res["flops_per_token"] * res["tokens_per_s"] / 1e12)
+    md = (tmp_path / "gpu_throughput.md").read_text()
+    assert "| tiny |" in md and data["environment"]["date"] in md
+
+
+def test_gpu_throughput_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_throughput.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--device cpu" in r.stderr
+
+
+def test_cpu_throughput_compares_the_same_model(tmp_path):
+    pytest.importorskip("transformers", reason="the comparison needs Hugging Face transformers")
+    b = load("cpu_throughput")
+    tok, data = b.load_data(tmp_path)
+    check = b.check_same_model(tok, data)
+    assert check["params"][0] == check["params"][1]
+    assert abs(check["pretune_loss"] - check["hf_loss"]) < 1e-3  # same architecture, same weights
+    runners = b.runners(tok, data, tmp_path)
+    for name in b.NAMES:
+        times = runners[name].run(3)
+        assert len(times) == 3 and all(t > 0 for t in times), name
+    fake = {n: [0.05, 0.06, 0.07] for n in b.NAMES}
+    res = {"date": "today", "machine": b.machine(), "torch": "x", "transformers": "y", "threads": 2, "steps": 3,
+           "rounds": 1, "skip": 0, "check": check, "throughput": b.summarise(fake),
+           "memory": {n: {"baseline_rss": 1 << 20, "peak_rss": 3 << 20} for n in b.NAMES}, "argv": []}
+    b.write_results(res, tmp_path / "out")
+    md = (tmp_path / "out" / "cpu_throughput.md").read_text()
+    assert "pretune / faster HF trainer: 1.00x" in md and "+2.0 MiB" in md
