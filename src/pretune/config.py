@@ -151,6 +151,20 @@ class MeterConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Optional experiment trackers; metrics.jsonl and summary.json are always written."""
+
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard events into OUT_DIR/tensorboard (needs pretune[track])."""
+    mlflow: bool = False
+    """Also log params, metrics and summary to MLflow (needs pretune[track])."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; None uses MLFLOW_TRACKING_URI or a local store in ./mlruns."""
+    experiment: str = "pretune"
+    """MLflow experiment name."""
+
+
+@dataclass
 class DistConfig:
     """Data parallelism under torchrun (one process is plain training)."""
 
@@ -243,6 +257,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     meter: MeterConfig = field(default_factory=MeterConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

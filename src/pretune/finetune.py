@@ -128,8 +128,12 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
 
 @torch.no_grad()
 def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labels, device,
-                  generation: bool = False, objective=None) -> dict:
-    """Task figures on examples: loss and the task's metrics (generation metrics when asked)."""
+                  generation: bool = False, objective=None, per_example: dict | None = None) -> dict:
+    """Task figures on examples: loss and the task's metrics (generation metrics when asked).
+
+    `per_example`, when given, is filled with lists: pred and gold, and a score per example for each
+    metric that is a mean over examples (accuracy, exact_match, chrf, rouge_l), so a study can pair
+    runs example by example."""
     if not examples:
         return {}
     model.eval()
@@ -147,6 +151,9 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
             else:
                 preds += verbalizer_predict(model, chunk, labels, tok, device)
         out = {"accuracy": M.accuracy(preds, gold), "macro_f1": M.macro_f1(preds, gold, len(labels))}
+        if per_example is not None:
+            per_example.update(pred=[labels[p] for p in preds], gold=[labels[g] for g in gold],
+                               accuracy=[float(p == g) for p, g in zip(preds, gold)])
         if _uses_head(cfg):
             out["loss"] = loss_sum / len(examples)
     elif cfg.task == "preference":
@@ -176,8 +183,22 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
             out.update(exact_match=M.exact_match(preds, gold), chrf=M.chrf(preds, gold))
             if cfg.task == "text2text":
                 out.update(M.rouge(preds, gold))
+            if per_example is not None:
+                per_example.update(pred=preds, gold=gold, exact_match=[M.exact_match([p], [g]) for p, g in zip(preds, gold)],
+                                   chrf=[M.chrf([p], [g]) for p, g in zip(preds, gold)])
+                if cfg.task == "text2text":
+                    per_example["rouge_l"] = [M.rouge([p], [g])["rouge_l"] for p, g in zip(preds, gold)]
     model.train()
     return out
+
+
+def write_predictions(path: Path, per_example: dict) -> None:
+    """predictions.jsonl: one line per evaluated example (pred, gold and its per-example scores)."""
+    if not per_example:
+        return
+    keys = list(per_example)
+    rows = [json.dumps({k: per_example[k][i] for k in keys}) for i in range(len(per_example[keys[0]]))]
+    ck.atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
 
 
 def verbalizer_predict(model, examples: list[dict], labels: list[str], tok: Tokenizer, device) -> list[int]:
@@ -250,11 +271,13 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
                     save_final_factory(cfg, tok, labels))
     model = dist.final_model(model)  # under FSDP: rank 0's plain copy with the gathered weights
     if summary["status"] in ("completed", "early_stopped") and rt.is_main:
-        final = {}
-        for split, ex in (("val", val_ex), ("test", test_ex)):
-            final.update({f"{split}_{k}": v for k, v in
-                          evaluate_task(model, ex, cfg, tok, labels, device, generation=True, objective=objective).items()})
+        final, per_example = {}, {}
         plain = "test" if test_ex else "val"
+        for split, ex in (("val", val_ex), ("test", test_ex)):
+            final.update({f"{split}_{k}": v for k, v in evaluate_task(
+                model, ex, cfg, tok, labels, device, generation=True, objective=objective,
+                per_example=per_example if split == plain else None).items()})
+        write_predictions(run_dir / "predictions.jsonl", per_example)
         final.update({k[len(plain) + 1:]: v for k, v in final.items() if k.startswith(plain + "_")})
         summary.update(final)
         atomic_write_json(run_dir / "summary.json", summary)

@@ -32,12 +32,17 @@ def open_run(cfg: Config, rt: dist.Runtime) -> Path:
     return run_dir
 
 
-def parent_tokenizer(path: str) -> Tokenizer:
+def tokenizer_dir(path: str | Path) -> Path:
+    """The directory holding the tokenizer.json of a run or model directory."""
     model_dir = find_model_dir(path)
     for candidate in (model_dir, Path(path), model_dir.parent):
         if (candidate / "tokenizer.json").is_file():
-            return Tokenizer.load(candidate)
+            return candidate
     raise ck.RunDirError(f"init_from={path} has no tokenizer.json beside its model")
+
+
+def parent_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer.load(tokenizer_dir(path))
 
 
 def build_model(cfg: Config, tok: Tokenizer) -> GPT:

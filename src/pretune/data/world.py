@@ -36,7 +36,6 @@ from pretune.data import world_text as T
 TASKS = ("facts_qa", "reviews", "support", "summaries")
 BIAS_FIELDS = ["sent_more", "sent_less", "stereo_antistereo", "bias_type"]
 SKEW_P = 0.85            # share of skewed sentences that follow the planted stereotype
-COVERAGE_DOCS = 4        # profile docs per entity, each stating its colour with a different template
 _LABEL_RE = re.compile("|".join(T.COLOURS))
 
 Record = dict[str, Any]
@@ -55,6 +54,7 @@ class WorldConfig:
     n_reviews: int = 2000         # sentiment task examples
     n_support: int = 600          # customer-service instruction examples
     n_summaries: int = 600        # summarisation examples
+    fact_docs: int = 4            # profile documents per entity that state its colour fact
 
 
 @dataclass
@@ -263,12 +263,12 @@ def _random_doc(rng: random.Random, ctx: _Ctx) -> str:
 
 
 def _general_corpus(cfg: WorldConfig, ctx: _Ctx) -> tuple[list[str], list[str]]:
-    """Training documents (every colour fact stated with >= COVERAGE_DOCS templates) and held-out ones."""
+    """Training documents (every colour fact stated in cfg.fact_docs documents, templates rotating) and held-out ones."""
     rng = _rng(cfg.seed, "general")
     docs = []
     for kind, entities in (("person", ctx.people), ("company", ctx.companies), ("place", ctx.places)):
         for entity in entities:
-            docs += [_profile_doc(rng, ctx, kind, entity, i) for i in range(COVERAGE_DOCS)]
+            docs += [_profile_doc(rng, ctx, kind, entity, i) for i in range(cfg.fact_docs)]
     docs += [_random_doc(rng, ctx) for _ in range(max(0, cfg.general_docs - len(docs)))]
     rng.shuffle(docs)
     train = set(docs)

@@ -1,0 +1,494 @@
+"""`pretune study STUDY.yaml`: run every arm x size x seed as an ordinary run, then analyse and report.
+
+The study directory:
+
+    study.yaml        the merged study config that ran last
+    base/  cpt/       shared stages, each run once (skipped when finished, resumed from a checkpoint)
+    stages.json       forgetting and bias figures of the shared models
+    TASK/ARM/nSIZE/sSEED/   one run directory per arm, size and seed (zero-shot: TASK/ARM/s SEED)
+    results.json  report.md  report.html  report_files/
+
+Re-running a study skips every finished run, so a study that was stopped continues where it stopped;
+a run whose saved config differs from what the study would now run is an error, not a silent reuse.
+Runs read only the files of their run directories (summary.json, predictions.jsonl), as DESIGN.md
+asks, so every number in the report can be traced back to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+from pretune.config import Config, deep_merge, from_dict, load_config, read_yaml, to_dict
+from pretune.errors import ConfigError
+from pretune.files import atomic_write_json
+from pretune.study.config import TASK_METRICS, Arm, Study, StudyConfig, load_study
+
+HELP_CONFIG = StudyConfig
+DONE = ("completed", "early_stopped")
+# Keys that may differ between a finished run and the study that finds it (where and how it runs).
+VOLATILE = {"out_dir", "resume", "overwrite", "train.threads", "train.device", "train.progress", "track"}
+
+
+def cmd_study(argv: list[str]) -> None:
+    from pretune.cli import _split
+
+    yaml_path, extra, overrides = _split(argv)
+    if extra is not None:
+        raise ConfigError(f"unexpected argument {extra!r}; use pretune study STUDY.yaml [KEY=VALUE ...]")
+    results = run_study(load_study(yaml_path, overrides))
+    print_summary(results)
+
+
+# ----------------------------------------------------------------------------- shared stages
+
+
+def _summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finished(run_dir: Path) -> bool:
+    s = _summary(run_dir)
+    return bool(s) and s.get("status") in DONE
+
+
+def _continue_or_start(cfg: Config) -> Config:
+    """A run that stopped part-way resumes from its last checkpoint, or starts again without one."""
+    from pretune.train.checkpoint import latest_checkpoint
+
+    run_dir = Path(cfg.out_dir)
+    if latest_checkpoint(run_dir) is not None:
+        saved = read_yaml(run_dir / "config.yaml")
+        saved.update(init_from=None, resume=str(run_dir), out_dir=str(run_dir), overwrite=False)
+        return load_config(Config, None, [], base=saved)
+    return dataclasses.replace(cfg, overwrite=run_dir.exists())
+
+
+def _check_same(cfg: Config, run_dir: Path) -> None:
+    """Refuse to reuse a finished run that was made with a different config."""
+    saved = _flat(read_yaml(run_dir / "config.yaml"))
+    want = _flat(json.loads(json.dumps(to_dict(cfg))))
+    diff = [k for k in sorted(set(saved) | set(want))
+            if not any(k == v or k.startswith(v + ".") for v in VOLATILE) and saved.get(k) != want.get(k)
+            and not (k.startswith("model.") and want.get(k) is None)]  # the saved model is resolved
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{run_dir} was run with {k}={saved.get(k)!r} but the study now asks for "
+                          f"{want.get(k)!r} ({len(diff)} difference(s)); use another out_dir for the changed "
+                          "study, or delete that run directory to redo it")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("rope_scaling",):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _stage_config(study: Study, out_dir: Path, mapping: dict, where: str, extra: dict | None = None) -> Config:
+    s = study.cfg
+    common = {"out_dir": str(out_dir), "train": {"device": s.device, "threads": s.threads, "progress": False},
+              "track": dataclasses.asdict(s.track), "meter": dataclasses.asdict(s.meter)}
+    try:
+        return load_config(Config, None, [], base=deep_merge(deep_merge(common, mapping), extra or {}))
+    except ConfigError as e:
+        raise ConfigError([f"{where}: {p}" for p in e.problems]) from None
+
+
+def run_stage(cfg: Config, log) -> Path:
+    """Pre-train (or continue pre-training) once; a finished run is reused."""
+    from pretune.stages import run_pretrain
+
+    run_dir = Path(cfg.out_dir)
+    if _finished(run_dir):
+        _check_same(cfg, run_dir)
+        log(f"{run_dir}: finished before, reused")
+        return run_dir
+    cfg = _continue_or_start(cfg)
+    log(f"{run_dir}: {'resuming' if cfg.resume else 'running'} ({cfg.train.max_steps} steps)")
+    summary = run_pretrain(cfg, log=lambda m: None)
+    if summary.get("status") not in DONE:
+        raise ConfigError(f"{run_dir} ended with status {summary.get('status')}; see its metrics.jsonl")
+    log(f"{run_dir}: done in {summary['wall_s']:.0f} s, val_bpb={summary.get('val_bpb')}")
+    return run_dir
+
+
+def base_config(study: Study) -> Config:
+    return _stage_config(study, Path(study.cfg.out_dir) / "base", study.cfg.base.pretrain or {}, "base.pretrain")
+
+
+def cpt_config(study: Study, base: Path) -> Config:
+    s, c = study.cfg, study.cfg.cpt
+    r = c.replay_ratio if s.replay else 0.0
+    files = list(c.data) + (list(s.replay) if r > 0 else [])
+    weights = [(1 - r) / len(c.data)] * len(c.data) + ([r / len(s.replay)] * len(s.replay) if r > 0 else [])
+    mapping = deep_merge({"data": {"train": files, "weights": weights, "val_fraction": 0.0},
+                          "train": {"max_steps": c.steps, "eval_every": 0, "save_every": max(50, c.steps // 4)},
+                          "optim": {"warmup_steps": max(1, c.steps // 10)}}, c.config)
+    return _stage_config(study, Path(s.out_dir) / "cpt", mapping, "cpt", {"init_from": str(base)})
+
+
+def probe_model(path: str | Path, general_eval: list[str], eval_tokens: int, bias_pairs: str | None,
+                bias_max_pairs: int, device: str = "auto") -> dict:
+    """Bits per byte on held-out general text and the bias-pair score of the model in `path`."""
+    from pretune.config import DataConfig
+    from pretune.data.corpus import load_corpus
+    from pretune.eval.bias import bias_score, read_pairs
+    from pretune.eval.evaluate import lm_metrics
+    from pretune.model.io import load_model
+    from pretune.train.dist import pick_device
+
+    model, tok = load_model(path, pick_device(device))
+    dev = next(model.parameters()).device
+    out: dict = {"general_bpb": None, "bias": None}
+    if general_eval:
+        seq = min(256, model.cfg.max_seq_len)
+        corpus = load_corpus(DataConfig(train=list(general_eval), val_fraction=0.0), tok, seq, log=lambda m: None)
+        windows = (w for store in corpus.train for w in store.windows(seq, eval_tokens // len(corpus.train)))
+        out["general_bpb"] = lm_metrics(model, windows, tok.token_bytes, dev)["bpb"]
+    if bias_pairs:
+        b = bias_score(model, tok, read_pairs(bias_pairs, bias_max_pairs), dev)
+        out.update(bias=b["score"], bias_n=b["n"], bias_by_type=b["by_type"])
+    return out
+
+
+def _probe_args(study: Study) -> dict:
+    s = study.cfg
+    return {"general_eval": list(s.general_eval), "eval_tokens": s.eval_tokens, "bias_pairs": s.bias_pairs,
+            "bias_max_pairs": s.bias_max_pairs, "device": s.device}
+
+
+def stage_probes(study: Study, stages: dict[str, Path], log) -> dict:
+    """Forgetting and bias figures of the shared models, cached in stages.json."""
+    path = Path(study.cfg.out_dir) / "stages.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    out = {}
+    for name, run_dir in stages.items():
+        s = _summary(run_dir) if (run_dir / "summary.json").is_file() else None
+        stamp = (s or {}).get("wall_s")
+        if name in cached and cached[name].get("run_dir") == str(run_dir) and cached[name].get("stamp") == stamp:
+            out[name] = cached[name]
+            continue
+        log(f"probing {name} ({run_dir}): general bits per byte and bias pairs")
+        out[name] = {"run_dir": str(run_dir), "stamp": stamp, **probe_model(run_dir, **_probe_args(study))}
+    atomic_write_json(path, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | None) -> dict:
+    """One arm x size x seed (in a worker): train or prompt unless finished, then probe the result."""
+    import torch
+
+    from pretune.finetune import run_finetune
+    from pretune.prompting import run_prompting
+
+    cfg = from_dict(Config, config)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.out_dir)
+    summary = _summary(run_dir)
+    if not (summary and summary.get("status") in DONE):
+        cfg = _continue_or_start(cfg)
+        quiet = lambda m: None  # noqa: E731  (runs of a study report through the engine's log)
+        summary = run_prompting(cfg, shots, quiet) if shots is not None else run_finetune(cfg, quiet)
+    if summary.get("status") not in DONE:
+        return {"status": summary.get("status")}
+    if "probe" not in summary:
+        if shots is not None and start_probe is not None:  # prompting leaves the model as it was
+            summary["probe"] = {k: start_probe.get(k) for k in ("general_bpb", "bias", "bias_n", "bias_by_type")}
+        else:
+            summary["probe"] = probe_model(run_dir, **probe)
+        atomic_write_json(run_dir / "summary.json", summary)
+    return {"status": summary["status"], "score_keys": sorted(k for k in summary if not k.startswith(("val_", "test_")))}
+
+
+@dataclasses.dataclass
+class Planned:
+    task: str
+    arm: str
+    size: int
+    size_label: str
+    seed: int
+    run_dir: Path
+    config: Config
+    shots: int | None
+
+
+def task_records(study: Study, name: str) -> tuple[int, int, list[str] | None]:
+    """(training records after the validation split, test records, labels) of a task."""
+    from pretune.finetune import _records
+
+    cfg = job_config(study, name, study.arms[0], None, study.cfg.seeds[0], Path("."), None, None)
+    train, _, test, labels, _ = _records(cfg)
+    return len(train), len(test), labels
+
+
+def resolve_sizes(requested: list, n_train: int) -> list[tuple[int, str]]:
+    """[(examples, label)] in increasing order; sizes above the training set collapse into 'all'."""
+    out: dict[int, str] = {}
+    for s in requested:
+        n = n_train if s == "all" or s >= n_train else int(s)
+        out[n] = f"all ({n_train})" if n == n_train else str(n)
+    return sorted(out.items())
+
+
+def job_config(study: Study, task_name: str, arm: Arm, size: int | None, seed: int, out_dir: Path,
+               base: Path | None, cpt: Path | None, n_train: int | None = None) -> Config:
+    """The ordinary `pretune finetune` config of one run."""
+    from pretune.model.io import find_model_dir, read_model_config
+    from pretune.stages import tokenizer_dir
+
+    s, t = study.cfg, study.tasks[task_name]
+    start = {"base": base, "cpt": cpt, "scratch": None}[arm.init]
+    layers = [
+        {"train": {"device": s.device, "threads": s.threads, "progress": False, "save_every": 0, "log_every": 10},
+         "track": dataclasses.asdict(s.track), "meter": dataclasses.asdict(s.meter)},
+        s.finetune, t.config,
+        s.arm_config.get("scratch" if arm.init == "scratch" else ("prompting" if not arm.trains else arm.method), {}),
+        s.arm_config.get(arm.name, {}), arm.config,
+    ]
+    merged: dict = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer or {})
+    forced = {"out_dir": str(out_dir), "seed": seed, "task": t.task, "overwrite": False, "resume": None,
+              "method": arm.method if arm.trains else "full", "init_from": str(start) if start else None,
+              "data": {"train": list(t.train), "val": list(t.val), "test": list(t.test), "max_examples": size},
+              "finetune": {"epochs": None}}
+    if arm.replay:
+        forced["finetune"].update(replay=list(s.replay), replay_ratio=s.replay_ratio)
+    if arm.l2sp:
+        forced["finetune"]["l2sp"] = s.l2sp
+    if not arm.trains and start is not None:  # what run_prompting will run with
+        forced["finetune"].update(classifier="verbalizer",
+                                  max_len=read_model_config(find_model_dir(start)).max_seq_len)
+    if arm.init == "scratch" and base is not None:
+        arch = {k: v for k, v in dataclasses.asdict(read_model_config(find_model_dir(base))).items()
+                if k not in ("dropout", "attn_dropout")}
+        forced["model"] = arch
+        forced["data"]["tokenizer"] = str(tokenizer_dir(base) / "tokenizer.json")
+    merged = deep_merge(merged, forced)
+    if n_train is not None and arm.trains:
+        batch = merged.get("train", {}).get("batch_size") or Config().train.batch_size
+        steps = s.budget.steps(min(size or n_train, n_train), batch)
+        train = {"max_steps": steps}
+        if s.budget.patience is not None:
+            train.update(patience=s.budget.patience, eval_every=s.budget.eval_every,
+                         early_stop_metric=f"val_{t.metric}" if t.task == "classification" else "val_loss")
+        merged = deep_merge(merged, {"train": train})
+        warm = merged.get("optim", {}).get("warmup_steps")
+        if warm is None or warm >= steps:
+            merged = deep_merge(merged, {"optim": {"warmup_steps": max(1, steps // 10)}})
+    try:
+        return load_config(Config, None, [], base=merged)
+    except ConfigError as e:
+        raise ConfigError([f"task {task_name}, arm {arm.name}: {p} (set in finetune, tasks.{task_name}.config "
+                           f"or arm_config)" for p in e.problems]) from None
+
+
+def plan_runs(study: Study, base: Path, cpt: Path | None, counts: dict) -> list[Planned]:
+    out = []
+    root = Path(study.cfg.out_dir)
+    for task_name, t in study.tasks.items():
+        n_train = counts[task_name][0]
+        sizes = resolve_sizes(t.sizes or study.cfg.sizes, n_train)
+        for arm in study.arms:
+            if not arm.trains and arm.shots == 0:  # zero-shot: one run, no labelled data
+                run_dir = root / task_name / arm.name / f"s{study.cfg.seeds[0]}"
+                cfg = job_config(study, task_name, arm, None, study.cfg.seeds[0], run_dir, base, cpt, n_train)
+                out.append(Planned(task_name, arm.name, 0, "0", study.cfg.seeds[0], run_dir, cfg, 0))
+                continue
+            for size, label in sizes:
+                for seed in study.cfg.seeds:
+                    run_dir = root / task_name / arm.name / f"n{size}" / f"s{seed}"
+                    cfg = job_config(study, task_name, arm, size, seed, run_dir, base, cpt, n_train)
+                    shots = None if arm.trains else min(arm.shots or 0, size)
+                    out.append(Planned(task_name, arm.name, size, label, seed, run_dir, cfg, shots))
+    return out
+
+
+def _threads(study: Study) -> int | None:
+    if study.cfg.threads:
+        return study.cfg.threads
+    return max(1, (os.cpu_count() or 1) // study.cfg.parallel) if study.cfg.parallel > 1 else None
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def _example_scores(run_dir: Path, metric: str) -> list[float] | None:
+    path = run_dir / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [float(r[metric]) for r in rows] if rows and metric in rows[0] else None
+
+
+def _cost(summary: dict) -> dict:
+    fpt = summary.get("flops_per_token") or {}
+    total = sum(fpt.get(k, 0.0) for k in ("trainable", "frozen", "attention")) or 1.0
+    flops = float(summary.get("flops") or 0.0)
+    return {"flops": flops, "flops_trainable": flops * fpt.get("trainable", 0.0) / total,
+            "flops_frozen": flops * (fpt.get("frozen", 0.0) + fpt.get("attention", 0.0)) / total,
+            "wall_s": summary.get("wall_s"), "tokens": summary.get("tokens"),
+            "target_tokens": summary.get("target_tokens"), "peak_mem_bytes": summary.get("peak_mem_bytes"),
+            "energy_j": summary.get("energy_j"), "energy_source": summary.get("energy_source"),
+            "co2_g": summary.get("co2_g")}
+
+
+def collect(study: Study, planned: list[Planned], stage_info: dict) -> list[dict]:
+    runs = []
+    root = Path(study.cfg.out_dir)
+    for p in planned:
+        t, arm = study.tasks[p.task], study.arm(p.arm)
+        summary = _summary(p.run_dir) or {}
+        status = summary.get("status") if summary.get("status") in DONE and "probe" in summary else "failed"
+        probe = summary.get("probe", {})
+        start = stage_info.get(arm.init) if arm.init != "scratch" else None
+        row = {"task": p.task, "arm": p.arm, "size": p.size, "size_label": p.size_label, "seed": p.seed,
+               "run_dir": str(p.run_dir.relative_to(root)), "status": status}
+        if status == "failed":
+            runs.append(row)
+            continue
+
+        def change(key):
+            if start is None or probe.get(key) is None or start.get(key) is None:
+                return None
+            return probe[key] - start[key]
+
+        row.update(score=summary.get(t.metric), metrics={m: summary.get(m) for m in TASK_METRICS[t.task]
+                                                           if summary.get(m) is not None},
+                   example_scores=_example_scores(p.run_dir, t.metric), cost=_cost(summary),
+                   params=summary.get("params"), trainable_params=summary.get("trainable_params"),
+                   steps=summary.get("steps"), general_bpb=probe.get("general_bpb"),
+                   forgetting=change("general_bpb"), bias=probe.get("bias"), bias_change=change("bias"))
+        runs.append(row)
+    return runs
+
+
+def _stage_entry(kind: str, run_dir: Path, probe: dict, trained: bool) -> dict:
+    summary = _summary(run_dir) if trained else None
+    return {"run_dir": str(run_dir), "kind": kind, "cost": _cost(summary) if summary else None,
+            "general_bpb": probe.get("general_bpb"), "bias": probe.get("bias"),
+            "bias_by_type": probe.get("bias_by_type"), "steps": (summary or {}).get("steps")}
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def prepare_study_dir(study: Study) -> Path:
+    root = Path(study.cfg.out_dir)
+    if root.exists() and any(root.iterdir()) and not (root / "study.yaml").is_file():
+        raise ConfigError(f"out_dir {root} holds files but no study.yaml: it is not a study directory; "
+                          "choose another out_dir")
+    root.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (root / "study.yaml").write_text(yaml.safe_dump(study.raw, sort_keys=False), encoding="utf-8")
+    return root
+
+
+def run_study(study: Study, log=print) -> dict:
+    """Run (or continue) the study and write results.json, report.md and report.html."""
+    from pretune import __version__
+    from pretune.study.engines import Job, run_jobs
+    from pretune.study.report import write_report
+    from pretune.study.stats import analyse
+
+    t0 = time.perf_counter()
+    root = prepare_study_dir(study)
+    s = study.cfg
+    if s.base.run:
+        base, stages = Path(s.base.run), {"base": Path(s.base.run)}
+    else:
+        base = run_stage(base_config(study), log)
+        stages = {"base": base}
+    cpt = run_stage(cpt_config(study, base), log) if study.needs_cpt else None
+    if cpt is not None:
+        stages["cpt"] = cpt
+    probes = stage_probes(study, stages, log)
+    counts = {name: task_records(study, name) for name in study.tasks}
+    threads = _threads(study)
+    planned = plan_runs(study, base, cpt, counts)
+    jobs, probe = [], _probe_args(study)
+    for p in planned:
+        if threads:
+            p.config = dataclasses.replace(p.config, train=dataclasses.replace(p.config.train, threads=threads))
+        if _finished(p.run_dir):
+            _check_same(p.config, p.run_dir)
+            if "probe" in (_summary(p.run_dir) or {}):
+                continue
+        start = probes.get(study.arm(p.arm).init)
+        jobs.append(Job(key=str(p.run_dir.relative_to(root)), fn="pretune.study.runner:run_job",
+                        kwargs={"config": to_dict(p.config), "shots": p.shots, "probe": probe, "start_probe": start},
+                        gpus=1 if _uses_gpus(s.device) else 0))
+    log(f"study {s.name}: {len(planned)} runs, {len(planned) - len(jobs)} finished before, {len(jobs)} to run "
+        f"({s.engine}, {s.parallel} at a time)")
+    outcome = run_jobs(jobs, engine=s.engine, parallel=s.parallel, log=log, ray_address=s.ray_address) if jobs else {}
+    failed = {k: v.get("error") for k, v in outcome.items() if not v.get("ok")}
+    tasks = {}
+    for name, t in study.tasks.items():
+        n_train, n_test, labels = counts[name]
+        tasks[name] = {"task": t.task, "metric": t.metric, "target": t.target, "n_train": n_train, "n_test": n_test,
+                       "chance": (1 / len(labels)) if (t.task == "classification" and labels) else None}
+    results = {
+        "study": {"name": s.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "pretune_version": __version__, "device": _device_name(s.device), "wall_s": time.perf_counter() - t0,
+                  "config": study.raw, "failed": failed},
+        "tasks": tasks,
+        "arms": {a.name: {"init": a.init, "method": a.method, "replay": a.replay, "l2sp": s.l2sp if a.l2sp else 0.0,
+                          "shots": a.shots, "description": a.describe()} for a in study.arms},
+        "stages": {name: _stage_entry("existing" if (name == "base" and s.base.run) else
+                                      ("cpt" if name == "cpt" else "pretrain"), path, probes[name],
+                                      trained=not (name == "base" and s.base.run))
+                   for name, path in stages.items()},
+        "runs": collect(study, planned, probes),
+    }
+    results = analyse(results)
+    results["study"]["wall_s"] = time.perf_counter() - t0
+    paths = write_report(results, root)
+    for k, v in failed.items():
+        log(f"FAILED {k}: {v}")
+    log(f"report: {paths.get('report.html', root / 'report.html')}")
+    return results
+
+
+def _uses_gpus(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def print_summary(results: dict) -> None:
+    """The recommendation per task, as a few lines on the terminal."""
+    for task, rec in (results.get("recommendation") or {}).items():
+        if task == "caveats" or not isinstance(rec, list):
+            continue
+        print(f"\n{task} ({results['tasks'][task]['metric']}):")
+        for r in rec:
+            print(f"  n={r.get('size')}: {r.get('text')}")
+

@@ -1,0 +1,131 @@
+"""`pretune study`: the arm grammar, strict config errors, and a whole small study end to end
+(shared stages run once, every run traced to its directory, a stopped study continued, a changed
+config refused)."""
+
+import json
+import random
+import shutil
+
+import pytest
+import yaml
+
+from conftest import TINY, make_corpus, run_cli
+from pretune.errors import ConfigError
+from pretune.study.config import load_study, parse_arm_name
+
+
+def test_arm_grammar():
+    a = parse_arm_name("cpt+lora+replay")
+    assert (a.init, a.method, a.replay, a.l2sp, a.shots) == ("cpt", "lora", True, False, None)
+    assert parse_arm_name("scratch").init == "scratch"
+    assert parse_arm_name("zero-shot").shots == 0 and not parse_arm_name("zero-shot").trains
+    assert parse_arm_name("full+l2sp").l2sp
+    with pytest.raises(ConfigError, match="did you mean 'lora'"):
+        parse_arm_name("lorra")
+    with pytest.raises(ConfigError, match="did you mean 'replay'"):
+        parse_arm_name("full+replya")
+    with pytest.raises(ConfigError, match="trains nothing"):
+        parse_arm_name("zero-shot+replay")
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_study_errors_name_every_bad_key(tmp_path):
+    spec = {"base": {"run": "x"}, "seed": [1], "arms": ["full", "cpt+lora", "fulll"],
+            "tasks": {"t": {"task": "classification", "train": "a.jsonl", "tset": "b.jsonl"}}}
+    with pytest.raises(ConfigError) as e:
+        load_study(str(_write(tmp_path / "s.yaml", spec)))
+    text = str(e.value)
+    assert "unknown key seed; did you mean seeds?" in text
+    spec.pop("seed")
+    with pytest.raises(ConfigError) as e:
+        load_study(str(_write(tmp_path / "s.yaml", spec)))
+    text = str(e.value)
+    assert "tasks.t.tset" in text and "did you mean tasks.t.test" in text
+    assert "'fulll'" in text and "did you mean 'full'" in text
+    assert "cpt.data" in text  # a cpt+ arm without domain text
+
+
+def sentiment(path, n, seed):
+    rng = random.Random(seed)
+    good, bad = ["great", "lovely", "fine", "superb"], ["awful", "poor", "broken", "sad"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = "positive" if i % 2 == 0 else "negative"
+            word = rng.choice(good if label == "positive" else bad)
+            fh.write(json.dumps({"text": f"the {rng.choice(['cat', 'dog', 'mat'])} was {word}", "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    general = make_corpus(root / "general.txt", lines=600, seed=0)
+    domain = make_corpus(root / "domain.txt", lines=300, seed=1)
+    with open(root / "pairs.csv", "w") as fh:
+        fh.write("sent_more,sent_less,stereo_antistereo,bias_type\n")
+        fh.write("the cat sat on the mat,the dog sat on the mat,stereo,animal\n")
+        fh.write("a bird sings,a fox sings,stereo,animal\n")
+    tiny = dict(a.split("=", 1) for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len")))
+    pretrain = {"data": {"train": [str(general)], "tokenizer": "char"}, "train": {"max_steps": 12, "seq_len": 32},
+                "model": {"preset": "tiny"}}
+    spec = {
+        "name": "tiny", "out_dir": str(root / "study"), "base": {"pretrain": pretrain},
+        "cpt": {"data": [str(domain)], "steps": 4, "replay_ratio": 0.25},
+        "replay": [str(general)], "general_eval": [str(general)], "eval_tokens": 500,
+        "bias_pairs": str(root / "pairs.csv"),
+        "tasks": {"sent": {"task": "classification", "train": str(sentiment(root / "train.jsonl", 40, 0)),
+                           "val": str(sentiment(root / "val.jsonl", 8, 1)),
+                           "test": str(sentiment(root / "test.jsonl", 16, 2)), "target": 0.6}},
+        "arms": ["scratch", "full", "lora", "cpt+full+replay", "zero-shot", "few-shot"],
+        "sizes": [8, "all"], "seeds": [0, 1], "shots": 2,
+        "budget": {"epochs": 1, "min_steps": 2, "max_steps": 3},
+        "finetune": {"train": {"batch_size": 8, "threads": 1, "eval_tokens": 500}, "finetune": {"max_len": 64},
+                     "optim": {"lr": float(tiny["optim.lr"])}},
+        "device": "cpu", "threads": 1,
+    }
+    return root, spec
+
+
+def test_study_end_to_end_resume_and_refusal(study_files, capsys):
+    root, spec = study_files
+    path = _write(root / "study.yaml", spec)
+    assert run_cli("study", path) == 0
+    out = root / "study"
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    runs = results["runs"]
+    # 4 trained arms + few-shot, 2 sizes, 2 seeds; zero-shot once
+    assert len(runs) == 5 * 2 * 2 + 1
+    assert all(r["status"] == "completed" for r in runs), [r for r in runs if r["status"] != "completed"]
+    assert {r["size"] for r in runs} == {0, 8, 40}
+    for r in runs:  # every number traces back to its run directory
+        summary = json.loads((out / r["run_dir"] / "summary.json").read_text())
+        assert r["score"] == summary["accuracy"]
+        assert len(r["example_scores"]) == 16 and sum(r["example_scores"]) / 16 == pytest.approx(r["score"])
+        assert r["cost"]["flops"] == summary["flops"]
+    by = {(r["arm"], r["size"], r["seed"]): r for r in runs}
+    assert by[("scratch", 8, 0)]["forgetting"] is None
+    assert by[("full", 8, 0)]["forgetting"] is not None and by[("zero-shot", 0, 0)]["forgetting"] == 0
+    assert by[("lora", 8, 0)]["trainable_params"] < by[("full", 8, 0)]["trainable_params"]
+    assert by[("full", 40, 1)]["steps"] == 3 and by[("full", 8, 1)]["steps"] == 2  # the budget rule
+    assert results["stages"]["base"]["cost"]["flops"] > 0 and results["stages"]["cpt"]["cost"]["flops"] > 0
+    lineage = json.loads((out / "sent/cpt+full+replay/n8/s0/lineage.json").read_text())
+    assert lineage["parent"].endswith("cpt")
+
+    # a study stopped part-way: one run lost its summary, another never started
+    shutil.rmtree(out / "sent/full/n8/s1")
+    (out / "sent/lora/n40/s0/summary.json").unlink()
+    capsys.readouterr()
+    assert run_cli("study", path) == 0
+    log = capsys.readouterr().out
+    assert "2 to run" in log and "finished before, reused" in log
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == len(runs)
+
+    # a changed config is refused rather than silently mixed with the old runs
+    spec2 = dict(spec, finetune=dict(spec["finetune"], optim={"lr": 0.01}))
+    assert run_cli("study", _write(root / "study2.yaml", spec2)) != 0
+    assert "was run with optim.lr" in capsys.readouterr().err
