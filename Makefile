@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pretune demo overwrite=true
+	$(BIN)/pretune demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -32,7 +32,7 @@ VERBS = {
     "generate": "sample text from a model (temperature, top-k, top-p, seed)",
     "chat": "talk to a model in the terminal",
     "study": "compare strategies on quality, forgetting, data efficiency, cost and bias",
-    "demo": "the main job: generate a world, pre-train on it, sample from the model",
+    "demo": "the main job: generate a world, pre-train on it, run a study of strategies, write the report",
     "import": "convert a Hugging Face checkpoint into a pretune model directory",
     "export": "write a run as a Hugging Face (or PEFT adapter, or GGUF) model",
     "serve": "serve a model behind an OpenAI-compatible API",

@@ -496,6 +496,9 @@ def validate_run(cfg: Config) -> list[str]:
         value = getattr(cfg.model, key)
         if not 0 <= value < 1:
             p.append(f"model.{key}={value} must be in [0, 1)")
+    if cfg.track.tensorboard or cfg.track.mlflow:  # a missing package is found before any work
+        from pretune.train.tracking import tracker_problems
+        p += tracker_problems(cfg)
     return p
 
 

@@ -295,10 +295,10 @@ def _records(cfg: Config) -> tuple[list, list, list, list[str] | None, T.TaskSta
         folds = T.split_folds(len(train_recs), max(2, round(1 / d.val_fraction)), cfg.seed)
         tr, va = folds[0]
         train_recs, val_recs = [train_recs[i] for i in tr], [train_recs[i] for i in va]
-    train_recs = T.subsample(train_recs, d.max_examples, cfg.seed)
     labels = None
-    if cfg.task == "classification":
-        labels = list(d.labels) if d.labels else sorted({r["label"] for r in train_recs})
+    if cfg.task == "classification":  # the task's label set, whatever subset of it is used for training
+        labels = list(d.labels) if d.labels else sorted({r["label"] for r in train_recs + val_recs + test_recs})
+    train_recs = T.subsample(train_recs, d.max_examples, cfg.seed)
     return train_recs, val_recs, test_recs, labels, stats
 
 

@@ -23,7 +23,7 @@ from pretune.train import checkpoint as ck
 from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_sum, full_state_dict, grad_sync,
                                 unsharded, wrap_model)
 from pretune.model.io import save_model_dir
-from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes
+from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes, reset_peak_memory
 from pretune.train.optim import build_optimizer, lr_at
 
 
@@ -79,10 +79,14 @@ def _per_target(weight: float, count) -> float | torch.Tensor:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed."""
+    """metrics.jsonl: one JSON object per line, appended and flushed; with `cfg`, every record also
+    goes to the trackers that cfg.track enables (TensorBoard, MLflow), which `close` ends."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, cfg: Config | None = None):
+        from pretune.train.tracking import open_trackers
+
         self.path, self.enabled = path, enabled
+        self.trackers = open_trackers(cfg, path.parent, enabled) if cfg is not None else []
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (a resumed run will log those steps again)."""
@@ -96,6 +100,14 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self, summary: dict | None) -> None:
+        """End the trackers' runs with the final summary (None: the run failed)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(summary)
 
 
 def _round(x):
@@ -120,7 +132,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     sharded_ckpt = getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp"  # DCP checkpoints
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, device)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, cfg)
     state = {"tokens": 0, "target_tokens": 0, "wall_s": 0.0, "flops": 0.0, "train_loss": None,
              "eval": {}, "best": None, "bad_evals": 0}
     start = 0
@@ -139,6 +151,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
 
     fpt = flops_per_token(model, data.seq_len)
     peak = peak_flops(device)
+    reset_peak_memory(device)  # this run's peak, not the process's (a study runs many in one process)
     energy = EnergyCounter(device, cfg.meter.device_power_w)
     energy_before = state.get("energy_j", 0.0)
     max_steps = t_cfg.max_steps
@@ -277,6 +290,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         if rt.is_main:
             ck.atomic_write_json(run_dir / "summary.json", {"status": "diverged", "error": str(e),
                                                             "last_checkpoint": str(last_good_ckpt)})
+        metrics.close(None)
         raise
     if bar is not None:
         bar.close()
@@ -313,5 +327,6 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         if status != "stopped":
             (save_final or (lambda m, d: save_model_dir(m, d, tokenizer)))(final, run_dir / "model")
         ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in summary.items()})
+    metrics.close(summary)
     return summary
 
