@@ -33,6 +33,9 @@ class DataConfig:
     """Mixture weights, one per training source (for example [0.75, 0.25] for 25% replay)."""
     val_fraction: float = 0.1
     """Share of each source's tokens held out (from its end) when `val` is empty."""
+    test_fraction: float = 0.0
+    """Fine-tuning: share of the training records held out as the test set when `test` is empty (the
+    same records whatever the seed, so runs with different seeds are scored on the same examples)."""
     tokenizer: str = "bpe"
     """'char', 'bpe' (byte-level BPE trained on the corpus) or a path to a tokenizer.json."""
     vocab_size: int = 4096
@@ -480,6 +483,8 @@ def validate_run(cfg: Config) -> list[str]:
             p.append(f"{key}={value!r} is not one of {', '.join(options)}")
     if not 0 <= o.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
+    if not 0 <= d.test_fraction < 1:
+        p.append(f"data.test_fraction={d.test_fraction} must be in [0, 1)")
     if not 0 <= d.val_fraction < 1:
         p.append(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if d.weights is not None and len(d.weights) != len(d.train):

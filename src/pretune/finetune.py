@@ -291,6 +291,9 @@ def _records(cfg: Config) -> tuple[list, list, list, list[str] | None, T.TaskSta
     train_recs = T.read_records(d.train, cfg.task, d, stats, "data.train")
     val_recs = T.read_records(d.val, cfg.task, d, stats, "data.val")
     test_recs = T.read_records(d.test, cfg.task, d, stats, "data.test")
+    if not test_recs and d.test_fraction > 0:  # a fixed split: the test set does not depend on the seed
+        rest, held = T.split_folds(len(train_recs), max(2, round(1 / d.test_fraction)), 0)[0]
+        train_recs, test_recs = [train_recs[i] for i in rest], [train_recs[i] for i in held]
     if not val_recs and d.val_fraction > 0 and not cfg.finetune.cv:
         folds = T.split_folds(len(train_recs), max(2, round(1 / d.val_fraction)), cfg.seed)
         tr, va = folds[0]

@@ -276,8 +276,9 @@ def parse_task(name: str, spec, problems: list[str]) -> TaskSpec | None:
     if t.metric not in TASK_METRICS[t.task]:
         problems.append(f"tasks.{name}.metric={t.metric!r} is not reported for {t.task}; one of "
                         f"{', '.join(TASK_METRICS[t.task])}")
-    if not t.train or not t.test:
-        problems.append(f"tasks.{name}: needs train and test records (files, globs or directories)")
+    if not t.train or not (t.test or (t.config.get("data") or {}).get("test_fraction")):
+        problems.append(f"tasks.{name}: needs train and test records (files, globs or directories), or "
+                        f"tasks.{name}.config.data.test_fraction to hold out part of train as the test set")
     return t
 
 
