@@ -118,7 +118,8 @@ def _model_arg(model: str | None, verb: str) -> str:
 
 
 def cmd_generate(argv):
-    from pretune.config import GenerateConfig, load_config
+    from pretune.config import load_config
+    from pretune.eval.options import GenerateConfig
     from pretune.eval.generate import stream_tokens
     from pretune.model.io import load_model
     from pretune.train.dist import pick_device
@@ -142,7 +143,8 @@ def cmd_generate(argv):
 def cmd_evaluate(argv):
     import json
 
-    from pretune.config import EvaluateConfig, load_config
+    from pretune.config import load_config
+    from pretune.eval.options import EvaluateConfig
     from pretune.data.corpus import load_corpus
     from pretune.errors import ConfigError
     from pretune.eval.evaluate import lm_metrics
@@ -176,7 +178,7 @@ HANDLERS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "evaluate": cmd_ev
             "generate": cmd_generate, "demo": cmd_demo}
 # The config class a verb reads, for `pretune VERB --help`: (module, class).
 CONFIG_OF = {"prepare": ("pretune.config", "Config"), "pretrain": ("pretune.config", "Config"),
-             "generate": ("pretune.config", "GenerateConfig"), "evaluate": ("pretune.config", "EvaluateConfig"),
+             "generate": ("pretune.eval.options", "GenerateConfig"), "evaluate": ("pretune.eval.options", "EvaluateConfig"),
              "demo": ("pretune.demo", "DemoConfig")}
 
 
@@ -189,10 +191,40 @@ def _handler(verb: str):
     return getattr(importlib.import_module(module), name)
 
 
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, for `pretune VERB --help`."""
+    import ast
+    import dataclasses
+    import inspect
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):  # a subclass's fields too
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+            body = tree.body[0].body
+            for a, b in zip(body, body[1:]):
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                    docs[a.target.id] = " ".join(str(b.value.value).split())
+        except (OSError, TypeError):
+            pass
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+    return rows
+
+
 def _verb_help(verb: str) -> str:
     import importlib
 
-    from pretune.config import describe
 
     module, name = CONFIG_OF.get(verb) or (EXTERNAL[verb][0], "HELP_CONFIG")
     mod = importlib.import_module(module)

@@ -51,11 +51,13 @@ class DemoConfig:
     """Delete an existing demo in out_dir and start again (otherwise an unfinished one continues)."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
+    threads: int | None = None
+    """CPU threads per run; None uses all cores for pre-training and divides them among parallel runs."""
 
 
 # The world of the demo: few enough entities that a small model memorises their colour facts in a
 # short pre-training, each fact stated in many documents.
-DEMO_WORLD = dict(n_people=40, n_companies=20, n_places=20, fact_docs=12, general_docs=1200, domain_docs=400,
+DEMO_WORLD = dict(n_people=40, n_companies=20, n_places=20, fact_docs=20, general_docs=1800, domain_docs=400,
                   n_reviews=800, n_support=300, n_summaries=300)
 QUICK_WORLD = dict(n_people=12, n_companies=6, n_places=6, fact_docs=3, general_docs=150, domain_docs=40,
                    n_reviews=120, n_support=30, n_summaries=30)
@@ -102,6 +104,7 @@ def study_spec(d: DemoConfig, files: dict[str, str], out: Path) -> dict:
                        **({} if quick else {"freeze": {"freeze": {"last_k": 1}, "optim": {"lr": 2e-3}}})},
         "parallel": d.parallel,
         "device": d.device,
+        "threads": d.threads,
     }
 
 

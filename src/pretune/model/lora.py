@@ -23,7 +23,12 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + b + (alpha/r) B A x, with B = 0 at start so the model is unchanged at step 0."""
+    """y = x W^T + b + (alpha/r) B A x, with B = 0 at start so the model is unchanged at step 0.
+
+    The frozen path is one F.linear whose weight and bias do not require gradients (no .grad
+    buffers, only the input's gradient flows through them). The adapter path is x A^T on the
+    flattened input, (N, r), then one addmm that adds (alpha/r) (x A^T) B^T to the base output:
+    the scale rides on the product and the sum costs no extra pass over the output."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -40,14 +45,16 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
                                                dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        x2 = x.reshape(-1, self.in_features)  # (N, in), N = all leading dims
+        y = F.linear(x2, self.weight, self.bias)  # (N, out)
+        if self.enabled:
+            xa = F.linear(x2 if self.dropout is None else self.dropout(x2), self.lora_a)  # (N, r)
+            y = torch.addmm(y, xa, self.lora_b.t(), alpha=self.scale)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + (self.lora_b @ self.lora_a) * self.scale
