@@ -102,3 +102,16 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(tmp_path, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params"] == json.loads(
         (tmp_path / "ref" / "summary.json").read_text())["params"]  # global counts, not one shard's
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, corpus):
+    out = tmp_path / "nan"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(os.path.dirname(__file__), "nan_on_one_rank.py"), "pretrain",
+           f"data.train={corpus}", f"out_dir={out}", *STEPS]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode != 0
+    summary = json.loads((out / "summary.json").read_text())  # rank 0 saw it too and wrote the summary
+    assert summary["status"] == "diverged" and "at step 4" in summary["error"], summary
+    assert r.stderr.count("NaN or infinite at step 4") >= 2, r.stderr[-3000:]  # both ranks, same step

@@ -11,9 +11,9 @@ import re
 import numpy as np
 import pytest
 
-from pretune.study.report import clean_json, fmt_energy, fmt_flops, write_report
-from pretune.study.stats import (analyse, bootstrap_means, break_even, find_comparison,
-                                 pareto_front, score_ci, seed_ci)
+from pretune.study.decide import break_even, fmt_flops, pareto_front
+from pretune.study.report import clean_json, fmt_energy, write_report
+from pretune.study.stats import analyse, bootstrap_means, find_comparison, score_ci, seed_ci
 
 N_TEST, SIZES, SEEDS = 60, (16, 64, 256), (0, 1, 2)
 PARAMS, LORA_PARAMS = 1_000_000, 20_000

@@ -1,9 +1,10 @@
-"""Statistics of a study: intervals, paired comparisons, Pareto front, amortisation, recommendation.
+"""Statistics of a study: bootstrap intervals, summary by cell, paired comparisons; `analyse`.
 
 `analyse(results)` is pure and deterministic: it returns a deep copy of `results` with keys added,
 and every random draw comes from numpy generators seeded by `results["study"]["stats_seed"]` (else
 `results["study"]["config"]["stats_seed"]`, else 0) and by the name of what is being resampled, so
-the numbers do not depend on the order of runs.
+the numbers do not depend on the order of runs. The decisions drawn from the statistics ("pareto",
+"amortisation", "recommendation") come from `pretune.study.decide`, which `analyse` calls last.
 
 Input (what the study runner collects)::
 
@@ -72,10 +73,6 @@ import numpy as np
 
 N_BOOT = 2000
 LEVEL = 0.95
-FEW_SEEDS = 3  # fewer seeds than this: caveat
-SMALL_TEST = 100  # fewer test examples than this: caveat
-FORGETTING_BPB = 0.1  # forgetting above this many bits per byte: caveat
-K_MAX = 100  # tasks on the amortisation curve
 EXACT_MAX_EXAMPLES = 500  # above: the example level of the bootstrap uses its normal limit
 COST_KEYS = ("flops", "wall_s", "energy_j", "co2_g", "peak_mem_bytes")
 
@@ -100,7 +97,8 @@ def _rng(seed: int, *key) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, h])
 
 
-def _finite(x) -> bool:
+def finite(x) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
     return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) \
         and math.isfinite(float(x))
 
@@ -155,7 +153,7 @@ def make_ci(values, boot=None, method: str = "none") -> dict:
 
 def seed_ci(values, rng: np.random.Generator, n_boot: int = N_BOOT) -> dict:
     """Percentile bootstrap over seeds; with fewer than two values the interval is unknown."""
-    vals = [float(v) for v in values if _finite(v)]
+    vals = [float(v) for v in values if finite(v)]
     boot = bootstrap_means(vals, rng, n_boot) if len(vals) >= 2 else None
     return make_ci(vals, boot, "seeds")
 
@@ -210,33 +208,6 @@ def paired_diff(runs_a: list[dict], runs_b: list[dict], rng: np.random.Generator
 
 
 # ----------------------------------------------------------------------------------- helpers
-def pareto_front(points: list[dict]) -> list[dict]:
-    """Points that no other point dominates (>= score and <= flops, one strict), by rising flops."""
-    pts = [p for p in points if _finite(p.get("score")) and _finite(p.get("flops"))]
-    front = [p for p in pts if not any(
-        q["score"] >= p["score"] and q["flops"] <= p["flops"]
-        and (q["score"] > p["score"] or q["flops"] < p["flops"]) for q in pts)]
-    return sorted(front, key=lambda p: (p["flops"], -p["score"]))
-
-
-def break_even(upfront: float | None, per_task: float | None,
-               scratch_per_task: float | None) -> tuple[int | None, str]:
-    """Smallest K >= 1 with upfront + K * per_task < K * scratch_per_task, and the reason if none.
-
-    Returns 1 when scratch never reaches the target (pre-training is the only way), None when the
-    arm never reaches it, the upfront cost is unknown, or the arm is not cheaper per task.
-    """
-    if per_task is None:
-        return None, "never reaches the target"
-    if scratch_per_task is None:
-        return 1, "training from scratch never reaches the target: pre-training is the only way"
-    if upfront is None:
-        return None, "the cost of the base model is unknown (it was not trained by this study)"
-    if per_task >= scratch_per_task:
-        return None, "not cheaper per task than training from scratch: never breaks even"
-    return max(1, math.floor(upfront / (scratch_per_task - per_task)) + 1), ""
-
-
 def scratch_arm(results: dict) -> str | None:
     arms = results.get("arms", {})
     if "scratch" in arms:
@@ -281,44 +252,11 @@ def find_comparison(results: dict, task: str, size: int, a: str, b: str) -> dict
     return None
 
 
-def distinguishable(results: dict, task: str, size: int, a: str, b: str) -> bool:
-    """True only when the paired interval (else the two intervals) leaves no doubt."""
-    c = find_comparison(results, task, size, a, b)
-    if c is not None and c["lo"] is not None:
-        return c["significant"]
-    cells = results["summary"][task]
-    ca = cells[a][str(candidates(results, task, size)[a])]["score"]
-    cb = cells[b][str(candidates(results, task, size)[b])]["score"]
-    if ca["lo"] is None or cb["lo"] is None:
-        return False
-    return ca["lo"] > cb["hi"] or cb["lo"] > ca["hi"]
-
-
-def _cost_of(stage: dict | None) -> float | None:
-    cost = (stage or {}).get("cost")
-    return float(cost["flops"]) if cost and _finite(cost.get("flops")) else None
-
-
-def _cost_key(cell: dict) -> float:
-    """FLOPs of a cell for ranking; unknown costs rank last."""
-    f = cell["flops"]["mean"]
-    return f if f is not None else math.inf
-
-
-def _flops(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    mant, exp = f"{x:.1e}".split("e")
-    return f"{mant}e{int(exp)}"
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
 # ----------------------------------------------------------------------------------- analyse
 def analyse(results: dict, n_boot: int = N_BOOT) -> dict:
     """Return a copy of `results` with summary, comparisons, pareto, amortisation, recommendation."""
+    from pretune.study.decide import amortisation, pareto_fronts, recommendation  # it imports this module
+
     out = copy.deepcopy(results)
     study = out.get("study", {})
     seed = study.get("stats_seed", (study.get("config") or {}).get("stats_seed", 0)) or 0
@@ -327,12 +265,9 @@ def analyse(results: dict, n_boot: int = N_BOOT) -> dict:
     cells, failed = _group(out)
     out["summary"] = _summary(out, cells, failed, seed, n_boot)
     out["comparisons"] = _comparisons(out, cells, seed, n_boot)
-    out["pareto"] = {task: pareto_front([
-        {"arm": arm, "size": int(s), "score": c["score"]["mean"], "flops": c["flops"]["mean"]}
-        for arm, by_size in arms.items() for s, c in by_size.items()])
-        for task, arms in out["summary"].items()}
-    out["amortisation"] = {task: _amortisation(out, task) for task in out["summary"]}
-    out["recommendation"] = _recommendation(out)
+    out["pareto"] = pareto_fronts(out)
+    out["amortisation"] = {task: amortisation(out, task) for task in out["summary"]}
+    out["recommendation"] = recommendation(out)
     out["stats"] = {"seed": int(seed), "n_boot": int(n_boot), "level": LEVEL, "notes": dict(NOTES)}
     for r in out.get("runs", []):
         r.pop("_inference", None)
@@ -343,7 +278,7 @@ def _group(results):
     cells, failed = {}, {}
     for r in results.get("runs", []):
         key = (r["task"], r["arm"], int(r["size"]))
-        if r.get("status") == "failed" or not _finite(r.get("score")):
+        if r.get("status") == "failed" or not finite(r.get("score")):
             failed[key] = failed.get(key, 0) + 1
             continue
         cells.setdefault(key, {}).setdefault(r["seed"], r)  # one run per seed
@@ -366,7 +301,7 @@ def _summary(results, cells, failed, seed, n_boot):
         for key in COST_KEYS:
             cell[key] = seed_ci([(r.get("cost") or {}).get(key) for r in runs], rng, n_boot)
         for key in ("forgetting", "bias_change"):
-            vals = [r.get(key) for r in runs if _finite(r.get(key))]
+            vals = [r.get(key) for r in runs if finite(r.get(key))]
             cell[key] = seed_ci(vals, rng, n_boot) if vals else None
         sources = sorted({str((r.get("cost") or {}).get("energy_source", "unknown")) for r in runs})
         cell.update(trainable_params=int(runs[0].get("trainable_params") or 0), n_seeds=len(runs),
@@ -399,164 +334,3 @@ def _comparisons(results, cells, seed, n_boot):
                 if res is not None:
                     comps.append({"task": task, "size": size, "a": a, "b": b, **res, "kinds": kinds})
     return comps
-
-
-def _amortisation(results, task):
-    summary, arms = results["summary"][task], results.get("arms", {})
-    stages = results.get("stages") or {}
-    base, cpt = stages.get("base"), stages.get("cpt")
-    base_known = bool(base) and base.get("kind") != "existing" and _cost_of(base) is not None
-    scratch = scratch_arm(results)
-    target = results.get("tasks", {}).get(task, {}).get("target")
-    source = "task"
-    if target is None:
-        best = [c["score"]["mean"] for c in summary.get(scratch, {}).values()] if scratch else []
-        target, source = (max(best), "scratch_best") if best else (None, None)
-    out = {"target": target, "target_source": source,
-           "pretrain": {"base": (base or {}).get("cost"), "cpt": (cpt or {}).get("cost"),
-                        "base_known": base_known},
-           "arms": {}, "curve": {"K": list(range(1, K_MAX + 1))}, "note": NOTES["amortisation"]}
-    if not base_known:
-        out["note"] += (" The base model was not trained by this study, so its cost is unknown: "
-                        "break-even is not computed and the curves leave the base out.")
-    if target is None:
-        out["note"] += " No target and no scratch arm: nothing to amortise."
-        return out
-
-    def to_target(arm):
-        ok = [(c["flops"]["mean"], int(s)) for s, c in summary.get(arm, {}).items()
-              if c["score"]["mean"] >= target - 1e-12 and c["flops"]["mean"] is not None]
-        return min(ok, key=lambda t: (t[0], t[1])) if ok else (None, None)
-
-    scratch_cost = to_target(scratch)[0] if scratch in summary else None
-    for arm in summary:
-        init = arms.get(arm, {}).get("init", "base")
-        base_flops, cpt_flops = (_cost_of(base) if base_known else None), _cost_of(cpt)
-        known_part = {"scratch": 0.0, "base": 0.0, "cpt": cpt_flops or 0.0}.get(init, 0.0)
-        upfront = {"scratch": 0.0, "base": base_flops,
-                   "cpt": None if base_flops is None or cpt_flops is None else base_flops + cpt_flops
-                   }.get(init, base_flops)
-        per_task, size = to_target(arm)
-        if arm == scratch:
-            k, reason = None, "the reference"
-        elif scratch is None:
-            k, reason = None, "no scratch arm to compare with"
-        else:
-            k, reason = break_even(upfront, per_task, scratch_cost)
-        entry = {"init": init, "upfront_flops": upfront, "cost_to_target": per_task,
-                 "size_to_target": size, "break_even_tasks": k, "break_even_reason": reason}
-        if init == "cpt" and not base_known and arm != scratch and scratch is not None:
-            k_cpt = break_even(cpt_flops, per_task, scratch_cost)[0]
-            entry["break_even_tasks_cpt_only"] = k_cpt
-            if k_cpt is not None:
-                entry["break_even_reason"] += f"; counting the continued pre-training alone, K* = {k_cpt}"
-        out["arms"][arm] = entry
-        first = upfront if upfront is not None else known_part
-        out["curve"][arm] = None if per_task is None else [first + k_ * per_task for k_ in out["curve"]["K"]]
-    return out
-
-
-def _arm_caveats(task: str, arms: dict) -> list[str]:
-    """Forgetting above FORGETTING_BPB and bias changes whose interval excludes 0, per arm."""
-    out = []
-    for arm, cells in arms.items():
-        order = sorted(cells, key=int)
-        forgot = [(cells[s]["size_label"], cells[s]["forgetting"]["mean"]) for s in order
-                  if cells[s].get("forgetting") and (cells[s]["forgetting"]["mean"] or 0) > FORGETTING_BPB]
-        if forgot:
-            out.append(f"{task}: {arm} forgets general text: " + ", ".join(
-                f"+{v:.3f}" for _, v in forgot) + " bits per byte on held-out general text at "
-                + ", ".join(lab for lab, _ in forgot) + " examples.")
-        biased = [(cells[s]["size_label"], cells[s]["bias_change"]) for s in order
-                  if cells[s].get("bias_change") and cells[s]["bias_change"]["lo"] is not None
-                  and (cells[s]["bias_change"]["lo"] > 0 or cells[s]["bias_change"]["hi"] < 0)]
-        if biased:
-            out.append(f"{task}: {arm} changes the bias score (share of pairs where the model prefers the "
-                       "stereotypical sentence) beyond noise: " + ", ".join(
-                           f"{b['mean']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}] at {lab}" for lab, b in biased)
-                       + " examples.")
-    return out
-
-
-def _recommendation(results):
-    rec: dict = {}
-    caveats: list[str] = []
-    any_estimate = any("estimate" in str((r.get("cost") or {}).get("energy_source", ""))
-                       for r in results.get("runs", []))
-    for task, arms in results["summary"].items():
-        spec = results.get("tasks", {}).get(task, {})
-        target = spec.get("target")
-        rows = []
-        seeds = [c["n_seeds"] for a, cs in arms.items() if not is_inference(results, a) for c in cs.values()]
-        if seeds and min(seeds) < FEW_SEEDS:
-            caveats.append(f"{task}: only {min(seeds)} seed(s) for some arms: the intervals mostly "
-                           "reflect test-set noise, not the variation between training runs.")
-        if spec.get("n_test") is not None and spec["n_test"] < SMALL_TEST:
-            caveats.append(f"{task}: small test set ({spec['n_test']} examples): intervals are wide "
-                           "and small differences cannot be resolved.")
-        if target is None:
-            caveats.append(f"{task}: no target score was given; the recommendation is the best-scoring "
-                           "arm, and the amortisation uses as target the best mean score of the "
-                           "scratch arm.")
-        n_failed = sum(1 for r in results.get("runs", []) if r["task"] == task
-                       and (r.get("status") == "failed" or not _finite(r.get("score"))))
-        if n_failed:
-            caveats.append(f"{task}: {n_failed} run(s) failed and are left out.")
-        for size in context_sizes(results, task):
-            cand = candidates(results, task, size)
-            cell = {a: arms[a][str(s)] for a, s in cand.items()}
-            reach = [a for a in cand if target is not None and cell[a]["score"]["mean"] >= target - 1e-12]
-            if reach:
-                pick = min(reach, key=lambda a: (_cost_key(cell[a]), -cell[a]["score"]["mean"]))
-            else:  # the best score; between equal scores the cheaper arm
-                pick = max(cand, key=lambda a: (cell[a]["score"]["mean"], -_cost_key(cell[a])))
-            others = sorted((a for a in cand if a != pick), key=lambda a: -cell[a]["score"]["mean"])
-            same = [a for a in others if not distinguishable(results, task, size, pick, a)]
-            c = cell[pick]
-            sc, label = c["score"], c["size_label"]
-            size_label = next((arms[a][str(size)]["size_label"] for a in cand if cand[a] == size), str(size))
-            size_label = "no" if size == 0 else size_label
-            interval = f"{_fmt(sc['mean'])} [{_fmt(sc['lo'])}, {_fmt(sc['hi'])}]" if sc["lo"] is not None \
-                else f"{_fmt(sc['mean'])} (interval unknown)"
-            flops = c["flops"]["mean"]
-            if reach:
-                text = (f"With {size_label} labelled examples, {pick} reaches the target {_fmt(target)} at "
-                        f"the lowest cost: score {interval}, {_flops(flops)} FLOPs.")
-            elif target is not None:
-                text = (f"With {size_label} labelled examples no arm reaches the target {_fmt(target)}; "
-                        f"the best is {pick}: score {interval}.")
-            else:
-                text = f"With {size_label} labelled examples, {pick} has the highest mean score: {interval}."
-            row_cav = []
-            if same:
-                row_cav.append(f"{task}, {size_label} examples: {pick} is not distinguishable from "
-                               f"{', '.join(same)} at this size.")
-                text = text[:-1] + f" (not distinguishable from {', '.join(same)})."
-            f = c.get("forgetting")
-            if f and f["mean"] is not None and f["mean"] > FORGETTING_BPB:
-                row_cav.append(f"{task}, {size_label} examples: {pick} forgets general text "
-                               f"(+{f['mean']:.3f} bits per byte on held-out general text).")
-            b = c.get("bias_change")
-            if b and b["lo"] is not None and (b["lo"] > 0 or b["hi"] < 0):
-                row_cav.append(f"{task}, {size_label} examples: {pick} changes the bias score by "
-                               f"{b['mean']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}] (share preferring "
-                               "the stereotypical sentence).")
-            caveats.extend(row_cav[:1] if same else [])  # forgetting and bias: once per arm, below
-            rows.append({"size": size, "size_label": size_label, "arm": pick, "arm_size": cand[pick],
-                         "arm_size_label": label, "score": sc["mean"], "lo": sc["lo"], "hi": sc["hi"],
-                         "flops": flops, "target": target,
-                         "reaches_target": bool(reach) if target is not None else None,
-                         "runner_up": others[0] if others else None, "indistinguishable_from": same,
-                         "text": text, "caveats": row_cav})
-        rec[task] = rows
-        caveats.extend(_arm_caveats(task, arms))
-    stages = results.get("stages") or {}
-    if (stages.get("base") or {}).get("kind") == "existing":
-        caveats.append("The base model was given, not trained by this study: its pre-training cost "
-                       "is unknown and break-even is not computed.")
-    if any_estimate or any("estimate" in str(((s or {}).get("cost") or {}).get("energy_source", ""))
-                           for s in stages.values()):
-        caveats.append("Energy (and CO2) is an estimate from assumed power draw and time, not a "
-                       "measurement, for runs marked 'estimate'.")
-    rec["caveats"] = list(dict.fromkeys(caveats))
-    return rec

@@ -287,6 +287,13 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Maximum over ranks in place (a no-op in one process)."""
+    if rt.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_objects(obj, rt: Runtime) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not rt.distributed:

@@ -20,8 +20,8 @@ from pretune.errors import ConfigError, UserError
 from pretune.files import atomic_write_bytes
 from pretune.model.io import load_model_state
 from pretune.train import checkpoint as ck
-from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_sum, full_state_dict, grad_sync,
-                                unsharded, wrap_model)
+from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, full_state_dict,
+                                grad_sync, unsharded, wrap_model)
 from pretune.model.io import save_model_dir
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes, reset_peak_memory
 from pretune.train.optim import build_optimizer, lr_at
@@ -178,7 +178,9 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     model.train()
 
     def check_finite(step_no: int) -> None:
-        bad = int(first_bad)
+        # Every rank checks at the same steps and learns of a non-finite loss on any rank, so all stop
+        # together instead of one leaving the others waiting in a collective.
+        bad = int(all_reduce_max(first_bad.clone(), rt))
         if bad >= 0:
             where = f"; the last good checkpoint is {last_good_ckpt}" if last_good_ckpt else \
                 "; no checkpoint was written before it"
