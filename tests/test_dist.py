@@ -115,3 +115,29 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, corpus):
     summary = json.loads((out / "summary.json").read_text())  # rank 0 saw it too and wrote the summary
     assert summary["status"] == "diverged" and "at step 4" in summary["error"], summary
     assert r.stderr.count("NaN or infinite at step 4") >= 2, r.stderr[-3000:]  # both ranks, same step
+
+
+def _qa(path, n=48):
+    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"it is {2 * i}."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("strategy,method", [("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora")])
+def test_finetune_with_l2sp_under_torchrun_matches_one_process(tmp_path, corpus, strategy, method):
+    base = tmp_path / "base"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.threads=1",
+                   *[s for s in STEPS if not s.startswith("train.max_steps")], "train.max_steps=4") == 0
+    data = _qa(tmp_path / "qa.jsonl")
+    args = ["task=instruction", f"init_from={base}", f"data.train={data}", "data.val_fraction=0",
+            f"method={method}", "lora.dropout=0", "finetune.l2sp=1.0", "finetune.max_len=64", "train.max_steps=6",
+            "train.batch_size=8", "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0",
+            "train.save_every=0", "train.progress=false", "optim.lr=3e-3", "optim.warmup_steps=1"]
+    one = tmp_path / "one"
+    assert run_cli("finetune", f"out_dir={one}", "train.threads=1", *args) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretune",
+           "finetune", f"out_dir={two}", f"dist.strategy={strategy}", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_close(losses(two), losses(one), rel=2e-4)  # the L2-SP penalty included

@@ -210,7 +210,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             penalty = objective.penalty(model)
             if penalty is not None:
                 penalty.backward()
-                step_loss += penalty.detach().double() / rt.world
+                # the loss is summed over ranks when logged: a replicated penalty counts once
+                step_loss += penalty.detach().double() / (1 if getattr(objective, "sharded", False) else rt.world)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t_cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

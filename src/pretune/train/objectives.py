@@ -82,13 +82,29 @@ class DPOObjective(LMObjective):
         return -F.logsigmoid(self.beta * delta).sum()
 
 
+def _plain_name(name: str) -> str:
+    """A parameter's name without the prefixes that DDP and torch.compile add."""
+    for prefix in ("module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name
+
+
 class L2SP:
-    """Wrap an objective with lambda/2 * ||w - w0||^2 over the trainable weights (w0: the start)."""
+    """Wrap an objective with lambda/2 * ||w - w0||^2 over the trainable weights (w0: the start).
+
+    The anchors are taken by name when the objective is built, from the unwrapped model (so a resumed
+    run still anchors to the starting weights, not to its checkpoint). Under FSDP the parameters are
+    sharded DTensors: each rank then penalises its own shard against the same shard of the anchor,
+    which gives each shard exactly its gradient, and `sharded` tells the loop that the penalty values
+    of the ranks add up (under DDP each rank holds the whole, identical penalty).
+    """
 
     def __init__(self, base, model: torch.nn.Module, lam: float):
         self.base, self.lam = base, lam
-        self.anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+        self.anchor = {_plain_name(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         self.weights = getattr(base, "weights", {})
+        self.sharded = False
+        self._local: dict[str, torch.Tensor] = {}
 
     def count(self, batch):
         return self.base.count(batch)
@@ -96,5 +112,24 @@ class L2SP:
     def __call__(self, model, batch):
         return self.base(model, batch)
 
+    def _anchor_like(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        if name not in self._local:
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            full = self.anchor[name].to(p.device)
+            if isinstance(p, DTensor):  # this rank's shard of the anchor (once: a collective)
+                self.sharded = True
+                full = distribute_tensor(full, p.device_mesh, p.placements).to_local()
+            self._local[name] = full
+        return self._local[name]
+
     def penalty(self, model):
-        return 0.5 * self.lam * sum(((p - p0.to(p.device)) ** 2).sum() for p, p0 in self.anchor)
+        total = None
+        for name, p in model.named_parameters():
+            key = _plain_name(name)
+            if key not in self.anchor or not p.requires_grad:
+                continue
+            local = p.to_local() if hasattr(p, "to_local") else p
+            term = ((local - self._anchor_like(key, p)) ** 2).sum()
+            total = term if total is None else total + term
+        return None if total is None else 0.5 * self.lam * total
