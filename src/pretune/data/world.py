@@ -491,7 +491,7 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
         texts[f"{task}.jsonl"] = _jsonl(records)
         # facts_qa keeps a large test set: every test question is about an entity no training
         # question mentions, so its score measures what pre-training stored, and needs examples
-        fractions = (0.5, 0.1, 0.4) if task == "facts_qa" else (0.8, 0.1, 0.1)
+        fractions = (0.3, 0.1, 0.6) if task == "facts_qa" else (0.8, 0.1, 0.1)
         parts = split_records(records, fractions, seed=world.config.seed, label_key=split_keys[task])
         for name, part in zip(("train", "val", "test"), parts):
             texts[f"{task}_{name}.jsonl"] = _jsonl(part)
