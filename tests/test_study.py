@@ -129,3 +129,18 @@ def test_study_end_to_end_resume_and_refusal(study_files, capsys):
     spec2 = dict(spec, finetune=dict(spec["finetune"], optim={"lr": 0.01}))
     assert run_cli("study", _write(root / "study2.yaml", spec2)) != 0
     assert "was run with optim.lr" in capsys.readouterr().err
+
+
+def test_test_fraction_holds_out_the_same_records_whatever_the_seed(tmp_path):
+    from pretune.config import Config, load_config
+    from pretune.finetune import _records
+
+    path = sentiment(tmp_path / "all.jsonl", 40, 0)
+    splits = []
+    for seed in (1, 2):
+        cfg = load_config(Config, None, ["task=classification", f"data.train={path}", "data.test_fraction=0.25",
+                                         "data.val_fraction=0", f"seed={seed}", "data.max_examples=12"])
+        train, _, test, labels, _ = _records(cfg)
+        assert len(test) == 10 and len(train) == 12 and labels == ["negative", "positive"]
+        splits.append(test)
+    assert splits[0] == splits[1]

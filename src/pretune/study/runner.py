@@ -212,7 +212,7 @@ def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | No
         else:
             summary["probe"] = probe_model(run_dir, **probe)
         atomic_write_json(run_dir / "summary.json", summary)
-    return {"status": summary["status"], "score_keys": sorted(k for k in summary if not k.startswith(("val_", "test_")))}
+    return {"status": summary["status"]}
 
 
 @dataclasses.dataclass
