@@ -105,8 +105,9 @@ def _blocks(results: dict) -> tuple[list, dict[str, bytes]]:
     study, rec = results.get("study", {}), results["recommendation"]
     b = [("h1", f"Study: {study.get('name', 'study')}"),
          ("p", f"Created {study.get('created', '?')} with pretune {study.get('pretune_version', '?')} "
-               f"on {study.get('device', '?')}; {len(results.get('runs', []))} runs, "
-               f"{fmt_s(study.get('wall_s'))} in all."),
+               f"on {study.get('device', '?')}; {len(results.get('runs', []))} runs; "
+               f"{fmt_s(study.get('train_s'))} of training in the runs and shared stages; "
+               f"this invocation took {fmt_s(study.get('wall_s'))}."),
          ("h2", "Recommendation")]
     for task in results["summary"]:
         b += [("p", f"**{task}**"), ("ul", [r["text"] for r in rec.get(task, [])] or ["No completed runs."])]

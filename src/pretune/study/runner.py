@@ -456,6 +456,8 @@ def run_study(study: Study, log=print) -> dict:
                    for name, path in stages.items()},
         "runs": collect(study, planned, probes),
     }
+    costs = [r.get("cost") for r in results["runs"]] + [st.get("cost") for st in results["stages"].values()]
+    results["study"]["train_s"] = sum(c.get("wall_s") or 0.0 for c in costs if c)
     results = analyse(results)
     results["study"]["wall_s"] = time.perf_counter() - t0
     paths = write_report(results, root)
