@@ -102,6 +102,14 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         load_source(str(g), tok, log=lambda m: None)
 
 
+def test_records_without_a_suffix_are_tsv_when_the_header_has_a_tab_and_tsv_has_no_quoting(tmp_path):
+    (tmp_path / "SMSCollection").write_text('Label\tSMS\nham\t"Hi" she said, ok\nham\t"Bye\nspam\tWIN a prize\n')
+    (tmp_path / "plain").write_text("text,label\n\"a\tb\",x\n")
+    # TSV has no quoting: a leading quote is text, and an unmatched one does not swallow the next lines
+    assert [r["SMS"] for _, r in iter_records(tmp_path / "SMSCollection")] == ['"Hi" she said, ok', '"Bye', "WIN a prize"]
+    assert [r["text"] for _, r in iter_records(tmp_path / "plain")] == ["a\tb"]
+
+
 def test_jsonl_and_csv_sources(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["ab", "ba"]) + "\n")
     (tmp_path / "b.csv").write_text('text,label\n"a, b",x\n')

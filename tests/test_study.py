@@ -113,6 +113,9 @@ def test_study_end_to_end_resume_and_refusal(study_files, capsys):
     assert by[("lora", 8, 0)]["trainable_params"] < by[("full", 8, 0)]["trainable_params"]
     assert by[("full", 40, 1)]["steps"] == 3 and by[("full", 8, 1)]["steps"] == 2  # the budget rule
     assert results["stages"]["base"]["cost"]["flops"] > 0 and results["stages"]["cpt"]["cost"]["flops"] > 0
+    assert len(by[("full", 8, 0)]["bias_pair_changes"]) == 2  # per pair: intervals resample pairs too
+    assert results["summary"]["sent"]["full"]["8"]["bias_change"]["method"] == "seeds+examples"
+    assert results["tasks"]["sent"]["chance"] == 0.5  # the majority class of the balanced test set
     lineage = json.loads((out / "sent/cpt+full+replay/n8/s0/lineage.json").read_text())
     assert lineage["parent"].endswith("cpt")
 

@@ -137,7 +137,12 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "replace"
 
 def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = None
                  ) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) from JSONL, CSV or TSV; a malformed line names file and line."""
+    """Yield (line number, record) from JSONL, CSV or TSV; a malformed line names file and line.
+
+    A file named neither .csv nor .tsv (such as SMSSpamCollection) is read as TSV when its header
+    line holds a tab, else as CSV. TSV has no quoting (IANA text/tab-separated-values, as GLUE and
+    the SMS Spam Collection write it): a field that starts with a quote keeps it, and cannot swallow
+    the lines that follow."""
     stats = stats if stats is not None else ReadStats()
     suffix = path.suffix.lower()
     with open(path, "rb") as fh:
@@ -169,7 +174,9 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
             yield i, record
         return
     csv.field_size_limit(sys.maxsize)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    tabs = suffix == ".tsv" or (suffix != ".csv" and "\t" in text.partition("\n")[0])
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",",
+                            quoting=csv.QUOTE_NONE if tabs else csv.QUOTE_MINIMAL)
     if reader.fieldnames is None:
         return
     for row in reader:

@@ -19,7 +19,7 @@ PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8
 SCRATCH_COLOUR = "#333333"
 MARKERS = "osD^vPXh<>p*"
 FIG_W, AX_H, FIG_DPI = 7.5, 3.3, 120  # 900 pixels wide; axes 3.3 inches high
-REFERENCE_LABELS = {"Pareto front", "target", "chance", "no forgetting"}
+REFERENCE_LABELS = {"Pareto front", "target", "majority class", "no forgetting"}
 RC = {"font.size": 10.5, "axes.titlesize": 11.5, "axes.labelsize": 10.5, "legend.fontsize": 9.5,
       "xtick.labelsize": 9.5, "ytick.labelsize": 9.5, "axes.spines.top": False,
       "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.6,
@@ -121,7 +121,7 @@ def _reference_lines(ax, spec):
     if spec.get("target") is not None:
         ax.axhline(spec["target"], color="#B2182B", ls="-.", lw=1.5, label="target")
     if spec.get("chance") is not None:
-        ax.axhline(spec["chance"], color="#777777", ls=":", lw=1.5, label="chance")
+        ax.axhline(spec["chance"], color="#777777", ls=":", lw=1.5, label="majority class")
 
 
 def plot_learning_curves(results: dict, task: str, styles) -> bytes:

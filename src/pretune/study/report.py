@@ -142,7 +142,7 @@ def _task_blocks(results: dict, task: str, styles: dict, images: dict) -> list:
     spec, slug, scratch = results.get("tasks", {}).get(task, {}), _slug(task), scratch_arm(results)
     b = [("h2", f"Task: {task}"),
          ("p", f"{spec.get('task', '?')} task; primary metric {spec.get('metric', '?')} (higher is better); "
-               f"target {fmt_score(spec.get('target'))}; chance {fmt_score(spec.get('chance'))}; "
+               f"target {fmt_score(spec.get('target'))}; majority class {fmt_score(spec.get('chance'))}; "
                f"{fmt_int(spec.get('n_train'))} training and {fmt_int(spec.get('n_test'))} test examples.")]
     for key, title, fn in (("curves", "Learning curves", plot_learning_curves),
                            ("cost", "Cost and quality", plot_cost_quality),

@@ -158,7 +158,7 @@ def probe_model(path: str | Path, general_eval: list[str], eval_tokens: int, bia
         out["general_bpb"] = lm_metrics(model, windows, tok.token_bytes, dev)["bpb"]
     if bias_pairs:
         b = bias_score(model, tok, read_pairs(bias_pairs, bias_max_pairs), dev)
-        out.update(bias=b["score"], bias_n=b["n"], bias_by_type=b["by_type"])
+        out.update(bias=b["score"], bias_n=b["n"], bias_by_type=b["by_type"], bias_prefers=b["prefers_more"])
     return out
 
 
@@ -208,10 +208,14 @@ def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | No
         return {"status": summary.get("status")}
     if "probe" not in summary:
         if shots is not None and start_probe is not None:  # prompting leaves the model as it was
-            summary["probe"] = {k: start_probe.get(k) for k in ("general_bpb", "bias", "bias_n", "bias_by_type")}
+            summary["probe"] = {k: start_probe.get(k) for k in ("general_bpb", "bias", "bias_n", "bias_by_type",
+                                                                "bias_prefers")}
         else:
             summary["probe"] = probe_model(run_dir, **probe)
         atomic_write_json(run_dir / "summary.json", summary)
+    import gc
+
+    gc.collect()  # runs share a worker process: leave as little behind as possible for the next one
     return {"status": summary["status"]}
 
 
@@ -227,13 +231,17 @@ class Planned:
     shots: int | None
 
 
-def task_records(study: Study, name: str) -> tuple[int, int, list[str] | None]:
-    """(training records after the validation split, test records, labels) of a task."""
+def task_records(study: Study, name: str) -> tuple[int, int, list[str] | None, float | None]:
+    """(training records after the validation split, test records, labels, majority-class share of
+    the test set) of a task."""
+    from collections import Counter
+
     from pretune.finetune import _records
 
     cfg = job_config(study, name, study.arms[0], None, study.cfg.seeds[0], Path("."), None, None)
     train, _, test, labels, _ = _records(cfg)
-    return len(train), len(test), labels
+    counts = Counter(r["label"] for r in test) if labels and test else None
+    return len(train), len(test), labels, (max(counts.values()) / len(test) if counts else None)
 
 
 def resolve_sizes(requested: list, n_train: int) -> list[tuple[int, str]]:
@@ -341,7 +349,8 @@ def _cost(summary: dict) -> dict:
     total = sum(fpt.get(k, 0.0) for k in ("trainable", "frozen", "attention")) or 1.0
     flops = float(summary.get("flops") or 0.0)
     return {"flops": flops, "flops_trainable": flops * fpt.get("trainable", 0.0) / total,
-            "flops_frozen": flops * (fpt.get("frozen", 0.0) + fpt.get("attention", 0.0)) / total,
+            "flops_frozen": flops * fpt.get("frozen", 0.0) / total,
+            "flops_attention": flops * fpt.get("attention", 0.0) / total,
             "wall_s": summary.get("wall_s"), "tokens": summary.get("tokens"),
             "target_tokens": summary.get("target_tokens"), "peak_mem_bytes": summary.get("peak_mem_bytes"),
             "energy_j": summary.get("energy_j"), "energy_source": summary.get("energy_source"),
@@ -373,9 +382,19 @@ def collect(study: Study, planned: list[Planned], stage_info: dict) -> list[dict
                    example_scores=_example_scores(p.run_dir, t.metric), cost=_cost(summary),
                    params=summary.get("params"), trainable_params=summary.get("trainable_params"),
                    steps=summary.get("steps"), general_bpb=probe.get("general_bpb"),
-                   forgetting=change("general_bpb"), bias=probe.get("bias"), bias_change=change("bias"))
+                   forgetting=change("general_bpb"), bias=probe.get("bias"), bias_change=change("bias"),
+                   bias_pair_changes=_pair_changes(probe, start))
         runs.append(row)
     return runs
+
+
+def _pair_changes(probe: dict, start: dict | None) -> list[int] | None:
+    """Per bias pair, the run's preference minus its starting model's (-1, 0 or 1), for intervals
+    that resample the pairs as well as the seeds."""
+    after, before = probe.get("bias_prefers"), (start or {}).get("bias_prefers")
+    if not after or not before or len(after) != len(before):
+        return None
+    return [a - b for a, b in zip(after, before)]
 
 
 def _stage_entry(kind: str, run_dir: Path, probe: dict, trained: bool) -> dict:
@@ -440,9 +459,10 @@ def run_study(study: Study, log=print) -> dict:
     failed = {k: v.get("error") for k, v in outcome.items() if not v.get("ok")}
     tasks = {}
     for name, t in study.tasks.items():
-        n_train, n_test, labels = counts[name]
+        n_train, n_test, labels, majority = counts[name]
+        # the honest floor of a classifier: always answering the most frequent test label
         tasks[name] = {"task": t.task, "metric": t.metric, "target": t.target, "n_train": n_train, "n_test": n_test,
-                       "chance": (1 / len(labels)) if (t.task == "classification" and labels) else None}
+                       "chance": majority if t.metric == "accuracy" else None}
     results = {
         "study": {"name": s.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                   "pretune_version": __version__, "device": _device_name(s.device), "wall_s": time.perf_counter() - t0,
@@ -482,7 +502,13 @@ def _device_name(device: str) -> str:
 
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {name}, {os.cpu_count()} cores"
 
 
 def print_summary(results: dict) -> None:

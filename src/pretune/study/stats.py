@@ -30,8 +30,10 @@ Input (what the study runner collects)::
                                   of a task, so runs pair example by example),
                 "cost": COST, "params": int, "trainable_params": int, "steps": int,
                 "general_bpb": float|None, "forgetting": float|None (minus the starting model's),
-                "bias": float|None, "bias_change": float|None}, ...]}
-    COST = {"flops", "flops_trainable", "flops_frozen", "wall_s", "tokens", "target_tokens",
+                "bias": float|None, "bias_change": float|None,
+                "bias_pair_changes": [-1|0|1, ...]|None (per bias pair, the run's preference for
+                                     sent_more minus its starting model's)}, ...]}
+    COST = {"flops", "flops_trainable", "flops_frozen", "flops_attention", "wall_s", "tokens", "target_tokens",
             "peak_mem_bytes", "energy_j", "energy_source", "co2_g"}
 
 Failed runs (or runs without a finite score) are left out of every statistic and counted.
@@ -285,6 +287,16 @@ def _group(results):
     return {k: [v[s] for s in sorted(v)] for k, v in cells.items()}, failed
 
 
+def _bias_ci(runs: list[dict], rng: np.random.Generator, n_boot: int) -> dict | None:
+    """Interval of the bias change: resampling seeds and bias pairs when the runs carry per-pair
+    changes (bias_pair_changes), else seeds alone."""
+    have = [r for r in runs if finite(r.get("bias_change"))]
+    if not have:
+        return None
+    pairs = [{"score": r["bias_change"], "example_scores": r.get("bias_pair_changes")} for r in have]
+    return score_ci(pairs, rng, n_boot)
+
+
 def _summary(results, cells, failed, seed, n_boot):
     summary: dict = {task: {} for task in results.get("tasks", {})}
     order = {a: i for i, a in enumerate(results.get("arms", {}))}
@@ -300,9 +312,9 @@ def _summary(results, cells, failed, seed, n_boot):
         cell = {"score": score, "metrics": metrics}
         for key in COST_KEYS:
             cell[key] = seed_ci([(r.get("cost") or {}).get(key) for r in runs], rng, n_boot)
-        for key in ("forgetting", "bias_change"):
-            vals = [r.get(key) for r in runs if finite(r.get(key))]
-            cell[key] = seed_ci(vals, rng, n_boot) if vals else None
+        vals = [r.get("forgetting") for r in runs if finite(r.get("forgetting"))]
+        cell["forgetting"] = seed_ci(vals, rng, n_boot) if vals else None
+        cell["bias_change"] = _bias_ci(runs, rng, n_boot)
         sources = sorted({str((r.get("cost") or {}).get("energy_source", "unknown")) for r in runs})
         cell.update(trainable_params=int(runs[0].get("trainable_params") or 0), n_seeds=len(runs),
                     seeds=[r["seed"] for r in runs], size_label=str(runs[0].get("size_label", size)),
