@@ -32,7 +32,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, cpu_name
+
 WORDS = ("the model reads a line of text and writes the next few words of it while the server "
          "batches many such requests together on one small cpu").split()
 
@@ -121,16 +122,6 @@ async def load(url: str, clients: int, duration: float, max_tokens: int, seed: i
             "mean_batch": health.get("mean_batch")}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=32)
@@ -168,7 +159,7 @@ def main() -> int:
         "# Serving under load: batched vs one at a time",
         "",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores visible; Linux {platform.release()}; "
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores visible; Linux {platform.release()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}",
         f"- load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f} "
         "(a shared machine: other jobs ran at the same time, so absolute figures are noisy; both modes "

@@ -14,26 +14,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, cpu_name
+
 # nanoGPT (train.py --device=cpu --compile=False, 4x4x128, block 64, batch 12, 2000 iters), measured
 # on this kind of machine (2 CPU cores) as the shared data README records it.
 NANOGPT = {"val_loss": 1.886, "wall_s": 150.0, "tokens_per_s": 20000.0}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

@@ -14,6 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name: str):
+    if str(BENCH) not in sys.path:  # the scripts import their shared helpers as `_common`
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -60,8 +62,37 @@ def test_cpu_throughput_compares_the_same_model(tmp_path):
         assert len(times) == 3 and all(t > 0 for t in times), name
     fake = {n: [0.05, 0.06, 0.07] for n in b.NAMES}
     res = {"date": "today", "machine": b.machine(), "torch": "x", "transformers": "y", "threads": 2, "steps": 3,
-           "rounds": 1, "skip": 0, "check": check, "throughput": b.summarise(fake),
+           "rounds": 1, "skip": 0, "check": check, "throughput": b.summarise(fake, b.BENCH.tokens_per_step),
            "memory": {n: {"baseline_rss": 1 << 20, "peak_rss": 3 << 20} for n in b.NAMES}, "argv": []}
     b.write_results(res, tmp_path / "out")
     md = (tmp_path / "out" / "cpu_throughput.md").read_text()
     assert "pretune / faster HF trainer: 1.00x" in md and "+2.0 MiB" in md
+
+
+def test_lora_peft_compares_the_same_adapters(tmp_path):
+    pytest.importorskip("peft", reason="the comparison needs peft")
+    b = load("lora_peft")
+    import _common as common  # on the path once a benchmark script is loaded
+    bench = common.Bench(arch=dict(common.CHAR_ARCH, n_layer=1, max_seq_len=16), batch=2, seq=16, lora=b.LORA)
+    tok, data = common.load_data(tmp_path, bench.seq, bench.batch)
+    check = common.check_same_model(bench, tok, data)
+    assert check["params"][0] == check["params"][1]
+    # four adapted 128 x 128 projections with rank 8: 4 * (8 * 128 + 128 * 8) trainable on each side
+    assert check["trainable"] == (8192, 8192)
+    assert abs(check["pretune_loss"] - check["hf_loss"]) < 1e-5  # the adapters start at zero
+    runners = common.runners(bench, tok, data, tmp_path)
+    for name in b.NAMES:
+        times = runners[name].run(2)
+        assert len(times) == 2 and all(t > 0 for t in times), name
+    tps = bench.tokens_per_step
+    throughput = common.summarise({"pretune": [0.05] * 3, "HF + plain loop": [0.1] * 3, "HF Trainer": [0.08] * 3}, tps)
+    memory = {"pretune": {"baseline_rss": 1 << 20, "peak_rss": 3 << 20},
+              "HF + plain loop": {"baseline_rss": 1 << 20, "peak_rss": 5 << 20},
+              "HF Trainer": {"baseline_rss": 1 << 20, "peak_rss": 9 << 20}}
+    r = {"check": check, "throughput": throughput, "memory": memory, "ratios": b.ratios(throughput, memory)}
+    assert r["ratios"] == {"speed": pytest.approx(1.6), "memory": pytest.approx(0.5)}
+    res = {"date": "today", "machine": common.machine(), "torch": "x", "transformers": "y", "peft": "z",
+           "threads": 1, "steps": 3, "rounds": 1, "skip": 0, "models": {"shakespeare-char": r}, "argv": []}
+    b.write_results(res, tmp_path / "out")
+    md = (tmp_path / "out" / "lora_peft.md").read_text()
+    assert "1.60x tokens/s" in md and "0.50x" in md and "(target: >= 1.5x faster and less memory: met)" in md

@@ -72,3 +72,25 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
     _, c0 = rope_tables(base)
     _, c1 = rope_tables(scaled)
     assert torch.allclose(c0[:, 0], c1[:, 0]) and not torch.allclose(c0[:, 31], c1[:, 31])
+
+
+def test_lora_cpu_product_matches_plain_autograd_in_output_and_gradients():
+    from pretune.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(24, 40), rank=4, alpha=8.0)
+    torch.nn.init.normal_(layer.lora_b)  # B = 0 at start would hide errors in its path
+    a = layer.lora_a.detach().clone().requires_grad_(True)
+    b = layer.lora_b.detach().clone().requires_grad_(True)
+    x1 = torch.randn(3, 7, 24, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1 = layer(x1)  # the hand-written CPU function
+    y2 = torch.nn.functional.linear(x2, layer.weight, layer.bias) + layer.scale * (x2 @ a.t()) @ b.t()
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_a.grad, a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_b.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None  # the frozen base gets no gradient buffer
