@@ -91,6 +91,7 @@ def study_spec(d: DemoConfig, files: dict[str, str], out: Path) -> dict:
                          "sizes": [8, "all"] if quick else [6, 12, "all"]},
             "reviews": {**task, "train": files["reviews_train.jsonl"], "val": files["reviews_val.jsonl"],
                         "test": files["reviews_test.jsonl"], "target": 0.9,
+                        "config": {"train": {"batch_size": 8}},  # reviews are long: half the tokens per step
                         "sizes": [8, 32] if quick else [8, 32, 128]},
         },
         "arms": (["scratch", "full", "lora", "cpt+full", "zero-shot", "few-shot"] if quick else

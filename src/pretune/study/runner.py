@@ -295,6 +295,8 @@ def job_config(study: Study, task_name: str, arm: Arm, size: int | None, seed: i
         if s.budget.patience is not None:
             train.update(patience=s.budget.patience, eval_every=s.budget.eval_every,
                          early_stop_metric=f"val_{t.metric}" if t.task == "classification" else "val_loss")
+        elif "eval_every" not in merged.get("train", {}):
+            train["eval_every"] = 0  # nothing reads the validation figures without early stopping
         merged = deep_merge(merged, {"train": train})
         warm = merged.get("optim", {}).get("warmup_steps")
         if warm is None or warm >= steps:
