@@ -147,3 +147,19 @@ def test_test_fraction_holds_out_the_same_records_whatever_the_seed(tmp_path):
         assert len(test) == 10 and len(train) == 12 and labels == ["negative", "positive"]
         splits.append(test)
     assert splits[0] == splits[1]
+
+
+def test_a_finished_stage_started_from_a_parent_is_reused_whatever_its_resolved_model(tmp_path):
+    from pretune.config import Config, load_config, save_config
+    from pretune.study.runner import _check_same
+
+    run = tmp_path / "cpt"
+    run.mkdir()
+    want = load_config(Config, None, [f"init_from={tmp_path / 'base'}", "train.max_steps=5"])
+    saved = load_config(Config, None, [f"init_from={tmp_path / 'base'}", "train.max_steps=5", "model.preset=mini",
+                                       "model.n_layer=4"])  # what run_pretrain writes: the parent's architecture
+    save_config(saved, run / "config.yaml")
+    _check_same(want, run)  # no error
+    save_config(load_config(Config, None, [f"init_from={tmp_path / 'base'}", "train.max_steps=9"]), run / "config.yaml")
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        _check_same(want, run)

@@ -77,7 +77,8 @@ def _check_same(cfg: Config, run_dir: Path) -> None:
     want = _flat(json.loads(json.dumps(to_dict(cfg))))
     diff = [k for k in sorted(set(saved) | set(want))
             if not any(k == v or k.startswith(v + ".") for v in VOLATILE) and saved.get(k) != want.get(k)
-            and not (k.startswith("model.") and want.get(k) is None)]  # the saved model is resolved
+            # the saved model is the resolved architecture: the parent's under init_from
+            and not (k.startswith("model.") and (want.get(k) is None or cfg.init_from))]
     if diff:
         k = diff[0]
         raise ConfigError(f"{run_dir} was run with {k}={saved.get(k)!r} but the study now asks for "
