@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -22,12 +21,8 @@ CONFIG = "configs/study-realdata.yaml"
 DEST = ROOT / "benchmarks" / "results" / "realdata_study.md"
 READING = "## Reading"
 
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name  # noqa: E402  (benchmarks/ is not a package)
 
 
 def run(out_dir: Path, overrides: list[str]) -> None:

@@ -62,7 +62,8 @@ def test_realdata_study_config_loads_with_its_data(monkeypatch, tmp_path):
     counts = {name: task_records(study, name) for name in study.tasks}
     assert counts["sms_spam"][:2] == (4459, 1115) and counts["sms_spam"][2] == ["ham", "spam"]
     assert counts["sst2"][:2] == (67349, 1821) and counts["sst2"][2] == ["0", "1"]
-    for name, (n_train, _, _) in counts.items():
+    assert 0.85 < counts["sms_spam"][3] < 0.9  # the majority class (ham) of the held-out test set
+    for name, (n_train, _, _, _) in counts.items():
         for arm in study.arms:
             cfg = job_config(study, name, arm, s.sizes[-1], s.seeds[0], tmp_path / "run", None, None, n_train)
             assert cfg.task == "classification" and cfg.finetune.classifier == "head"
