@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import TINY, make_corpus, read_metrics, run_cli
-from pretune.data.sources import DataError
 from pretune.model.config import ModelConfig, resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.lora import apply_lora, merge_lora

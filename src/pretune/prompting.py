@@ -14,8 +14,6 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
 from pretune.config import Config, save_config
 from pretune.data import tasks as T
 from pretune.errors import ConfigError
