@@ -29,6 +29,18 @@ def make_corpus(path: Path, lines: int = 2000, seed: int = 0) -> Path:
     return path
 
 
+def sentiment(path: Path, n: int = 240, seed: int = 0) -> Path:
+    """A toy sentiment task in JSONL: "the cat was great" -> positive, balanced labels."""
+    rng = random.Random(seed)
+    good, bad = ["great", "lovely", "fine", "superb"], ["awful", "poor", "broken", "sad"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = "positive" if i % 2 == 0 else "negative"
+            word = rng.choice(good if label == "positive" else bad)
+            fh.write(json.dumps({"text": f"the {rng.choice(['cat', 'dog', 'mat'])} was {word}", "label": label}) + "\n")
+    return path
+
+
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     return make_corpus(tmp_path / "corpus.txt")

@@ -1,12 +1,11 @@
 """Fine-tuning through the one loop: LoRA properties, masking, tasks, methods, regularisers, DPO."""
 
 import json
-import random
 
 import pytest
 import torch
 
-from conftest import TINY, make_corpus, read_metrics, run_cli
+from conftest import TINY, make_corpus, read_metrics, run_cli, sentiment
 from pretune.model.config import ModelConfig, resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.lora import apply_lora, merge_lora
@@ -23,17 +22,6 @@ def base_run(tmp_path_factory):
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=40", *TINY,
                    "train.save_every=0") == 0
     return out
-
-
-def sentiment(path, n=240, seed=0):
-    rng = random.Random(seed)
-    good, bad = ["great", "lovely", "fine", "superb"], ["awful", "poor", "broken", "sad"]
-    with open(path, "w") as fh:
-        for i in range(n):
-            label = "positive" if i % 2 == 0 else "negative"
-            word = rng.choice(good if label == "positive" else bad)
-            fh.write(json.dumps({"text": f"the {rng.choice(['cat', 'dog', 'mat'])} was {word}", "label": label}) + "\n")
-    return path
 
 
 def tiny_model(seed=0):

@@ -3,13 +3,12 @@
 config refused)."""
 
 import json
-import random
 import shutil
 
 import pytest
 import yaml
 
-from conftest import TINY, make_corpus, run_cli
+from conftest import TINY, make_corpus, run_cli, sentiment
 from pretune.errors import ConfigError
 from pretune.study.config import load_study, parse_arm_name
 
@@ -47,17 +46,6 @@ def test_study_errors_name_every_bad_key(tmp_path):
     assert "tasks.t.tset" in text and "did you mean tasks.t.test" in text
     assert "'fulll'" in text and "did you mean 'full'" in text
     assert "cpt.data" in text  # a cpt+ arm without domain text
-
-
-def sentiment(path, n, seed):
-    rng = random.Random(seed)
-    good, bad = ["great", "lovely", "fine", "superb"], ["awful", "poor", "broken", "sad"]
-    with open(path, "w") as fh:
-        for i in range(n):
-            label = "positive" if i % 2 == 0 else "negative"
-            word = rng.choice(good if label == "positive" else bad)
-            fh.write(json.dumps({"text": f"the {rng.choice(['cat', 'dog', 'mat'])} was {word}", "label": label}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

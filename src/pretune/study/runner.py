@@ -26,10 +26,10 @@ from pathlib import Path
 from pretune.config import Config, deep_merge, from_dict, load_config, read_yaml, to_dict
 from pretune.errors import ConfigError
 from pretune.files import atomic_write_json
-from pretune.study.config import TASK_METRICS, Arm, Study, StudyConfig, load_study
+from pretune.study.collect import DONE, collect, read_summary, stage_entry
+from pretune.study.config import Arm, Study, StudyConfig, load_study
 
 HELP_CONFIG = StudyConfig
-DONE = ("completed", "early_stopped")
 # Keys that may differ between a finished run and the study that finds it (where and how it runs).
 VOLATILE = {"out_dir", "resume", "overwrite", "train.threads", "train.device", "train.progress", "track"}
 
@@ -47,15 +47,8 @@ def cmd_study(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- shared stages
 
 
-def _summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _finished(run_dir: Path) -> bool:
-    s = _summary(run_dir)
+    s = read_summary(run_dir)
     return bool(s) and s.get("status") in DONE
 
 
@@ -175,8 +168,7 @@ def stage_probes(study: Study, stages: dict[str, Path], log) -> dict:
     cached = json.loads(path.read_text()) if path.is_file() else {}
     out = {}
     for name, run_dir in stages.items():
-        s = _summary(run_dir) if (run_dir / "summary.json").is_file() else None
-        stamp = (s or {}).get("wall_s")
+        stamp = (read_summary(run_dir) or {}).get("wall_s")
         if name in cached and cached[name].get("run_dir") == str(run_dir) and cached[name].get("stamp") == stamp:
             out[name] = cached[name]
             continue
@@ -200,7 +192,7 @@ def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | No
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.out_dir)
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     if not (summary and summary.get("status") in DONE):
         cfg = _continue_or_start(cfg)
         quiet = lambda m: None  # noqa: E731  (runs of a study report through the engine's log)
@@ -336,77 +328,6 @@ def _threads(study: Study) -> int | None:
     return max(1, (os.cpu_count() or 1) // study.cfg.parallel) if study.cfg.parallel > 1 else None
 
 
-# ----------------------------------------------------------------------------- collecting
-
-
-def _example_scores(run_dir: Path, metric: str) -> list[float] | None:
-    path = run_dir / "predictions.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [float(r[metric]) for r in rows] if rows and metric in rows[0] else None
-
-
-def _cost(summary: dict) -> dict:
-    fpt = summary.get("flops_per_token") or {}
-    total = sum(fpt.get(k, 0.0) for k in ("trainable", "frozen", "attention")) or 1.0
-    flops = float(summary.get("flops") or 0.0)
-    return {"flops": flops, "flops_trainable": flops * fpt.get("trainable", 0.0) / total,
-            "flops_frozen": flops * fpt.get("frozen", 0.0) / total,
-            "flops_attention": flops * fpt.get("attention", 0.0) / total,
-            "wall_s": summary.get("wall_s"), "tokens": summary.get("tokens"),
-            "target_tokens": summary.get("target_tokens"), "peak_mem_bytes": summary.get("peak_mem_bytes"),
-            "energy_j": summary.get("energy_j"), "energy_source": summary.get("energy_source"),
-            "co2_g": summary.get("co2_g")}
-
-
-def collect(study: Study, planned: list[Planned], stage_info: dict) -> list[dict]:
-    runs = []
-    root = Path(study.cfg.out_dir)
-    for p in planned:
-        t, arm = study.tasks[p.task], study.arm(p.arm)
-        summary = _summary(p.run_dir) or {}
-        status = summary.get("status") if summary.get("status") in DONE and "probe" in summary else "failed"
-        probe = summary.get("probe", {})
-        start = stage_info.get(arm.init) if arm.init != "scratch" else None
-        row = {"task": p.task, "arm": p.arm, "size": p.size, "size_label": p.size_label, "seed": p.seed,
-               "run_dir": str(p.run_dir.relative_to(root)), "status": status}
-        if status == "failed":
-            runs.append(row)
-            continue
-
-        def change(key):
-            if start is None or probe.get(key) is None or start.get(key) is None:
-                return None
-            return probe[key] - start[key]
-
-        row.update(score=summary.get(t.metric), metrics={m: summary.get(m) for m in TASK_METRICS[t.task]
-                                                           if summary.get(m) is not None},
-                   example_scores=_example_scores(p.run_dir, t.metric), cost=_cost(summary),
-                   params=summary.get("params"), trainable_params=summary.get("trainable_params"),
-                   steps=summary.get("steps"), general_bpb=probe.get("general_bpb"),
-                   forgetting=change("general_bpb"), bias=probe.get("bias"), bias_change=change("bias"),
-                   bias_pair_changes=_pair_changes(probe, start))
-        runs.append(row)
-    return runs
-
-
-def _pair_changes(probe: dict, start: dict | None) -> list[int] | None:
-    """Per bias pair, the run's preference minus its starting model's (-1, 0 or 1), for intervals
-    that resample the pairs as well as the seeds."""
-    after, before = probe.get("bias_prefers"), (start or {}).get("bias_prefers")
-    if not after or not before or len(after) != len(before):
-        return None
-    return [a - b for a, b in zip(after, before)]
-
-
-def _stage_entry(kind: str, run_dir: Path, probe: dict, trained: bool) -> dict:
-    summary = _summary(run_dir) if trained else None
-    return {"run_dir": str(run_dir), "kind": kind, "cost": _cost(summary) if summary else None,
-            "general_bpb": probe.get("general_bpb"), "bias": probe.get("bias"),
-            "bias_by_type": probe.get("bias_by_type"), "steps": (summary or {}).get("steps")}
-
-
 # ----------------------------------------------------------------------------- the study
 
 
@@ -448,9 +369,10 @@ def run_study(study: Study, log=print) -> dict:
     for p in planned:
         if threads:
             p.config = dataclasses.replace(p.config, train=dataclasses.replace(p.config.train, threads=threads))
-        if _finished(p.run_dir):
+        done = read_summary(p.run_dir) or {}
+        if done.get("status") in DONE:
             _check_same(p.config, p.run_dir)
-            if "probe" in (_summary(p.run_dir) or {}):
+            if "probe" in done:
                 continue
         start = probes.get(study.arm(p.arm).init)
         jobs.append(Job(key=str(p.run_dir.relative_to(root)), fn="pretune.study.runner:run_job",
@@ -473,7 +395,7 @@ def run_study(study: Study, log=print) -> dict:
         "tasks": tasks,
         "arms": {a.name: {"init": a.init, "method": a.method, "replay": a.replay, "l2sp": s.l2sp if a.l2sp else 0.0,
                           "shots": a.shots, "description": a.describe()} for a in study.arms},
-        "stages": {name: _stage_entry("existing" if (name == "base" and s.base.run) else
+        "stages": {name: stage_entry("existing" if (name == "base" and s.base.run) else
                                       ("cpt" if name == "cpt" else "pretrain"), path, probes[name],
                                       trained=not (name == "base" and s.base.run))
                    for name, path in stages.items()},
