@@ -23,7 +23,10 @@ from conftest import read_metrics, run_cli
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
-STEPS = ["train.max_steps=10", "train.save_every=5", "train.eval_every=0", "train.log_every=1",
+# evaluation at steps 5 and 10 on 10 windows in batches of 4: 3 batches, so under 2 processes one rank
+# runs a stand-in batch to join FSDP's gathers
+STEPS = ["train.max_steps=10", "train.save_every=5", "train.eval_every=5", "train.eval_tokens=320",
+         "train.eval_batch_size=4", "train.log_every=1",
          "train.batch_size=8", "train.micro_batch_size=2", "train.seq_len=32", "train.progress=false",
          "model.preset=tiny", "data.tokenizer=char", "optim.lr=3e-3", "optim.warmup_steps=5"]
 
@@ -40,6 +43,10 @@ def torchrun(*args: str, nproc: int = 2) -> str:
 
 def losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def evals(run_dir, key: str = "val_loss") -> list[float]:
+    return [r[key] for r in read_metrics(run_dir) if key in r]
 
 
 def reference(tmp_path, corpus) -> list[float]:
@@ -67,6 +74,8 @@ def test_ddp_matches_one_process_and_resumes(tmp_path, corpus):
     torchrun(f"resume={run}", "train.stop_after=null")
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 11))
     assert_close(losses(run), ref)
+    assert len(evals(run)) == 2
+    assert_close(evals(run), evals(tmp_path / "ref"))  # the ranks share the evaluation batches
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     assert summary["tokens"] == 10 * 8 * 32 and summary["target_tokens"] == 10 * 8 * 32
@@ -88,6 +97,8 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(tmp_path, 
     torchrun(f"resume={run}", "train.stop_after=null")  # 2 processes again
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 11))
     assert_close(losses(run), ref)
+    assert_close(evals(run), evals(tmp_path / "ref"))  # the ranks share the evaluation batches
+    assert len(evals(run)) == 2
 
     # the 2-process DCP checkpoint resumes in one process (DCP reshards on load)
     assert run_cli("pretrain", f"resume={single}", "train.stop_after=null", "train.threads=1") == 0
@@ -129,9 +140,11 @@ def test_finetune_with_l2sp_under_torchrun_matches_one_process(tmp_path, corpus,
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.threads=1",
                    *[s for s in STEPS if not s.startswith("train.max_steps")], "train.max_steps=4") == 0
     data = _qa(tmp_path / "qa.jsonl")
-    args = ["task=instruction", f"init_from={base}", f"data.train={data}", "data.val_fraction=0",
+    # 12 validation examples in chunks of 5 (eval_batch_size / 4): 3 chunks shared by 2 ranks
+    args = ["task=instruction", f"init_from={base}", f"data.train={data}", "data.val_fraction=0.25",
             f"method={method}", "lora.dropout=0", "finetune.l2sp=1.0", "finetune.max_len=64", "train.max_steps=6",
-            "train.batch_size=8", "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0",
+            "train.batch_size=8", "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=3",
+            "train.eval_batch_size=20",
             "train.save_every=0", "train.progress=false", "optim.lr=3e-3", "optim.warmup_steps=1"]
     one = tmp_path / "one"
     assert run_cli("finetune", f"out_dir={one}", "train.threads=1", *args) == 0
@@ -141,3 +154,5 @@ def test_finetune_with_l2sp_under_torchrun_matches_one_process(tmp_path, corpus,
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
     assert r.returncode == 0, r.stderr[-4000:]
     assert_close(losses(two), losses(one), rel=2e-4)  # the L2-SP penalty included
+    assert len(evals(two)) == 2 and evals(two)[0] != evals(two)[1]
+    assert_close(evals(two), evals(one), rel=2e-4)

@@ -128,32 +128,25 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
 
 @torch.no_grad()
 def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labels, device,
-                  generation: bool = False, objective=None, per_example: dict | None = None) -> dict:
+                  generation: bool = False, objective=None, per_example: dict | None = None, rt=None) -> dict:
     """Task figures on examples: loss and the task's metrics (generation metrics when asked).
 
     `per_example`, when given, is filled with lists: pred and gold, and a score per example for each
     metric that is a mean over examples (accuracy, exact_match, chrf, rouge_l), so a study can pair
-    runs example by example."""
+    runs example by example. With a distributed runtime `rt`, the ranks share the scoring chunks
+    (generation stays on the calling rank) and the figures do not depend on the number of ranks."""
     if not examples:
         return {}
     model.eval()
     out: dict = {}
     bs = max(1, cfg.train.eval_batch_size // 4)
+    # length-sorted chunks waste little compute on padding; results go back in input order
+    order = sorted(range(len(examples)), key=lambda j: T.length_of(examples[j]))
+    scored = _score_chunks(model, [[examples[j] for j in order[i: i + bs]] for i in range(0, len(examples), bs)],
+                           cfg, tok, labels, device, objective, rt)
     if cfg.task == "classification":
-        # length-sorted chunks waste little compute on padding; predictions go back in input order
-        order = sorted(range(len(examples)), key=lambda j: T.length_of(examples[j]))
-        ranked, loss_sum = [], 0.0
-        for i in range(0, len(examples), bs):
-            chunk = [examples[j] for j in order[i: i + bs]]
-            if _uses_head(cfg):
-                b = T.collate(chunk, cfg.task, "head", tok.pad_id)
-                logits = model(b["input_ids"].to(device), b["last"].to(device)).float()
-                loss_sum += float(torch.nn.functional.cross_entropy(logits, b["labels"].to(device), reduction="sum"))
-                ranked += logits.argmax(-1).tolist()
-            else:
-                ranked += verbalizer_predict(model, chunk, labels, tok, device)
         preds = [0] * len(examples)
-        for j, p in zip(order, ranked):
+        for j, p in zip(order, (p for ranked, _ in scored for p in ranked)):
             preds[j] = p
         gold = [e["label"] for e in examples]
         out = {"accuracy": M.accuracy(preds, gold), "macro_f1": M.macro_f1(preds, gold, len(labels))}
@@ -161,25 +154,15 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
             per_example.update(pred=[labels[p] for p in preds], gold=[labels[g] for g in gold],
                                accuracy=[float(p == g) for p, g in zip(preds, gold)])
         if _uses_head(cfg):
-            out["loss"] = loss_sum / len(examples)
+            out["loss"] = sum(loss for _, loss in scored) / len(examples)
     elif cfg.task == "preference":
-        deltas, pol = [], []
-        for i in range(0, len(examples), bs):
-            b = T.collate(examples[i: i + bs], cfg.task, "", tok.pad_id)
-            d, p = objective.margins(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
-            deltas += d.tolist()
-            pol += p.tolist()
+        deltas = [d for ds, _ in scored for d in ds]  # in length order: only means are taken
+        pol = [p for _, ps in scored for p in ps]
         beta = cfg.finetune.dpo_beta
         out = {"loss": sum(-torch.nn.functional.logsigmoid(torch.tensor(beta * d)).item() for d in deltas) / len(deltas),
                "pref_accuracy": sum(p > 0 for p in pol) / len(pol), "reward_margin": beta * statistics.fmean(deltas)}
     else:
-        nll, n = 0.0, 0
-        for i in range(0, len(examples), bs):
-            b = T.collate(examples[i: i + bs], cfg.task, "", tok.pad_id)
-            logits = model(b["input_ids"].to(device))
-            from pretune.model.gpt import cross_entropy_sum
-            nll += float(cross_entropy_sum(logits, b["targets"].to(device)))
-            n += int((b["targets"] != -100).sum())
+        nll, n = sum(x for x, _ in scored), sum(k for _, k in scored)
         out = {"loss": nll / max(n, 1), "ppl": math.exp(min(nll / max(n, 1), 50))}
         if generation:
             subset = examples[: cfg.finetune.eval_examples]
@@ -205,6 +188,36 @@ def write_predictions(path: Path, per_example: dict) -> None:
     keys = list(per_example)
     rows = [json.dumps({k: per_example[k][i] for k in keys}) for i in range(len(per_example[keys[0]]))]
     ck.atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
+
+
+def _score_chunks(model, chunks: list[list[dict]], cfg: Config, tok: Tokenizer, labels, device, objective,
+                  rt=None) -> list[tuple]:
+    """One result per chunk, in chunk order, the chunks shared among the ranks of `rt`:
+    classification (predictions, summed loss), preference (margins, policy margins), otherwise
+    (summed NLL, target tokens)."""
+    from pretune.model.gpt import cross_entropy_sum
+
+    def score(chunk: list[dict]) -> tuple:
+        if cfg.task == "classification":
+            if not _uses_head(cfg):
+                return verbalizer_predict(model, chunk, labels, tok, device), 0.0
+            b = T.collate(chunk, cfg.task, "head", tok.pad_id)
+            logits = model(b["input_ids"].to(device), b["last"].to(device)).float()
+            loss = torch.nn.functional.cross_entropy(logits, b["labels"].to(device), reduction="sum")
+            return logits.argmax(-1).tolist(), float(loss)
+        b = T.collate(chunk, cfg.task, "", tok.pad_id)
+        if cfg.task == "preference":
+            d, p = objective.margins(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+            return d.tolist(), p.tolist()
+        targets = b["targets"].to(device)
+        return float(cross_entropy_sum(model(b["input_ids"].to(device)), targets)), int((targets != -100).sum())
+
+    part = {}
+    for c in dist.rank_share(len(chunks), rt):
+        result = score(chunks[c if c is not None else 0])
+        if c is not None:  # None: a stand-in so every rank joins FSDP's gathers
+            part[c] = result
+    return dist.gather_chunks(part, rt)
 
 
 def verbalizer_predict(model, examples: list[dict], labels: list[str], tok: Tokenizer, device) -> list[int]:
@@ -269,7 +282,8 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
                              examples={"train": len(train_ex), "val": len(val_ex), "test": len(test_ex)})
 
     def evaluate(m):
-        return {f"val_{k}": v for k, v in evaluate_task(m, val_ex, cfg, tok, labels, device, objective=objective).items()}
+        figures = evaluate_task(m, val_ex, cfg, tok, labels, device, objective=objective, rt=rt)
+        return {f"val_{k}": v for k, v in figures.items()}
 
     extra = {"stage": "finetune", "task": cfg.task, "method": cfg.method, "train_examples": len(train_ex),
              "skipped_records": stats.skipped, "truncated_examples": truncated_train}

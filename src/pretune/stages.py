@@ -96,7 +96,7 @@ def run_pretrain(cfg: Config, log=print) -> dict:
         if not corpus.val:
             return {}
         r = lm_metrics(m, corpus.val_windows(seq_len, cfg.train.eval_tokens), tok.token_bytes, rt.device,
-                       cfg.train.eval_batch_size, rt.autocast_dtype)
+                       cfg.train.eval_batch_size, rt.autocast_dtype, rt)
         return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"]}
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -14,47 +14,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pretune.train.dist import all_reduce_sum, rank_share
+
 
 @torch.no_grad()
 def lm_metrics(model: torch.nn.Module, windows: Iterable[np.ndarray], token_bytes: list[int],
-               device: torch.device, batch_size: int = 64, autocast_dtype=None) -> dict[str, float]:
-    """Loss / perplexity over every target token; bits per byte over the byte-carrying ones."""
+               device: torch.device, batch_size: int = 64, autocast_dtype=None, rt=None) -> dict[str, float]:
+    """Loss / perplexity over every target token; bits per byte over the byte-carrying ones.
+
+    With a distributed runtime `rt`, each rank scores its share of the batches and the per-batch
+    sums are combined in batch order, so the figures do not depend on the number of processes."""
     was_training = model.training
     model.eval()
     nbytes_of = torch.tensor(token_bytes, dtype=torch.float64, device=device)
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    byte_nll = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = 0
-    batch: list[np.ndarray] = []
-
-    def run(rows: list[np.ndarray]):
-        nonlocal total_nll, byte_nll, total_bytes, n_tokens
-        arr = torch.from_numpy(np.stack(rows)).to(device, non_blocking=True)
+    windows = list(windows)
+    batches = [windows[i: i + batch_size] for i in range(0, len(windows), batch_size)]
+    # per batch: summed NLL, NLL of byte-carrying targets, their bytes, target count
+    sums = torch.zeros(len(batches), 4, dtype=torch.float64, device=device)
+    for c in rank_share(len(batches), rt):
+        arr = torch.from_numpy(np.stack(batches[c if c is not None else 0])).to(device, non_blocking=True)
         x, y = arr[:, :-1], arr[:, 1:]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits = model(x)
+        if c is None:
+            continue  # a stand-in forward so every rank joins FSDP's gathers
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                               reduction="none").double()
         b = nbytes_of[y.reshape(-1)]
-        total_nll += nll.sum()
-        byte_nll += (nll * (b > 0)).sum()
-        total_bytes += b.sum()
-        n_tokens += y.numel()
-
-    for w in windows:
-        batch.append(w)
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
+        sums[c, 0], sums[c, 1], sums[c, 2], sums[c, 3] = nll.sum(), (nll * (b > 0)).sum(), b.sum(), y.numel()
     model.train(was_training)
+    if rt is not None:
+        all_reduce_sum(sums, rt)  # each row is filled on one rank only: the sum is exact
+    total_nll, byte_nll, nbytes, n_tokens = sums.sum(0).tolist()
     if n_tokens == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0}
-    loss = total_nll.item() / n_tokens
-    nbytes = total_bytes.item()
+    loss = total_nll / n_tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
-            "bpb": byte_nll.item() / math.log(2) / nbytes if nbytes else float("nan"),
-            "tokens": n_tokens}
+            "bpb": byte_nll / math.log(2) / nbytes if nbytes else float("nan"),
+            "tokens": int(n_tokens)}

@@ -312,6 +312,25 @@ def broadcast_object(obj, rt: Runtime):
     return box[0]
 
 
+def rank_share(n_chunks: int, rt: Runtime | None) -> list[int | None]:
+    """The chunks of an evaluation that this rank runs: chunk i goes to rank i % world.
+
+    Every rank gets the same number of entries, the short ones padded with None (run a stand-in
+    chunk and drop its result): under FSDP each forward gathers weights, a collective that every
+    rank must join."""
+    if rt is None or not rt.distributed:
+        return list(range(n_chunks))
+    mine: list[int | None] = list(range(rt.rank, n_chunks, rt.world))
+    return mine + [None] * (-(-n_chunks // rt.world) - len(mine))
+
+
+def gather_chunks(part: dict, rt: Runtime | None) -> list:
+    """Per-chunk results ({chunk: result}) from every rank, as one list in chunk order."""
+    if rt is not None and rt.distributed:
+        part = {c: r for one in all_gather_objects(part, rt) for c, r in one.items()}
+    return [part[c] for c in sorted(part)]
+
+
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
