@@ -97,3 +97,22 @@ def test_trackers_skip_non_numbers_and_mark_a_failed_run(tmp_path):
     assert sorted(_tensorboard_scalars(tmp_path / "run" / "tensorboard")) == ["loss", "tokens"]
     run = MlflowClient(tracking_uri=uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text().strip())
     assert run.data.metrics == {"loss": 2.5, "tokens": 256.0} and run.info.status == "FAILED"
+
+
+def test_an_error_inside_training_ends_the_mlflow_run_as_failed(tmp_path, corpus, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    import pretune.stages
+
+    def broken_eval(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(pretune.stages, "lm_metrics", broken_eval)
+    out, uri = tmp_path / "run", f"file://{tmp_path}/mlruns"
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=20", *TINY,
+                "track.mlflow=true", f"track.mlflow_uri={uri}")
+    run = MlflowClient(tracking_uri=uri).get_run((out / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED"  # not left RUNNING
+    assert run.data.metrics["loss"] > 0  # the steps before the error were logged

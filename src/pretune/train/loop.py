@@ -295,6 +295,9 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                                                             "last_checkpoint": str(last_good_ckpt)})
         metrics.close(None)
         raise
+    except BaseException:
+        metrics.close(None)  # an error or an interrupt: the trackers' runs end as failed, not left running
+        raise
     if bar is not None:
         bar.close()
     final_step = step + 1 if stop > start else start
