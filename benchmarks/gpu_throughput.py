@@ -96,7 +96,7 @@ def bench_one(preset: str, micro: int, seq_len: int, device: torch.device, steps
 
 def environment(device: torch.device) -> dict:
     env = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__, "python": platform.python_version(),
-           "device": str(device), "host": platform.node()}
+           "device": str(device)}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    gpu_memory_gb=round(torch.cuda.get_device_properties(device).total_memory / 1e9, 1))

@@ -45,7 +45,7 @@ def main() -> int:
             ("validation bits/byte", f"{s['val_bpb']:.4f}", "-"),
             ("wall time (s)", f"{train_wall:.0f}", f"~{NANOGPT['wall_s']:.0f}"),
             ("tokens/s (training)", f"{s['tokens_per_s']:,.0f}", f"~{NANOGPT['tokens_per_s']:,.0f}")]
-    md = [f"# shakespeare-char (nanoGPT's CPU recipe)", "",
+    md = ["# shakespeare-char (nanoGPT's CPU recipe)", "",
           f"Date: {datetime.date.today().isoformat()}  ",
           f"Machine: {cpu_name()}, {os.cpu_count()} cores, PyTorch "
           f"{__import__('torch').__version__}  ",

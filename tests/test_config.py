@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pretune.config import Config, load_config, parse_overrides
+from pretune.config import Config, load_config
+from pretune.config_io import parse_overrides
 from pretune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -138,7 +138,8 @@ def test_test_fraction_holds_out_the_same_records_whatever_the_seed(tmp_path):
 
 
 def test_a_finished_stage_started_from_a_parent_is_reused_whatever_its_resolved_model(tmp_path):
-    from pretune.config import Config, load_config, save_config
+    from pretune.config import Config, load_config
+    from pretune.config_io import save_config
     from pretune.study.runner import _check_same
 
     run = tmp_path / "cpt"

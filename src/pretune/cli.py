@@ -71,7 +71,8 @@ def _split(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
 
 def _run_config(argv: list[str]):
     """Config from YAML + overrides; `resume=DIR` starts from DIR's saved config.yaml."""
-    from pretune.config import Config, load_config, parse_overrides, read_yaml
+    from pretune.config import Config, load_config
+    from pretune.config_io import parse_overrides, read_yaml
     from pretune.errors import ConfigError
 
     yaml_path, extra, overrides = _split(argv)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pretune.config import Config, save_config
+from pretune.config import Config
+from pretune.config_io import save_config
 from pretune.data import tasks as T
 from pretune.data.corpus import build_tokenizer
 from pretune.data.shards import BatchSampler, load_source

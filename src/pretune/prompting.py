@@ -14,7 +14,8 @@ import random
 import time
 from pathlib import Path
 
-from pretune.config import Config, save_config
+from pretune.config import Config
+from pretune.config_io import save_config
 from pretune.data import tasks as T
 from pretune.errors import ConfigError
 from pretune.files import atomic_write_json

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from pretune.config import Config, save_config
+from pretune.config import Config
+from pretune.config_io import save_config
 from pretune.errors import ConfigError
 from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
 from pretune.data.tokenizer import Tokenizer

@@ -18,8 +18,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from pretune.config import TASKS, MeterConfig, TrackConfig, from_dict, load_config, parse_overrides, read_yaml
-from pretune.config import deep_merge
+from pretune.config import TASKS, MeterConfig, TrackConfig, load_config
+from pretune.config_io import deep_merge, from_dict, parse_overrides, read_yaml
 from pretune.errors import ConfigError
 
 METHODS = ("full", "freeze", "lora", "zero-shot", "few-shot")

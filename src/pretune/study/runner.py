@@ -23,7 +23,8 @@ import os
 import time
 from pathlib import Path
 
-from pretune.config import Config, deep_merge, from_dict, load_config, read_yaml, to_dict
+from pretune.config import Config, load_config
+from pretune.config_io import deep_merge, from_dict, read_yaml, to_dict
 from pretune.errors import ConfigError
 from pretune.files import atomic_write_json
 from pretune.study.collect import DONE, collect, read_summary, stage_entry

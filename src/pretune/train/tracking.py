@@ -182,7 +182,7 @@ class MLflowTracker:
         except MlflowException as e:
             raise ConfigError(f"track.mlflow_uri={uri}: MLflow refused it ({e.message.splitlines()[0]}); "
                               f"give a working tracking URI or set track.mlflow=false") from None
-        from pretune.config import to_dict
+        from pretune.config_io import to_dict
 
         params = [Param(_clean_key(k), str(v)[:MAX_PARAM_VALUE])
                   for k, v in flatten(to_dict(cfg)).items() if _clean_key(k) not in existing]

@@ -1,0 +1,169 @@
+"""Typed configuration from YAML and KEY=VALUE overrides, independent of pretune's own fields.
+
+`from_dict` builds a dataclass from nested data and collects every problem at once: unknown keys
+(with a "did you mean" hint or the known keys), wrong types, each naming its dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretune.errors import ConfigError
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ["a.b=1", "c=x"] into a nested dict, values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"argument {item!r} is not KEY=VALUE (for example train.max_steps=200)")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict):  # "a: b" was meant as text, not a mapping
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is given both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Merge `extra` into a copy of `base`, recursing into dicts."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check/convert `value` to the annotated type `tp`; append a problem on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            trial: list[str] = []
+            out = _coerce(value, arg, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if value is None:
+            return []
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(items)]
+    if tp is Any or tp is dict:
+        if tp is dict and value is not None and not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected a number, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | None = None):
+    """Build dataclass `cls` from a nested dict, collecting every unknown key and type error."""
+    top = problems is None
+    problems = [] if problems is None else problems
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in fields(cls)}
+    kwargs = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        data = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            known = ", ".join(sorted(f"{prefix}{a}" for a in allowed))
+            problems.append(f"unknown key {full}" + (f"; did you mean {prefix}{hint[0]}?" if hint
+                                                      else f"; known keys here: {known}"))
+            continue
+        tp = hints[key]
+        if is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, f"{full}.", problems)
+        else:
+            kwargs[key] = _coerce(value, tp, full, problems)
+    out = cls(**kwargs) if not (top and problems) else None
+    if top and problems:
+        raise ConfigError(problems)
+    return out
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain data (for config.yaml and summaries)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
