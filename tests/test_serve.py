@@ -19,7 +19,7 @@ from pretune.eval.generate import generate
 from pretune.model.config import ModelConfig
 from pretune.model.gpt import GPT
 from pretune.model.io import load_model, save_model_dir
-from pretune.serve.engine import Engine, SamplingParams, TextStream
+from pretune.serve.engine import Engine, SamplingParams, TextStream, generate_all
 
 TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?<|>\n"
 KEY = "sk-test-key"
@@ -84,6 +84,21 @@ def test_batched_equals_single_with_joins(model_tok):
     for i, p in enumerate(prompts):
         assert got[i] == reference(model, tok, tok.encode(p), 24, temperature=0), p
         assert sinks[i][-1].finish_reason in ("stop", "length")
+
+
+def test_generate_all_equals_one_at_a_time(model_tok):
+    """Evaluation's batched greedy decoding gives each prompt's own tokens, EOS stops included,
+    for prompts of many lengths, one longer than the context."""
+    model, tok = model_tok
+    ctx = model.cfg.max_seq_len
+    prompts = [tok.encode(p) for p in ["a", "hello world", "\n", "The quick brown fox", "xy", "Q?", "zzz top."]]
+    prompts.append(tok.encode("abc " * (ctx // 4 + 3)))  # longer than the context: its tail is kept
+    want = [generate(model, ids, 20, temperature=0, stop_ids={tok.eos_id}) for ids in prompts]
+    got = generate_all(model, tok, prompts, 20, max_batch=3)
+    assert got == want
+    assert got[2] == [] and len(got[0]) == 20  # EOS at once (this model after a newline); the full 20
+    assert len(got[-1]) <= 1  # the context leaves room for one new token only
+    assert generate_all(model, tok, prompts[:2], 0) == [[], []]
 
 
 def test_admission_skip_ahead_and_drain(model_tok):

@@ -25,13 +25,13 @@ from pretune.data.shards import BatchSampler, load_source
 from pretune.data.tokenizer import Tokenizer
 from pretune.errors import ConfigError
 from pretune.eval import metrics as M
-from pretune.eval.generate import generate
 from pretune.files import atomic_write_json
 from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.heads import ClassifierModel
 from pretune.model.io import load_model, save_model_dir
 from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merge_lora
+from pretune.serve.engine import generate_all
 from pretune.stages import open_run, parent_tokenizer
 from pretune.train import checkpoint as ck
 from pretune.train import dist
@@ -167,8 +167,9 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
         out = {"loss": nll / max(n, 1), "ppl": math.exp(min(nll / max(n, 1), 50))}
         if generation:
             subset = examples[: cfg.finetune.eval_examples]
-            preds = [tok.decode(generate(model, e["prompt"], cfg.finetune.max_new_tokens, temperature=0,
-                                         stop_ids={tok.eos_id})).strip() for e in subset]
+            outs = generate_all(model, tok, [e["prompt"] for e in subset], cfg.finetune.max_new_tokens,
+                                max_batch=min(32, cfg.train.eval_batch_size))
+            preds = [tok.decode(ids).strip() for ids in outs]
             gold = [e["reference"].strip() for e in subset]
             out.update(exact_match=M.exact_match(preds, gold), chrf=M.chrf(preds, gold))
             if cfg.task == "text2text":

@@ -415,3 +415,24 @@ class Engine:
             job.sink(event)
         except Exception:  # the receiver is gone (its event loop closed): nothing to tell
             log.debug("job %s: event dropped", job.id)
+
+
+@torch.inference_mode()
+def generate_all(model: GPT, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                 max_batch: int = 32) -> list[list[int]]:
+    """Greedy continuations of many prompts, batched through the engine in this thread: the tokens
+    `eval.generate.generate(model, prompt, max_new_tokens, temperature=0, stop_ids={EOS})` gives
+    for each prompt, without the cost of decoding one sequence at a time. A prompt too long for the
+    context keeps its last tokens, and max_new_tokens shrinks to fit, as in `generate`."""
+    if max_new_tokens < 1 or not prompts:
+        return [[] for _ in prompts]
+    engine = Engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))))
+    ctx = engine.ctx
+    jobs = []
+    for prompt in prompts:
+        prompt = prompt[-(ctx - 1):] if len(prompt) >= ctx else prompt
+        params = SamplingParams(max_tokens=min(max_new_tokens, ctx - len(prompt)), temperature=0)
+        jobs.append(engine.submit(prompt, params, lambda event: None))
+    while engine.active:
+        engine.step()
+    return [job.stream.ids[:job.n_tokens] for job in jobs]
