@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -105,9 +106,17 @@ def cmd_pretrain(argv):
     from pretune.stages import run_pretrain
 
     summary = run_pretrain(_run_config(argv))
-    keys = ("status", "steps", "train_loss", "val_loss", "val_bpb", "wall_s", "tokens_per_s")
-    print("summary: " + ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float)
-                                  else f"{k}={summary.get(k)}" for k in keys if k in summary))
+    print_summary(summary, ("status", "steps", "train_loss", "val_loss", "val_bpb", "wall_s", "tokens_per_s"))
+
+
+def print_summary(summary: dict, keys: tuple[str, ...]) -> None:
+    """One line of a run's headline figures: `summary: status=completed, steps=200, val_loss=1.234, ...`."""
+    def show(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return json.dumps(v, default=str) if isinstance(v, dict) else str(v)
+
+    print("summary: " + ", ".join(f"{k}={show(summary[k])}" for k in keys if k in summary))
 
 
 def _model_arg(model: str | None, verb: str) -> str:

@@ -42,13 +42,11 @@ HELP_CONFIG = Config
 
 
 def cmd_finetune(argv: list[str]) -> None:
-    from pretune.cli import _run_config
+    from pretune.cli import _run_config, print_summary
 
     summary = run_finetune(_run_config(argv))
-    shown = {k: v for k, v in summary.items() if k in ("status", "steps", "accuracy", "macro_f1", "rouge_l",
-                                                         "chrf", "exact_match", "pref_accuracy", "val_loss",
-                                                         "mean", "wall_s", "trainable_params")}
-    print("summary: " + json.dumps(shown, default=str))
+    print_summary(summary, ("status", "steps", "accuracy", "macro_f1", "rouge_l", "chrf", "exact_match",
+                            "pref_accuracy", "val_loss", "mean", "std", "wall_s", "trainable_params"))
 
 
 # ----------------------------------------------------------------------------- model and method
