@@ -150,3 +150,20 @@ def test_unknown_verb_and_bad_key_exit_cleanly(capsys):
     assert "did you mean pretrain" in capsys.readouterr().err
     assert run_cli("pretrain", "train.max_step=3") == 2
     assert "did you mean train.max_steps" in capsys.readouterr().err
+
+
+def test_default_warmup_is_a_tenth_of_a_short_run_and_a_long_warmup_is_flagged(tmp_path, corpus, capsys):
+    from pretune.config import OptimConfig
+    from pretune.train.optim import lr_at
+
+    cfg = OptimConfig(lr=1.0, min_lr_ratio=0.0)
+    assert [round(lr_at(s, cfg, 60), 3) for s in range(6)] == [0.167, 0.333, 0.5, 0.667, 0.833, 1.0]
+    assert lr_at(59, cfg, 60) < 0.01  # decayed by the end of the run
+    assert lr_at(99, cfg, 5000) == 1.0 and lr_at(98, cfg, 5000) < 1.0  # long runs: 100 steps
+    assert lr_at(9, OptimConfig(lr=1.0, warmup_steps=10), 60) == 1.0  # an explicit value is kept
+
+    out = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("optim.warmup_steps")]
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=6", *args,
+                   "optim.warmup_steps=10") == 0
+    assert "optim.warmup_steps=10 is not shorter than the run's 6 steps" in capsys.readouterr().out

@@ -130,8 +130,8 @@ class OptimConfig:
     """AdamW beta2."""
     eps: float = 1e-8
     """AdamW epsilon."""
-    warmup_steps: int = 100
-    """Linear warmup steps."""
+    warmup_steps: int | None = None
+    """Linear warmup steps; None: a tenth of the run's steps, at most 100."""
     schedule: str = "cosine"
     """'cosine' (warmup then cosine to min), 'wsd' (warmup, stable, linear decay) or 'constant'."""
     decay_fraction: float = 0.2

@@ -156,6 +156,10 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     energy_before = state.get("energy_j", 0.0)
     max_steps = t_cfg.max_steps
     stop = t_cfg.stop_after or max_steps
+    if rt.is_main and start == 0 and (cfg.optim.warmup_steps or 0) >= max_steps > 1:
+        log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than the run's {max_steps} "
+            f"steps, so the learning rate never decays from its warmup; leave optim.warmup_steps unset "
+            f"for a tenth of the run")
     autocast = torch.autocast(device.type, dtype=rt.autocast_dtype or torch.float32,
                               enabled=rt.autocast_dtype is not None)
     bar = None

@@ -28,10 +28,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
 
 
+def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
+    """The warmup's length: optim.warmup_steps, or by default a tenth of the run, at most 100 steps
+    (a fixed 100 would leave a short fine-tuning run below its learning rate throughout)."""
+    if cfg.warmup_steps is None:
+        return min(100, max(1, max_steps // 10))
+    return min(cfg.warmup_steps, max_steps)
+
+
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Learning rate for optimiser step `step` (0-based)."""
     peak, low = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    warm = min(cfg.warmup_steps, max_steps)
+    warm = warmup_steps(cfg, max_steps)
     if step < warm:
         return peak * (step + 1) / warm
     if cfg.schedule == "constant":
