@@ -167,3 +167,11 @@ def test_default_warmup_is_a_tenth_of_a_short_run_and_a_long_warmup_is_flagged(t
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=6", *args,
                    "optim.warmup_steps=10") == 0
     assert "optim.warmup_steps=10 is not shorter than the run's 6 steps" in capsys.readouterr().out
+
+
+def test_pretrain_refuses_fine_tuning_keys_and_names_them(tmp_path, corpus, capsys):
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={tmp_path / 'run'}", *TINY,
+                   "finetune.replay=[general.txt]", "lora.rank=4") == 2
+    err = capsys.readouterr().err
+    assert "lora.rank, finetune.replay: fine-tuning keys, which pretrain does not read" in err
+    assert "data.weights" in err and not (tmp_path / "run").exists()

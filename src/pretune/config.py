@@ -7,6 +7,7 @@ and the fix, before any model is built.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,4 +354,16 @@ def validate_run(cfg: Config) -> list[str]:
 
 
 TASKS = ("classification", "instruction", "text2text", "preference")
+
+
+def finetune_only_keys(cfg: Config) -> list[str]:
+    """The fine-tuning keys (task, method, lora.*, freeze.*, finetune.*) set away from their defaults:
+    `pretune pretrain` does not read them, so giving them there is a mistake worth naming."""
+    default = Config()
+    keys = [k for k in ("task", "method") if getattr(cfg, k) != getattr(default, k)]
+    for section in ("lora", "freeze", "finetune"):
+        mine, base = getattr(cfg, section), getattr(default, section)
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(mine)
+                 if getattr(mine, f.name) != getattr(base, f.name)]
+    return keys
 _VALIDATORS: dict[type, Any] = {Config: validate_run}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretune.config import Config
+from pretune.config import Config, finetune_only_keys
 from pretune.config_io import save_config
 from pretune.errors import ConfigError
 from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
@@ -70,6 +70,12 @@ def run_stage(run_dir: Path, cfg: Config) -> str:
 
 def run_pretrain(cfg: Config, log=print) -> dict:
     """Pre-training from scratch, or continued pre-training when init_from is set."""
+    stray = finetune_only_keys(cfg)
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: fine-tuning keys, which pretrain does not read. Use `pretune "
+                          f"finetune` for a task; for replay in continued pre-training, list the general text in "
+                          f"data.train with data.weights (data.train=[domain.txt,general.txt] "
+                          f"data.weights=[0.75,0.25])")
     rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)
     run_dir = open_run(cfg, rt)
     if cfg.resume:
