@@ -8,7 +8,8 @@ import torch
 from conftest import TINY, make_corpus, read_metrics, run_cli, sentiment
 from pretune.model.config import ModelConfig, resolve_model_config
 from pretune.model.gpt import GPT
-from pretune.model.lora import apply_lora, merge_lora
+from pretune.model.io import model_state
+from pretune.model.lora import apply_lora, merge_lora, merged_state
 
 FT = [a for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len"))] + ["finetune.max_len=64"]
 
@@ -44,8 +45,12 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges_exactly():
                 p.normal_()
     adapted = model(x).detach()
     assert not torch.allclose(adapted, base)
+    saved = merged_state(model)  # what a LoRA run writes to model/, the model left as it was
+    assert torch.equal(model(x), adapted)
     merge_lora(model)
     assert torch.allclose(model(x), adapted, atol=1e-5)
+    assert saved.keys() == model_state(model).keys()
+    assert all(torch.equal(saved[k], v) for k, v in model_state(model).items())
 
 
 def test_prompt_tokens_carry_no_loss(base_run):
@@ -78,6 +83,14 @@ def test_classification_learns_well_above_chance(tmp_path, base_run, classifier)
     assert summary["accuracy"] >= 0.85 and summary["macro_f1"] >= 0.85, summary
     assert (out / "model" / "task.json").is_file()
     assert json.loads((out / "lineage.json").read_text())["stage"] == "finetune"
+    # `pretune evaluate` reads the task, labels and head from model/task.json and agrees with the run
+    e = tmp_path / f"{classifier}-eval.json"
+    assert run_cli("evaluate", out, f"data.val={val}", "max_len=64", f"out={e}",
+                   f"predictions={tmp_path / 'pred.jsonl'}") == 0
+    r = json.loads(e.read_text())
+    assert r["task"] == "classification" and r["examples"] == 60
+    assert (r["accuracy"], r["macro_f1"]) == (summary["accuracy"], summary["macro_f1"])
+    assert len((tmp_path / "pred.jsonl").read_text().splitlines()) == 60
 
 
 @pytest.mark.parametrize("method,expect", [("lora", "adapter/adapter.safetensors"), ("freeze", "model/head.safetensors")])
@@ -150,6 +163,12 @@ def test_instruction_with_replay_and_generation_metrics(tmp_path, base_run):
                    "finetune.max_new_tokens=8", f"out_dir={out}", "train.max_steps=8", *FT) == 0
     s = json.loads((out / "summary.json").read_text())
     assert {"loss", "ppl", "exact_match", "chrf"} <= set(s) and s["target_tokens"] > 0
+    e = tmp_path / "eval.json"
+    assert run_cli("evaluate", out, f"data.val={f}", "max_len=64", "max_new_tokens=8", "eval_examples=8",
+                   f"out={e}") == 0
+    r = json.loads(e.read_text())
+    assert r["task"] == "instruction" and r["loss"] == pytest.approx(s["loss"], rel=1e-5)
+    assert (r["exact_match"], r["chrf"]) == (s["exact_match"], s["chrf"])
 
 
 def test_dpo_loss_falls_and_margin_grows(tmp_path, base_run):
@@ -164,6 +183,15 @@ def test_dpo_loss_falls_and_margin_grows(tmp_path, base_run):
     evals = [r for r in m if "val_reward_margin" in r]
     assert m[-1]["loss"] < m[0]["loss"] < 0.7  # -log sigmoid(0) = 0.693 at the start
     assert evals[-1]["val_reward_margin"] > evals[0]["val_reward_margin"] > 0
+    # the merged model against its base as the reference: the run's own final figures
+    s = json.loads((out / "summary.json").read_text())
+    e = tmp_path / "eval.json"
+    assert run_cli("evaluate", out, f"data.val={f}", f"reference={base_run}", "max_len=64", f"out={e}") == 0
+    r = json.loads(e.read_text())
+    assert r["reward_margin"] == pytest.approx(s["reward_margin"], rel=1e-3)
+    assert r["pref_accuracy"] == s["pref_accuracy"] == 1.0
+    assert run_cli("evaluate", out, f"data.val={f}", "max_len=64", f"out={e}") == 0  # no reference
+    assert set(json.loads(e.read_text())) >= {"pref_accuracy", "policy_margin"}
 
 
 def test_malformed_records_name_file_line_and_field_or_are_skipped(tmp_path, base_run, capsys):

@@ -158,15 +158,23 @@ def cmd_evaluate(argv):
     from pretune.data.corpus import load_corpus
     from pretune.errors import ConfigError
     from pretune.eval.evaluate import lm_metrics
+    from pretune.eval.task_eval import evaluate_on_task, read_task_info
     from pretune.model.io import load_model
     from pretune.train.dist import pick_device
 
     yaml_path, model_path, overrides = _split(argv)
     e = load_config(EvaluateConfig, yaml_path, overrides)
     if not e.data.val:
-        raise ConfigError("pretune evaluate needs the text to evaluate on: data.val=FILE (or a glob)")
+        raise ConfigError("pretune evaluate needs the text or records to evaluate on: data.val=FILE (or a glob)")
     device = pick_device(e.device)
-    model, tok = load_model(_model_arg(model_path, "evaluate"), device)
+    model_path = _model_arg(model_path, "evaluate")
+    if e.task != "lm" and (e.task or read_task_info(model_path).get("task")):
+        r = evaluate_on_task(model_path, e, device)
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        if e.out:
+            Path(e.out).write_text(json.dumps(r, indent=2))
+        return
+    model, tok = load_model(model_path, device)
     seq_len = e.seq_len or model.cfg.max_seq_len
     e.data.train, e.data.val_fraction = list(e.data.val), 0.0
     e.data.val = []

@@ -30,7 +30,7 @@ from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.heads import ClassifierModel
 from pretune.model.io import load_model, save_model_dir
-from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merge_lora
+from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merged_state
 from pretune.serve.engine import generate_all
 from pretune.stages import open_run, parent_tokenizer
 from pretune.train import checkpoint as ck
@@ -99,8 +99,21 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
     """How model/ is written: a plain model directory (LoRA merged, adapter/ beside it), plus the
     classification head and the label names when there is one."""
 
+    def task_files(model: torch.nn.Module, directory: Path) -> None:
+        """task.json (task, label names, classifier), and head.safetensors when there is a head."""
+        if isinstance(model, ClassifierModel):
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
+                      str(directory / "head.safetensors"))
+        info = {"task": cfg.task, "labels": labels,
+                "classifier": cfg.finetune.classifier if cfg.task == "classification" else None}
+        if cfg.task == "preference":
+            info["dpo_beta"] = cfg.finetune.dpo_beta
+        atomic_write_json(directory / "task.json", info)
+
     def save(model: torch.nn.Module, model_dir: Path) -> None:
         lm = model.lm if isinstance(model, ClassifierModel) else model
+        state = None
         if lora_layers(lm):
             adapter = model_dir.parent / "adapter"
             adapter.mkdir(parents=True, exist_ok=True)
@@ -109,16 +122,12 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
             atomic_write_json(adapter / "lora.json", {
                 "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                 "targets": list(cfg.lora.targets), "base": str(Path(cfg.init_from).resolve()) if cfg.init_from else None})
+            task_files(model, adapter)
             if cfg.lora.save == "adapter":
                 return
-            merge_lora(lm)
-        save_model_dir(lm, model_dir, tok)
-        if isinstance(model, ClassifierModel):
-            from safetensors.torch import save_file
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
-                      str(model_dir / "head.safetensors"))
-        atomic_write_json(model_dir / "task.json", {"task": cfg.task, "labels": labels,
-                                                    "classifier": cfg.finetune.classifier if cfg.task == "classification" else None})
+            state = merged_state(lm)  # the model itself stays unmerged: a DPO reference still works
+        save_model_dir(lm, model_dir, tok, state=state)
+        task_files(model, model_dir)
     return save
 
 

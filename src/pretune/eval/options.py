@@ -34,7 +34,23 @@ class EvaluateConfig:
     """`pretune evaluate MODEL data.val=FILE [KEY=VALUE ...]`."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """data.val: the text to evaluate on (files, globs, directories)."""
+    """data.val: the text or task records to evaluate on (files, globs, directories); task records are
+    read with the field names of `pretune finetune` (data.text_field, data.label_field, ...)."""
+    task: str | None = None
+    """'classification', 'instruction', 'text2text' or 'preference' for the task's figures, 'lm' for
+    loss, perplexity and bits per byte; None: the task a fine-tuned model was trained for, else 'lm'."""
+    max_len: int = 256
+    """Task records: longest example in tokens (longer ones are cut from the left, and counted)."""
+    max_new_tokens: int = 64
+    """Generation tasks: tokens generated per example."""
+    eval_examples: int = 200
+    """Generation tasks: at most this many examples get generation figures (loss covers all)."""
+    reference: str | None = None
+    """Preference: a reference model for DPO's reward margin (without one, the model's own margins)."""
+    dpo_beta: float | None = None
+    """Preference: DPO's beta for the reward margin; None: the one the model was tuned with, else 0.1."""
+    predictions: str | None = None
+    """Task records: also write each example's prediction and scores to this JSONL file."""
     seq_len: int | None = None
     """Context length; None means the model's max_seq_len."""
     max_tokens: int = 10_000_000
@@ -45,3 +61,11 @@ class EvaluateConfig:
     """'auto', 'cpu' or 'cuda'."""
     out: str | None = None
     """Also write the figures to this JSON file."""
+
+    def problems(self) -> list[str]:
+        from pretune.config import TASKS
+
+        allowed = (*TASKS, "lm")
+        if self.task is not None and self.task not in allowed:
+            return [f"task={self.task!r} must be one of {', '.join(allowed)}"]
+        return []

@@ -43,11 +43,13 @@ def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict
 
 
 def save_model_dir(model: torch.nn.Module, directory: str | Path, tokenizer=None,
-                   extra_config: dict | None = None) -> Path:
-    """model.safetensors + config.json (+ tokenizer files), written atomically."""
+                   extra_config: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """model.safetensors (the model's weights, or `state`) + config.json (+ tokenizer files),
+    written atomically."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(model_state(model) if state is None else state, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         cfg = asdict(model.cfg) if hasattr(model, "cfg") else {}
         cfg.update(extra_config or {})
         cfg["pretune_format"] = 1

@@ -146,6 +146,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge_lora` would give, without changing the model: every adapted weight
+    with its adapter folded in, no adapter tensors. The model keeps training or evaluating as it
+    was (a DPO run's reference is still the base with its adapters switched off)."""
+    from pretune.model.io import model_state
+
+    state = model_state(model)
+    for name, module in lora_layers(model).items():
+        state[f"{name}.weight"] = module.merged_weight().detach().to("cpu").contiguous()
+        del state[f"{name}.lora_a"], state[f"{name}.lora_b"]
+    return state
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """Run the base model (the DPO reference) without a second copy of its weights."""

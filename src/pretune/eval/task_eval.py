@@ -1,0 +1,112 @@
+"""`pretune evaluate MODEL task=... data.val=FILE`: a task's figures for any model and dataset.
+
+The model is a run or model directory (pretune's, or a Hugging Face one). A model fine-tuned by
+pretune carries its task in model/task.json: the task, the label names in the order its head was
+trained on, and whether it classifies with a head or by scoring label words (verbalizer); with no
+`task=` given, that task is evaluated. Records are read with the same field names and template as
+`pretune finetune` reads them (data.text_field, data.label_field, ...), and scored by the same code
+as the evaluations during fine-tuning (finetune.evaluate_task), so the figures agree.
+
+Preference data is scored by the model's own margin, log p(chosen) - log p(rejected): the share of
+pairs it prefers the chosen response (pref_accuracy) and the mean margin; with `reference=MODEL`
+also DPO's implicit reward margin and loss against that reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pretune.config import TASKS, Config, FinetuneConfig, TrainConfig
+from pretune.data import tasks as T
+from pretune.data.sources import DataError
+from pretune.errors import ConfigError
+from pretune.model.heads import ClassifierModel
+from pretune.model.io import find_model_dir, load_model
+
+
+def read_task_info(model_path: str | Path) -> dict:
+    """model/task.json of a fine-tuned model ({} for a plain language model)."""
+    f = find_model_dir(model_path) / "task.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_task_model(model_path: str | Path, info: dict, device) -> tuple[torch.nn.Module, object]:
+    """The language model, wrapped with its classification head when it was trained with one."""
+    lm, tok = load_model(model_path, device=device)
+    if tok is None:
+        raise ConfigError(f"{model_path} has no tokenizer files; evaluation needs the model's tokenizer")
+    model: torch.nn.Module = lm
+    if info.get("classifier") == "head":
+        head_file = find_model_dir(model_path) / "head.safetensors"
+        if not head_file.is_file():
+            raise ConfigError(f"{model_path}: task.json names a classification head but {head_file.name} is missing")
+        model = ClassifierModel(lm, len(info["labels"])).to(device)
+        model.head.load_state_dict(load_file(str(head_file), device=str(device)))
+    return model.eval().requires_grad_(False), tok
+
+
+class _PolicyMargins:
+    """evaluate_task's preference scorer: margins against `reference`, or the policy's own (zero
+    reference) when there is none."""
+
+    def __init__(self, reference: torch.nn.Module | None):
+        self.reference = reference
+
+    def margins(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        from pretune.train.objectives import sequence_logprobs
+
+        policy = sequence_logprobs(model, batch)
+        pol = policy[0::2] - policy[1::2]
+        if self.reference is None:
+            return pol, pol
+        ref = sequence_logprobs(self.reference, batch)
+        return pol - (ref[0::2] - ref[1::2]), pol
+
+
+def evaluate_on_task(model_path: str, e, device, log=print) -> dict:
+    """Task figures of the model at `model_path` on e.data.val (an EvaluateConfig `e`)."""
+    from pretune.finetune import evaluate_task, write_predictions
+
+    info = read_task_info(model_path)
+    task = e.task or info.get("task")
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} is not one of {', '.join(TASKS)}")
+    model, tok = load_task_model(model_path, info if info.get("task") == task else {}, device)
+    classifier = "head" if isinstance(model, ClassifierModel) else "verbalizer"
+    beta = e.dpo_beta or (info.get("dpo_beta") if info.get("task") == task else None) or FinetuneConfig.dpo_beta
+    finetune = FinetuneConfig(classifier=classifier, max_len=e.max_len, max_new_tokens=e.max_new_tokens,
+                              eval_examples=e.eval_examples, dpo_beta=beta)
+    cfg = Config(task=task, data=e.data, finetune=finetune, train=TrainConfig(eval_batch_size=4 * e.batch_size))
+    stats = T.TaskStats()
+    records = T.read_records(e.data.val, task, e.data, stats, "data.val")
+    if not records:
+        raise DataError(f"data.val={e.data.val} holds no {task} records")
+    labels = None
+    if task == "classification":
+        trained = info.get("labels") if info.get("task") == task else None
+        if classifier == "head":
+            if e.data.labels and list(e.data.labels) != trained:
+                raise ConfigError(f"data.labels={e.data.labels}: this model's head was trained on the labels "
+                                  f"{trained}, in that order; leave data.labels unset")
+            labels = trained
+        else:  # the label words to score: given, else those the model was tuned on, else the data's
+            labels = list(e.data.labels or trained or sorted({r["label"] for r in records}))
+    examples = T.encode(records, cfg, tok, labels, stats)
+    objective = None
+    if task == "preference":
+        reference = load_model(e.reference, device=device)[0].eval() if e.reference else None
+        objective = _PolicyMargins(reference)
+    per_example: dict = {}
+    figures = evaluate_task(model, examples, cfg, tok, labels, device, generation=True, objective=objective,
+                            per_example=per_example)
+    if task == "preference" and not e.reference:
+        figures = {"pref_accuracy": figures["pref_accuracy"], "policy_margin": figures["reward_margin"] / finetune.dpo_beta}
+    if e.predictions:
+        write_predictions(Path(e.predictions), per_example)
+    figures.update(task=task, examples=len(examples), truncated_examples=stats.truncated,
+                   skipped_records=stats.skipped)
+    return figures
