@@ -118,3 +118,27 @@ def test_jsonl_and_csv_sources(tmp_path):
     arr = np.asarray(store.spans[0].array).tolist()
     e = tok.eos_id
     assert arr == tok.encode("ab") + [e] + tok.encode("ba") + [e] + tok.encode("a, b") + [e]
+
+
+def test_text2text_takes_sentence_lists_and_several_references(tmp_path):
+    """SciTLDR's layout: the source as a list of sentences, several reference targets; a wrong type is
+    named with its file, line and field."""
+    from pretune.data.tasks import TaskStats, normalise, read_records
+    from pretune.eval import metrics as M
+
+    d = DataConfig()
+    r = normalise({"source": ["First one.", "Second one."], "target": ["tl;dr a", "tl;dr b"]}, "text2text", d,
+                  tmp_path / "x.jsonl", 3)
+    assert r["messages"][0]["content"] == "First one. Second one."
+    assert r["messages"][1]["content"] == "tl;dr a" and r["references"] == ["tl;dr a", "tl;dr b"]
+    with pytest.raises(DataError, match=r"x.jsonl:4: field 'source' holds dict .* expected text"):
+        normalise({"source": {"a": 1}, "target": "t"}, "text2text", d, tmp_path / "x.jsonl", 4)
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"source": ["s."], "target": ["one", "two"]}) + "\n")
+    assert read_records([str(f)], "text2text", d, TaskStats(), "data.train")[0]["references"] == ["one", "two"]
+
+    # any reference counts: exact match, and the best reference for ROUGE and chrF
+    assert M.exact_match(["two"], [["one", "two"]]) == 1.0 and M.exact_match(["two"], ["one"]) == 0.0
+    assert M.rouge(["the cat sat"], [["a dog ran", "the cat sat"]])["rouge_l"] == 1.0
+    assert M.chrf(["the cat sat"], [["a dog ran", "the cat sat"]]) == M.chrf(["the cat sat"], ["the cat sat"])
+    assert M.chrf(["x y", "the cat sat"], [["x y"], ["dog", "the cat sat"]]) == 100.0

@@ -177,7 +177,8 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
             outs = generate_all(model, tok, [e["prompt"] for e in subset], cfg.finetune.max_new_tokens,
                                 max_batch=min(32, cfg.train.eval_batch_size))
             preds = [tok.decode(ids).strip() for ids in outs]
-            gold = [e["reference"].strip() for e in subset]
+            gold = [e["reference"].strip() if isinstance(e["reference"], str) else [r.strip() for r in e["reference"]]
+                    for e in subset]  # several references per example, or one
             out.update(exact_match=M.exact_match(preds, gold), chrf=M.chrf(preds, gold))
             if cfg.task == "text2text":
                 out.update(M.rouge(preds, gold))

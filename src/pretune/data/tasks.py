@@ -31,18 +31,26 @@ class TaskStats:
     errors: list[str] = field(default_factory=list)
 
 
+def _is_texts(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
 def normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> dict:
     """One raw record -> the task's canonical fields; DataError names file, line and field."""
 
     def get(key: str, kind: type = str):
         name = getattr(d, key)
         value = record.get(name)
-        bad = value is None or (kind is list and not isinstance(value, list)) or (
-            kind is str and (not isinstance(value, (str, int, float)) or str(value).strip() == ""))
-        if bad:
+        if kind is str and _is_texts(value):
+            value = " ".join(v.strip() for v in value)  # a list of sentences is one text
+        if value is None or (kind is str and isinstance(value, (str, int, float)) and str(value).strip() == ""):
             fields = ", ".join(k for k in record if k != "__line__")
             raise DataError(f"{path}:{line}: field {name!r} is missing or empty (fields: {fields}); "
                             f"set data.{key} to the right name")
+        if (kind is list) != isinstance(value, list) or (kind is str and not isinstance(value, (str, int, float))):
+            want = "a list" if kind is list else "text (or a list of texts)"
+            raise DataError(f"{path}:{line}: field {name!r} holds {type(value).__name__} {str(value)[:60]!r}, "
+                            f"expected {want}")
         return value if kind is list else str(value)
 
     if task == "classification":
@@ -58,6 +66,12 @@ def normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> 
         return {"messages": [{"role": "user", "content": get("prompt_field")},
                              {"role": "assistant", "content": get("response_field")}]}
     if task == "text2text":
+        target = record.get(d.target_field)
+        if _is_texts(target):  # several reference targets: train on the first, score against all
+            refs = [t for t in target if t.strip()]
+            if refs:
+                return {"messages": [{"role": "user", "content": get("source_field")},
+                                     {"role": "assistant", "content": refs[0]}], "references": refs}
         return {"messages": [{"role": "user", "content": get("source_field")},
                              {"role": "assistant", "content": get("target_field")}]}
     return {"prompt": get("prompt_field"), "chosen": get("chosen_field"), "rejected": get("rejected_field")}
@@ -119,7 +133,7 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
             p_ids, a_ids = _fit(p_ids, a_ids, ft.max_len, ft.truncation, stats)
             mask = [int(ft.prompt_loss)] * len(p_ids) + [1] * len(a_ids)
             examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids,
-                             "reference": r["messages"][-1]["content"]})
+                             "reference": r.get("references") or r["messages"][-1]["content"]})
         else:
             p = tok.encode(render_chat([{"role": "user", "content": r["prompt"]}], tok, True))
             pc, c = _fit(p, tok.encode(r["chosen"]) + eos, ft.max_len, ft.truncation, stats)

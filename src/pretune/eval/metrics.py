@@ -24,29 +24,39 @@ def macro_f1(pred: Sequence[int], gold: Sequence[int], n_classes: int) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def exact_match(pred: Sequence[str], gold: Sequence[str]) -> float:
+def _refs(gold: str | Sequence[str]) -> list[str]:
+    """An example's references: one string, or several (any of them counts as right)."""
+    return [gold] if isinstance(gold, str) else list(gold)
+
+
+def exact_match(pred: Sequence[str], gold: Sequence[str | Sequence[str]]) -> float:
     norm = lambda s: " ".join(s.strip().lower().split())  # noqa: E731
-    return sum(norm(p) == norm(g) for p, g in zip(pred, gold)) / max(len(gold), 1)
+    return sum(any(norm(p) == norm(g) for g in _refs(gs)) for p, gs in zip(pred, gold)) / max(len(gold), 1)
 
 
-def chrf(pred: Sequence[str], gold: Sequence[str]) -> float:
+def chrf(pred: Sequence[str], gold: Sequence[str | Sequence[str]]) -> float:
+    """Corpus chrF (sacrebleu); with several references per example, sacrebleu scores each sentence
+    against its best one (an example with fewer repeats its first)."""
     try:
         import sacrebleu
     except ImportError:
         raise UserError("chrF needs sacrebleu: pip install 'pretune[eval]'") from None
-    return sacrebleu.corpus_chrf(list(pred), [list(gold)]).score
+    refs = [_refs(g) for g in gold]
+    n = max((len(r) for r in refs), default=1)
+    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(n)]
+    return sacrebleu.corpus_chrf(list(pred), streams).score
 
 
-def rouge(pred: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
+def rouge(pred: Sequence[str], gold: Sequence[str | Sequence[str]]) -> dict[str, float]:
     try:
         from rouge_score import rouge_scorer
     except ImportError:
         raise UserError("ROUGE needs rouge-score: pip install 'pretune[eval]'") from None
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     totals = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
-    for p, g in zip(pred, gold):
-        s = scorer.score(g, p)
-        totals["rouge_1"] += s["rouge1"].fmeasure
-        totals["rouge_2"] += s["rouge2"].fmeasure
-        totals["rouge_l"] += s["rougeL"].fmeasure
+    for p, gs in zip(pred, gold):  # several references: the best score of each kind, as rouge-score's score_multi
+        scores = [scorer.score(g, p) for g in _refs(gs)]
+        totals["rouge_1"] += max(s["rouge1"].fmeasure for s in scores)
+        totals["rouge_2"] += max(s["rouge2"].fmeasure for s in scores)
+        totals["rouge_l"] += max(s["rougeL"].fmeasure for s in scores)
     return {k: v / max(len(gold), 1) for k, v in totals.items()}
