@@ -20,13 +20,17 @@ def test_overrides_are_typed_and_nested():
 
 def test_every_problem_is_reported_with_key_and_hint():
     with pytest.raises(ConfigError) as e:
-        load_config(Config, None, ["train.max_step=3", "optim.lr=abc", "data.trian=x", "bogus=1"])
+        load_config(Config, None, ["train.max_step=3", "optim.lr=abc", "data.trian=x", "bogus=1", "max_steps=9",
+                                   "train.rank=4"])
     msg = str(e.value)
     assert "unknown key train.max_step; did you mean train.max_steps?" in msg
     assert "unknown key data.trian; did you mean data.train?" in msg
     assert "optim.lr: expected a number, got 'abc'" in msg
-    assert "unknown key bogus" in msg
-    assert len(e.value.problems) == 4
+    assert "unknown key bogus; known keys here: " in msg
+    # a key given in the wrong section (or with none) points to where it lives
+    assert "unknown key max_steps; did you mean train.max_steps?" in msg
+    assert "unknown key train.rank; did you mean lora.rank?" in msg
+    assert len(e.value.problems) == 6
 
 
 def test_semantic_checks_name_the_fix():

@@ -131,10 +131,24 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | None = None):
-    """Build dataclass `cls` from a nested dict, collecting every unknown key and type error."""
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of dataclass `cls`, nested sections as dotted paths (train.max_steps, ...)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        tp = hints[f.name]
+        out += dotted_keys(tp, f"{prefix}{f.name}.") if is_dataclass(tp) else [f"{prefix}{f.name}"]
+    return out
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | None = None, root: type | None = None):
+    """Build dataclass `cls` from a nested dict, collecting every unknown key and type error.
+
+    An unknown key is answered with the closest key of its section, else a key of the same name in
+    another section (dist.world_size -> world_size), else the section's known keys."""
     top = problems is None
     problems = [] if problems is None else problems
+    root = root or cls
     hints = typing.get_type_hints(cls)
     allowed = {f.name for f in fields(cls)}
     kwargs = {}
@@ -144,14 +158,15 @@ def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | Non
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in allowed:
-            hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = [prefix + h for h in difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)]
+            hint = hint or [k for k in dotted_keys(root) if k.rsplit(".", 1)[-1] == str(key)][:1]
             known = ", ".join(sorted(f"{prefix}{a}" for a in allowed))
-            problems.append(f"unknown key {full}" + (f"; did you mean {prefix}{hint[0]}?" if hint
+            problems.append(f"unknown key {full}" + (f"; did you mean {hint[0]}?" if hint
                                                       else f"; known keys here: {known}"))
             continue
         tp = hints[key]
         if is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, f"{full}.", problems)
+            kwargs[key] = from_dict(tp, value or {}, f"{full}.", problems, root)
         else:
             kwargs[key] = _coerce(value, tp, full, problems)
     out = cls(**kwargs) if not (top and problems) else None
