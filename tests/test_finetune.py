@@ -213,3 +213,22 @@ def test_from_scratch_needs_a_tokenizer_file(tmp_path, base_run, capsys):
     assert "needs a tokenizer" in capsys.readouterr().err
     assert run_cli("finetune", "task=classification", f"data.train={train}", f"data.tokenizer={base_run}",
                    f"out_dir={tmp_path / 'y'}", "train.max_steps=3", *FT) == 0
+
+
+def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path):
+    """The resumed run rebuilds its starting model from the parent in lineage.json (its architecture,
+    here not the default one, and the L2-SP anchor), then loads its checkpoint: the losses equal an
+    uninterrupted run's."""
+    corpus, parent = make_corpus(tmp_path / "corpus.txt", lines=300), tmp_path / "parent"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={parent}", "train.max_steps=5", *TINY,
+                   "model.n_layer=3", "model.d_model=48", "train.save_every=0") == 0
+    train = sentiment(tmp_path / "train.jsonl")
+    args = [f"init_from={parent}", "task=classification", "method=full", "finetune.l2sp=0.5",
+            f"data.train={train}", "train.max_steps=12", "train.save_every=6", "train.eval_every=6", *FT]
+    assert run_cli("finetune", *args, f"out_dir={tmp_path / 'whole'}") == 0
+    assert run_cli("finetune", *args, f"out_dir={tmp_path / 'cut'}", "train.stop_after=6") == 0
+    assert run_cli("finetune", f"resume={tmp_path / 'cut'}", "train.stop_after=null") == 0
+    whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 13))
+    assert [r["loss"] for r in cut] == [r["loss"] for r in whole]
+    assert [r["val_loss"] for r in cut if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]

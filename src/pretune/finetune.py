@@ -80,10 +80,25 @@ def set_trainable(model: torch.nn.Module, cfg: Config) -> None:
         model.head.requires_grad_(True)
 
 
+def starting_model(cfg: Config) -> str | None:
+    """Where the weights start: init_from, or for a resumed run the parent its lineage.json names.
+    A resume rebuilds that model before loading its checkpoint: it gives the architecture, and the
+    starting weights are the L2-SP anchor and the DPO reference."""
+    if cfg.init_from or not cfg.resume:
+        return cfg.init_from
+    lineage = Path(cfg.resume) / "lineage.json"
+    parent = json.loads(lineage.read_text()).get("parent") if lineage.is_file() else None
+    if parent and not Path(parent).exists():
+        raise ConfigError(f"resume={cfg.resume}: this run started from {parent}, which is gone; resuming "
+                          f"needs those weights again (they shape the model and anchor L2-SP and DPO)")
+    return parent
+
+
 def build_task_model(cfg: Config, tok: Tokenizer, n_labels: int) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        lm, _ = load_model(cfg.init_from, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
+    start = starting_model(cfg)
+    if start:
+        lm, _ = load_model(start, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
     else:
         lm = GPT(resolve_model_config(cfg.model, tok.vocab_size))
     model = ClassifierModel(lm, n_labels) if _uses_head(cfg) else lm
