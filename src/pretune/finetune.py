@@ -45,8 +45,13 @@ def cmd_finetune(argv: list[str]) -> None:
     from pretune.cli import _run_config, print_summary
 
     summary = run_finetune(_run_config(argv))
-    print_summary(summary, ("status", "steps", "accuracy", "macro_f1", "rouge_l", "chrf", "exact_match",
-                            "pref_accuracy", "val_loss", "mean", "std", "wall_s", "trainable_params"))
+    figures = ("accuracy", "macro_f1", "rouge_l", "chrf", "exact_match", "pref_accuracy")
+    if "cv" in summary:  # k folds: each figure's mean and standard deviation across them
+        mean, std = summary["mean"], summary["std"]
+        print(f"summary: {summary['cv']}-fold cross-validation, " + ", ".join(
+            f"{k}={mean[k]:.4g} ± {std[k]:.2g}" for k in (*figures, "val_loss") if k in mean))
+        return
+    print_summary(summary, ("status", "steps", *figures, "val_loss", "wall_s", "trainable_params"))
 
 
 # ----------------------------------------------------------------------------- model and method
