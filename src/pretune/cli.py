@@ -29,7 +29,7 @@ VERBS = {
     "prepare": "tokenise the corpus into cached token shards (pretrain does this itself)",
     "pretrain": "pre-train from scratch; with init_from=RUN it is continued pre-training",
     "finetune": "fine-tune for a task: full, last layers (freeze) or LoRA",
-    "evaluate": "loss, perplexity and bits per byte of a model on given text",
+    "evaluate": "loss, perplexity and bits per byte on text; a fine-tuned model's task figures on records",
     "generate": "sample text from a model (temperature, top-k, top-p, seed)",
     "chat": "talk to a model in the terminal",
     "study": "compare strategies on quality, forgetting, data efficiency, cost and bias",
