@@ -96,3 +96,30 @@ def test_lora_peft_compares_the_same_adapters(tmp_path):
     b.write_results(res, tmp_path / "out")
     md = (tmp_path / "out" / "lora_peft.md").read_text()
     assert "1.60x tokens/s" in md and "0.50x" in md and "(target: >= 1.5x faster and less memory: met)" in md
+
+
+def test_lora_instruction_counts_real_tokens_on_both_sides(tmp_path, monkeypatch):
+    pytest.importorskip("peft", reason="the comparison needs peft")
+    b = load("lora_instruction")
+    monkeypatch.setattr(b, "ARCH", dict(b.ARCH, n_layer=1, d_model=64, n_head=2, n_kv_head=2, d_ff=128))
+    monkeypatch.setattr(b, "BITEXT", tmp_path / "absent")  # the generated world's support task
+    data = b.prepare(tmp_path, 40)
+    assert "generated world" in data["source"]
+    exs, _ = b.examples(tmp_path)
+    lengths = sorted(len(e["ids"]) - 1 for e in exs)
+    assert len(exs) == 40 and lengths[0] < lengths[-1]  # records of different lengths
+    most = sum(lengths[-b.BATCH:])  # no step can hold more real tokens than the longest batch
+    for name, (times, tokens) in {"pretune": b.run_pretune(tmp_path, 3),
+                                  "HF Trainer": b.run_hf_trainer(tmp_path, 3, "group_by_length")}.items():
+        assert len(times) == len(tokens) == 3 and all(t > 0 for t in times), name
+        assert all(sum(lengths[:b.BATCH]) <= n <= most for n in tokens), (name, tokens)
+    s = {"pretune": {"tokens_per_s": 300.0, "steps": 3, "tokens_per_step": 900.0, "training_rss": 2 << 20},
+         "HF Trainer": {"tokens_per_s": 150.0, "steps": 3, "tokens_per_step": 900.0, "training_rss": 8 << 20},
+         "HF Trainer (group_by_length)": {"tokens_per_s": 200.0, "steps": 3, "tokens_per_step": 900.0,
+                                          "training_rss": 4 << 20}}
+    res = {"date": "today", "machine": "m", "torch": "x", "transformers": "y", "peft": "z", "threads": 1,
+           "steps": 3, "skip": 0, "rounds": 1, "source": data["source"], "vocab": data["vocab"], "results": s,
+           "argv": []}
+    b.write_results(res, tmp_path / "out")
+    md = (tmp_path / "out" / "lora_instruction.md").read_text()
+    assert "1.50x real tokens/s" in md and "0.50x**" in md and "target >= 1.5x faster: met" in md

@@ -67,7 +67,7 @@ class _PolicyMargins:
         return pol - (ref[0::2] - ref[1::2]), pol
 
 
-def evaluate_on_task(model_path: str, e, device, log=print) -> dict:
+def evaluate_on_task(model_path: str, e, device) -> dict:
     """Task figures of the model at `model_path` on e.data.val (an EvaluateConfig `e`)."""
     from pretune.finetune import evaluate_task, write_predictions
 
