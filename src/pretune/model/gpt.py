@@ -76,9 +76,12 @@ class KVCache:
 # weights is repaid by one larger product. Not on GPUs, where the copy would also keep weights
 # alive that FSDP frees after each block's forward.
 FUSE_MIN_ROWS = 128
-# Causal attention on the CPU is faster as two batched matrix products than through SDPA's CPU
-# kernel up to about this length (measured fwd+bwd: 1.8x at 64 tokens, 1.1x at 512, slower at 1024).
-CPU_MATMUL_ATTENTION_MAX_T = 256
+# Causal attention on the CPU runs as two batched matrix products up to this length, SDPA's CPU
+# kernel above it. Whole training steps, the two alternated in one process (2 threads, 2026-11-26):
+# the same speed within 1% at 64, 128 and 256 tokens (the products are slightly ahead at 64), but
+# the products keep the T x T probabilities for the backward: 14% more peak memory for a LoRA step
+# of the `small` shape at 128 tokens (371 against 318 MiB), 12% at 256 (799 against 703 MiB).
+CPU_MATMUL_ATTENTION_MAX_T = 64
 
 
 def _fuse(x: torch.Tensor, *layers: nn.Module) -> bool:
