@@ -273,6 +273,23 @@ class HFPlainRunner:
         return times
 
 
+def step_clock(times: list[float]):
+    """A transformers TrainerCallback appending each step's wall time to `times`: from one step's
+    end to the next (data and all)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            times.append(now - self.t0)
+            self.t0 = now
+
+    return Clock()
+
+
 class HFTrainerRunner:
     """The HF model through transformers.Trainer; step times from a callback."""
 
@@ -280,29 +297,19 @@ class HFTrainerRunner:
         self.bench, self.tok, self.data, self.workdir, self.compile = bench, tok, data, workdir, compile
 
     def run(self, steps: int) -> list[float]:
-        from transformers import Trainer, TrainerCallback, TrainingArguments
+        from transformers import Trainer, TrainingArguments
 
         b = self.bench
         rows = np.concatenate([self.data.sampler.batch(s, b.batch) for s in range(steps)])
         dataset = [{k: v[0] for k, v in hf_batch(r[None]).items()} for r in rows]
         times: list[float] = []
-
-        class Clock(TrainerCallback):  # wall time from one step's end to the next (data and all)
-            def on_train_begin(self, args, state, control, **kw):
-                self.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                now = time.perf_counter()
-                times.append(now - self.t0)
-                self.t0 = now
-
         args = TrainingArguments(output_dir=str(self.workdir / "hf-trainer"), per_device_train_batch_size=b.batch,
                                  max_steps=steps, learning_rate=b.lr, weight_decay=0.1, adam_beta2=0.99,
                                  warmup_steps=b.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
                                  logging_steps=10 ** 6, save_strategy="no", report_to=[], use_cpu=True,
                                  dataloader_num_workers=0, disable_tqdm=True, seed=1337, torch_compile=self.compile)
         trainer = Trainer(model=hf_bench_model(b, self.tok.vocab_size), args=args, train_dataset=dataset,
-                          callbacks=[Clock()])
+                          callbacks=[step_clock(times)])
         trainer.train()
         return times
 

@@ -120,7 +120,7 @@ def run_pretune(workdir: Path, steps: int) -> tuple[list[float], list[int]]:
 def run_hf_trainer(workdir: Path, steps: int, strategy: str) -> tuple[list[float], list[int]]:
     """The same model and adapters (peft) through transformers.Trainer on the same encoded records."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     exs, tok = examples(workdir)
     dataset = [{"input_ids": e["ids"], "labels": [t if m else -100 for t, m in zip(e["ids"], e["mask"])]}
@@ -139,16 +139,6 @@ def run_hf_trainer(workdir: Path, steps: int, strategy: str) -> tuple[list[float
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            times.append(now - self.t0)
-            self.t0 = now
-
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(_common.hf_llama(ARCH, tok.vocab_size), LoraConfig(
@@ -159,7 +149,8 @@ def run_hf_trainer(workdir: Path, steps: int, strategy: str) -> tuple[list[float
                              save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                              disable_tqdm=True, seed=1337, remove_unused_columns=False,
                              train_sampling_strategy=strategy)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()]).train()
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+            callbacks=[_common.step_clock(times)]).train()
     return times, tokens[:len(times)]
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pretune.data.world import TASKS, World, WorldConfig, generate_world, split_records, write_world
+from pretune.data.world import TASKS, World, WorldConfig, generate_world
+from pretune.data.world_files import split_records, write_world
 
 SMALL = dict(n_people=24, n_companies=12, n_places=8, general_docs=300, domain_docs=50,
              n_reviews=100, n_support=80, n_summaries=60)

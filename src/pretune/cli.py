@@ -168,8 +168,9 @@ def cmd_evaluate(argv):
         raise ConfigError("pretune evaluate needs the text or records to evaluate on: data.val=FILE (or a glob)")
     device = pick_device(e.device)
     model_path = _model_arg(model_path, "evaluate")
-    if e.task != "lm" and (e.task or read_task_info(model_path).get("task")):
-        r = evaluate_on_task(model_path, e, device)
+    info = read_task_info(model_path) if e.task != "lm" else {}
+    if e.task != "lm" and (e.task or info.get("task")):
+        r = evaluate_on_task(model_path, e, device, info)
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
         if e.out:
             Path(e.out).write_text(json.dumps(r, indent=2))

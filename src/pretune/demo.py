@@ -111,7 +111,8 @@ def study_spec(d: DemoConfig, files: dict[str, str], out: Path) -> dict:
 
 def _world(d: DemoConfig, out: Path) -> dict[str, str]:
     """Generate the world (or find the same one from an earlier, unfinished demo)."""
-    from pretune.data.world import WorldConfig, generate_world, write_world
+    from pretune.data.world import WorldConfig, generate_world
+    from pretune.data.world_files import write_world
 
     wc = WorldConfig(seed=d.seed, **(QUICK_WORLD if d.quick else DEMO_WORLD))
     known = out / "world" / "world.json"

@@ -26,6 +26,7 @@ from pretune.data.sources import DataError
 from pretune.errors import ConfigError
 from pretune.model.heads import ClassifierModel
 from pretune.model.io import find_model_dir, load_model
+from pretune.train.objectives import pair_log_ratios
 
 
 def read_task_info(model_path: str | Path) -> dict:
@@ -57,21 +58,16 @@ class _PolicyMargins:
         self.reference = reference
 
     def margins(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        from pretune.train.objectives import sequence_logprobs
-
-        policy = sequence_logprobs(model, batch)
-        pol = policy[0::2] - policy[1::2]
-        if self.reference is None:
-            return pol, pol
-        ref = sequence_logprobs(self.reference, batch)
-        return pol - (ref[0::2] - ref[1::2]), pol
+        pol = pair_log_ratios(model, batch)
+        return (pol if self.reference is None else pol - pair_log_ratios(self.reference, batch)), pol
 
 
-def evaluate_on_task(model_path: str, e, device) -> dict:
-    """Task figures of the model at `model_path` on e.data.val (an EvaluateConfig `e`)."""
+def evaluate_on_task(model_path: str, e, device, info: dict | None = None) -> dict:
+    """Task figures of the model at `model_path` on e.data.val (an EvaluateConfig `e`); `info` is
+    its task.json when the caller has read it already."""
     from pretune.finetune import evaluate_task, write_predictions
 
-    info = read_task_info(model_path)
+    info = read_task_info(model_path) if info is None else info
     task = e.task or info.get("task")
     if task not in TASKS:
         raise ConfigError(f"task={task!r} is not one of {', '.join(TASKS)}")

@@ -48,6 +48,12 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     return (logp * (targets != -100)).sum(-1)
 
 
+def pair_log_ratios(model, batch) -> torch.Tensor:
+    """log p(chosen) - log p(rejected) per pair; the batch's rows alternate chosen, rejected."""
+    logp = sequence_logprobs(model, batch)
+    return logp[0::2] - logp[1::2]
+
+
 class DPOObjective(LMObjective):
     """Direct Preference Optimisation against a frozen reference.
 
@@ -64,16 +70,15 @@ class DPOObjective(LMObjective):
 
     def margins(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(policy log-ratio - reference log-ratio) per pair, and the policy log-ratio."""
-        policy = sequence_logprobs(model, batch)
+        pol_ratio = pair_log_ratios(model, batch)
         with torch.no_grad():
             if self.reference is None:
                 inner = getattr(model, "module", model)
                 with adapters_disabled(getattr(inner, "_orig_mod", inner)):
-                    ref = sequence_logprobs(model, batch)
+                    ref_ratio = pair_log_ratios(model, batch)
             else:
-                ref = sequence_logprobs(self.reference.to(policy.device), batch)
-        pol_ratio = policy[0::2] - policy[1::2]
-        return pol_ratio - (ref[0::2] - ref[1::2]), pol_ratio
+                ref_ratio = pair_log_ratios(self.reference.to(pol_ratio.device), batch)
+        return pol_ratio - ref_ratio, pol_ratio
 
     def __call__(self, model, batch):
         if "pairs" not in batch:
