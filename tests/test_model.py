@@ -94,3 +94,21 @@ def test_lora_cpu_product_matches_plain_autograd_in_output_and_gradients():
     torch.testing.assert_close(layer.lora_a.grad, a.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.lora_b.grad, b.grad, rtol=1e-5, atol=1e-5)
     assert layer.weight.grad is None  # the frozen base gets no gradient buffer
+
+
+def test_compiled_forward_matches_eager_without_complex_kernels():
+    """train.compile=true on the CPU: the compiled model gives the eager model's logits, and it
+    rotates q/k with real arithmetic that inductor fuses, not eager's complex product (which
+    inductor would leave to eager kernels, with a warning)."""
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = resolve_model_config(ModelConfig(preset="custom", n_layer=2, n_head=2, n_kv_head=1, d_model=32,
+                                           d_ff=64, max_seq_len=32), 50)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 50, (8, 32))  # 8 x 32 rows: the fused q/k/v path
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager, compiled = model(idx), torch.compile(model)(idx)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert not [w for w in caught if "complex" in str(w.message)], [str(w.message) for w in caught]
