@@ -175,3 +175,48 @@ def test_pretrain_refuses_fine_tuning_keys_and_names_them(tmp_path, corpus, caps
     err = capsys.readouterr().err
     assert "lora.rank, finetune.replay: fine-tuning keys, which pretrain does not read" in err
     assert "data.weights" in err and not (tmp_path / "run").exists()
+
+
+def test_prefetched_batches_are_the_batches_of_each_step():
+    """The loop's background builder gives each step exactly its own batches, in order or after a
+    jump; never builds two steps at once; and raises a data error at the step that needs it."""
+    import threading
+
+    from pretune.data.sources import DataError
+    from pretune.train.prefetch import Prefetcher
+
+    class Steps:
+        def __init__(self):
+            self.busy, self.overlapped, self.threads = threading.Lock(), False, set()
+
+        def micro_batches(self, step, rank, world):
+            if not self.busy.acquire(blocking=False):
+                self.overlapped = True
+                self.busy.acquire()
+            try:
+                self.threads.add(threading.current_thread().name)
+                time.sleep(0.01)
+                if step == 7:
+                    raise DataError("bad record at step 7")
+                return [{"input_ids": torch.full((2, 3), step * 10 + rank), "world": world}]
+            finally:
+                self.busy.release()
+
+    data = Steps()
+    fetch = Prefetcher(data, rank=1, world=2, background=True)  # the loop's setting on CUDA
+    try:
+        for step in [0, 1, 2, 5, 6, 3]:  # in order, a jump ahead, and one back
+            (mb,) = fetch.get(step)
+            assert mb["world"] == 2 and torch.equal(mb["input_ids"], torch.full((2, 3), step * 10 + 1))
+        assert fetch.get(6, ahead=True)[0]["input_ids"][0, 0] == 61  # step 7, which fails, builds behind it
+        with pytest.raises(DataError, match="step 7"):
+            fetch.get(7)
+    finally:
+        fetch.close()
+    assert not data.overlapped
+    assert any(name.startswith("pretune-batches") for name in data.threads)  # steps were built ahead
+    inline = Prefetcher(data, rank=0, world=1, background=False)  # the loop's setting on the CPU
+    data.threads.clear()
+    assert [inline.get(s)[0]["input_ids"][0, 0].item() for s in (0, 1, 4)] == [0, 10, 40]
+    inline.close()
+    assert data.threads == {threading.current_thread().name}

@@ -25,6 +25,7 @@ from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all
 from pretune.model.io import save_model_dir
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes, reset_peak_memory
 from pretune.train.optim import build_optimizer, lr_at
+from pretune.train.prefetch import Prefetcher
 
 
 class StepData(Protocol):
@@ -191,13 +192,15 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             raise TrainingDiverged(f"the loss became NaN or infinite at step {bad}{where}. Lower optim.lr, "
                                    f"check the data, or resume from that checkpoint with other settings.")
 
+    cuda = device.type == "cuda"
+    batches = Prefetcher(data, rt.rank, rt.world, pin=cuda, background=cuda)  # the next step built during this one
     try:
         step = start
         for step in range(start, stop):
             lr = lr_at(step, cfg.optim, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = data.micro_batches(step, rt.rank, rt.world)
+            micro = batches.get(step, ahead=step + 1 < stop)
             counts = count_targets(micro, objective, kinds, rt)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             step_tokens = 0
@@ -302,6 +305,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     except BaseException:
         metrics.close(None)  # an error or an interrupt: the trackers' runs end as failed, not left running
         raise
+    finally:
+        batches.close()
     if bar is not None:
         bar.close()
     final_step = step + 1 if stop > start else start
