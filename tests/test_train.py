@@ -203,7 +203,7 @@ def test_prefetched_batches_are_the_batches_of_each_step():
                 self.busy.release()
 
     data = Steps()
-    fetch = Prefetcher(data, rank=1, world=2, background=True)  # the loop's setting on CUDA
+    fetch = Prefetcher(data, rank=1, world=2, background=True)  # as the loop builds on CUDA
     try:
         for step in [0, 1, 2, 5, 6, 3]:  # in order, a jump ahead, and one back
             (mb,) = fetch.get(step)
@@ -215,7 +215,7 @@ def test_prefetched_batches_are_the_batches_of_each_step():
         fetch.close()
     assert not data.overlapped
     assert any(name.startswith("pretune-batches") for name in data.threads)  # steps were built ahead
-    inline = Prefetcher(data, rank=0, world=1, background=False)  # the loop's setting on the CPU
+    inline = Prefetcher(data, rank=0, world=1, device=torch.device("cpu"))  # the loop's setting on the CPU
     data.threads.clear()
     assert [inline.get(s)[0]["input_ids"][0, 0].item() for s in (0, 1, 4)] == [0, 10, 40]
     inline.close()

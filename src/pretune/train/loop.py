@@ -192,8 +192,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             raise TrainingDiverged(f"the loss became NaN or infinite at step {bad}{where}. Lower optim.lr, "
                                    f"check the data, or resume from that checkpoint with other settings.")
 
-    cuda = device.type == "cuda"
-    batches = Prefetcher(data, rt.rank, rt.world, pin=cuda, background=cuda)  # the next step built during this one
+    batches = Prefetcher(data, rt.rank, rt.world, device)  # on CUDA the next step is built during this one
     try:
         step = start
         for step in range(start, stop):

@@ -20,12 +20,20 @@ import torch
 
 
 class Prefetcher:
-    """`get(step)` returns data.micro_batches(step, rank, world); with `background`, step + 1 starts
-    building on a thread of its own as soon as step is handed out."""
+    """`get(step)` returns data.micro_batches(step, rank, world); on CUDA (or with `background`), step
+    + 1 starts building on a thread of its own as soon as step is handed out, and tensors are pinned."""
 
-    def __init__(self, data, rank: int, world: int, pin: bool = False, background: bool = True):
-        self.data, self.rank, self.world, self.pin = data, rank, world, pin
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pretune-batches") if background else None
+    def __init__(self, data, rank: int, world: int, device: torch.device | None = None,
+                 background: bool | None = None):
+        cuda = device is not None and device.type == "cuda"
+        self.data, self.rank, self.world, self.pin = data, rank, world, cuda
+        self._pool = None
+        if background is None:
+            background = cuda
+        if background:
+            # the thread pins on this rank's GPU, not on GPU 0 (where every rank would open a context)
+            init = (lambda: torch.cuda.set_device(device)) if cuda and device.index is not None else None
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pretune-batches", initializer=init)
         self._ahead: tuple[int, Future] | None = None
 
     def _build(self, step: int) -> list[dict]:
