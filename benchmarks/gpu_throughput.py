@@ -1,13 +1,19 @@
 """Training throughput of pretune's decoder on one GPU: tokens/s, MFU and peak memory.
 
-For presets near 125M, 350M and 1B parameters, on synthetic random tokens, the training step
-exactly as the loop runs it (`pretune.train`): bf16 autocast, torch.compile, fused AdamW, gradient
-clipping, flash attention through SDPA; a few warm-up steps (compilation), then timed steps with
-the GPU synchronised only around the timed span. MFU is the meter's FLOPs per token (6N + 12·L·H·Q·T)
+For presets near 125M, 350M and 1B parameters, on synthetic random tokens, two rows each:
+
+- the bare step: the loop's step written out here (bf16 autocast, torch.compile, fused AdamW,
+  gradient clipping, flash attention through SDPA) with the GPU synchronised only around the timed
+  span: what the model and optimiser can do;
+- pretune's loop: the same model through `pretune.train.loop.train`, what `pretune pretrain` runs,
+  with its data hand-off, metrics and token accounting: what a user gets. The gap between the two
+  rows is the loop's overhead.
+
+A few warm-up steps (compilation) come first. MFU is the meter's FLOPs per token (6N + 12·L·H·Q·T)
 times tokens/s over the GPU's dense bf16 peak (train.meter.PEAK_FLOPS).
 
     python benchmarks/gpu_throughput.py                               # 125m 350m 1b, results/gpu_throughput.*
-    python benchmarks/gpu_throughput.py --preset 350m --micro-batch 16
+    python benchmarks/gpu_throughput.py --preset 350m --micro-batch 16 --no-loop
     python benchmarks/gpu_throughput.py --device cpu --preset tiny --steps 2 --out /tmp/x   # a correctness run
 """
 
@@ -17,6 +23,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +88,7 @@ def bench_one(preset: str, micro: int, seq_len: int, device: torch.device, steps
     tps = tokens / elapsed
     fpt = flops_per_token(model, seq_len)["total"]
     peak = peak_flops(device)
-    out = {"preset": preset, "params": sum(p.numel() for p in model.parameters()), "micro_batch": micro,
+    out = {"preset": preset, "via": "step", "params": sum(p.numel() for p in model.parameters()), "micro_batch": micro,
            "grad_accum": grad_accum, "seq_len": seq_len, "tokens_per_step": n_targets, "steps": steps,
            "warmup_steps": warmup, "warmup_s": round(warm_s, 2), "step_s": elapsed / steps,
            "tokens_per_s": tps, "flops_per_token": fpt, "tflops": fpt * tps / 1e12,
@@ -92,6 +99,65 @@ def bench_one(preset: str, micro: int, seq_len: int, device: torch.device, steps
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+class RandomTokens:
+    """StepData of random token rows (what PretrainData hands the loop, without a corpus)."""
+
+    def __init__(self, vocab: int, seq_len: int, batch: int, micro: int):
+        self.vocab, self.seq_len, self.batch, self.micro = vocab, seq_len, batch, micro
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        rows = torch.randint(0, self.vocab, (self.batch // world, self.seq_len + 1),
+                             generator=torch.Generator().manual_seed(step * world + rank))
+        return [{"input_ids": rows[i: i + self.micro, :-1], "targets": rows[i: i + self.micro, 1:]}
+                for i in range(0, len(rows), self.micro)]
+
+
+def loop_one(preset: str, micro: int, seq_len: int, device: torch.device, steps: int, warmup: int,
+             compile_on: bool, vocab: int, grad_accum: int = 1) -> dict:
+    """The same model and step through pretune's own training loop (`pretune.train.loop.train`, what
+    `pretune pretrain` runs): its data hand-off (built ahead and pinned on CUDA), metrics and
+    token accounting included. Timed from the metrics line at the end of warm-up to the last one;
+    the loop logs every `warmup` steps, its only host synchronisations."""
+    from pretune.config import Config, load_config
+    from pretune.model.config import ModelConfig, resolve_model_config
+    from pretune.model.gpt import GPT
+    from pretune.train import dist
+    from pretune.train.loop import train
+    from pretune.train.meter import peak_flops
+    from pretune.train.objectives import LMObjective
+
+    every = max(1, warmup)
+    steps = max(every, steps // every * every)
+    cfg = load_config(Config, None, [
+        f"model.preset={preset}", f"model.vocab_size={vocab}", f"train.max_steps={warmup + steps}",
+        f"train.batch_size={micro * grad_accum}", f"train.micro_batch_size={micro}", f"train.seq_len={seq_len}",
+        f"train.log_every={every}", "train.eval_every=0", "train.save_every=0", "train.progress=false",
+        f"train.compile={str(compile_on).lower()}", f"train.device={device}", "optim.lr=3e-4",
+        "optim.warmup_steps=1"])
+    rt = dist.setup(cfg.train.device, cfg.train.precision)
+    torch.manual_seed(0)
+    model = GPT(resolve_model_config(ModelConfig(preset=preset, max_seq_len=max(seq_len, 64)), vocab))
+    data = RandomTokens(vocab, seq_len, micro * grad_accum, micro)
+    with tempfile.TemporaryDirectory(prefix="pretune-gpu-bench-") as tmp:
+        summary = train(model, cfg, rt, Path(tmp), data, LMObjective(), log=lambda m: None,
+                        save_final=lambda m, d: None)
+        lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    first, last = (lines[0], lines[-1]) if warmup else ({"wall_s": 0.0, "tokens": 0}, lines[-1])
+    tps = (last["tokens"] - first["tokens"]) / (last["wall_s"] - first["wall_s"])
+    fpt = summary["flops_per_token"]["total"]
+    peak = peak_flops(device)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"preset": preset, "via": "loop", "params": summary["params"], "micro_batch": micro,
+            "grad_accum": grad_accum, "seq_len": seq_len, "tokens_per_step": micro * grad_accum * seq_len,
+            "steps": steps, "warmup_steps": warmup, "warmup_s": round(first["wall_s"], 2) if warmup else 0.0,
+            "step_s": (last["wall_s"] - first["wall_s"]) / steps, "tokens_per_s": tps, "flops_per_token": fpt,
+            "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None, "loss": last["loss"],
+            "compile": compile_on, "precision": {"bfloat16": "bf16", "float32": "fp32"}.get(summary["precision"]),
+            "peak_mem_bytes": summary["peak_mem_bytes"] if device.type == "cuda" else None}
 
 
 def environment(device: torch.device) -> dict:
@@ -112,17 +178,19 @@ def write_results(env: dict, results: list[dict], out: Path, argv: list[str]) ->
              f"- date: {env['date']}", f"- GPU: {env['gpu']}" + (f" ({env.get('gpu_memory_gb')} GB), CUDA {env.get('cuda')}"
                                                                    if env.get("cuda") else ""),
              f"- torch {env['torch']}, Python {env['python']}",
-             "- synthetic random tokens; the loop's step: bf16 autocast, torch.compile, fused AdamW, clipping, "
+             "- synthetic random tokens; the step (bare, and through pretune's loop): bf16 autocast, torch.compile, fused AdamW, clipping, "
              "SDPA (flash) attention; MFU = (6N + 12·L·H·Q·T) x tokens/s / dense bf16 peak", "",
-             "| preset | params | micro-batch x seq | tokens/s | TFLOP/s | MFU | peak memory | warm-up (compile) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| preset | through | params | micro-batch x seq | tokens/s | TFLOP/s | MFU | peak memory | warm-up (compile) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        via = {"step": "bare step", "loop": "pretune's loop"}[r["via"]]
         if "error" in r:
-            lines.append(f"| {r['preset']} | | {r['micro_batch']} x {r['seq_len']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['preset']} | {via} | | {r['micro_batch']} x {r['seq_len']} | failed: {r['error'][:80]} "
+                         "| | | | |")
             continue
         mem = f"{r['peak_mem_bytes'] / 2**30:,.1f} GiB" if r["peak_mem_bytes"] else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['preset']} | {r['params'] / 1e6:,.0f}M | {r['micro_batch']} x {r['seq_len']} "
+        lines.append(f"| {r['preset']} | {via} | {r['params'] / 1e6:,.0f}M | {r['micro_batch']} x {r['seq_len']} "
                      f"| {r['tokens_per_s']:,.0f} | {r['tflops']:,.1f} | {mfu} | {mem} | {r['warmup_s']:.0f} s |")
     lines += ["", "Command: `python benchmarks/gpu_throughput.py " + " ".join(argv) + "`", ""]
     (out / "gpu_throughput.md").write_text("\n".join(lines))
@@ -140,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
                     help="torch.compile (auto: on for CUDA)")
     ap.add_argument("--vocab", type=int, default=32768, help="vocabulary size")
+    ap.add_argument("--no-loop", action="store_true", help="time the bare step only, not pretune's loop too")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -161,13 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for preset, micro, seq in runs:
         micro, seq = args.micro_batch or micro, args.seq_len or seq
-        try:
-            r = bench_one(preset, micro, seq, device, args.steps, warmup, compile_on, args.vocab, args.grad_accum)
-        except torch.cuda.OutOfMemoryError as e:  # record it and go on with the next size
-            r = {"preset": preset, "micro_batch": micro, "seq_len": seq, "error": f"out of memory: {e}"[:200]}
-            torch.cuda.empty_cache()
-        results.append(r)
-        print(json.dumps(r), flush=True)
+        for via, fn in (("step", bench_one), ("loop", loop_one))[: 1 if args.no_loop else 2]:
+            try:
+                r = fn(preset, micro, seq, device, args.steps, warmup, compile_on, args.vocab, args.grad_accum)
+            except torch.cuda.OutOfMemoryError as e:  # record it and go on with the next size
+                r = {"preset": preset, "via": via, "micro_batch": micro, "seq_len": seq,
+                     "error": f"out of memory: {e}"[:200]}
+                torch.cuda.empty_cache()
+            results.append(r)
+            print(json.dumps(r), flush=True)
     write_results(env, results, Path(args.out), argv)
     return 0
 

@@ -28,15 +28,18 @@ def test_gpu_throughput_runs_on_cpu_for_correctness(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_throughput.json").read_text())
-    (res,) = data["results"]
+    step, loop = data["results"]  # the bare step, then the same model through pretune's loop
     from pretune.model.config import ModelConfig, count_params, resolve_model_config
 
-    assert res["params"] == count_params(resolve_model_config(ModelConfig(preset="tiny"), 512))["total"]
-    assert res["tokens_per_s"] > 0 and res["steps"] == 2 and res["precision"] == "fp32" and res["mfu"] is None
-    assert abs(res["loss"] - math.log(512)) < 0.5  # random tokens: the loss starts at ln(vocab)
-    assert res["tflops"] == pytest.approx(res["flops_per_token"] * res["tokens_per_s"] / 1e12)
+    assert (step["via"], loop["via"]) == ("step", "loop")
+    for res in (step, loop):
+        assert res["params"] == count_params(resolve_model_config(ModelConfig(preset="tiny"), 512))["total"]
+        assert res["tokens_per_s"] > 0 and res["steps"] == 2 and res["precision"] == "fp32" and res["mfu"] is None
+        assert abs(res["loss"] - math.log(512)) < 0.5  # random tokens: the loss starts at ln(vocab)
+        assert res["tflops"] == pytest.approx(res["flops_per_token"] * res["tokens_per_s"] / 1e12)
+    assert loop["flops_per_token"] == step["flops_per_token"]  # the loop's meter counts the bench's FLOPs
     md = (tmp_path / "gpu_throughput.md").read_text()
-    assert "| tiny |" in md and data["environment"]["date"] in md
+    assert "| tiny | bare step |" in md and "| tiny | pretune's loop |" in md and data["environment"]["date"] in md
 
 
 def test_gpu_throughput_refuses_cuda_without_a_gpu(tmp_path):
