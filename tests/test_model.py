@@ -112,3 +112,35 @@ def test_compiled_forward_matches_eager_without_complex_kernels():
         eager, compiled = model(idx), torch.compile(model)(idx)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert not [w for w in caught if "complex" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_logits_at_selected_positions_give_the_full_losses_and_gradients():
+    """Task batches compute the output projection only where a target is (`select`): the same
+    summed loss, row log-probabilities and gradients as the full logits."""
+    from pretune.data.tasks import lm_batch
+    from pretune.model.gpt import cross_entropy_sum
+    from pretune.train.objectives import lm_loss_sum, sequence_logprobs
+
+    torch.manual_seed(0)
+    model = tiny()
+    seqs = [torch.randint(1, 50, (n,)).tolist() for n in (9, 14, 5)]
+    masks = [[0] * 6 + [1] * 3, [0] * 4 + [1] * 10, [0] * 2 + [1] * 3]  # prompts carry no loss
+    batch = lm_batch(seqs, masks, pad_id=0)
+    assert batch["select"].tolist() == [5, 6, 7, 13 + 3, *range(13 + 4, 13 + 13), 2 * 13 + 1, 2 * 13 + 2, 2 * 13 + 3]
+
+    def with_grads(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn()
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full = {k: v for k, v in batch.items() if k != "select"}
+    loss_sel, grads_sel = with_grads(lambda: lm_loss_sum(model, batch))
+    loss_full, grads_full = with_grads(lambda: cross_entropy_sum(model(batch["input_ids"]), batch["targets"]))
+    torch.testing.assert_close(loss_sel, loss_full)
+    for a, b in zip(grads_sel, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    rows_sel, _ = with_grads(lambda: sequence_logprobs(model, batch))
+    rows_full, _ = with_grads(lambda: sequence_logprobs(model, full))
+    torch.testing.assert_close(rows_sel, rows_full)
+    assert model(batch["input_ids"], select=batch["select"]).shape == (len(batch["select"]), 50)

@@ -225,7 +225,7 @@ def _score_chunks(model, chunks: list[list[dict]], cfg: Config, tok: Tokenizer, 
     """One result per chunk, in chunk order, the chunks shared among the ranks of `rt`:
     classification (predictions, summed loss), preference (margins, policy margins), otherwise
     (summed NLL, target tokens)."""
-    from pretune.model.gpt import cross_entropy_sum
+    from pretune.train.objectives import lm_loss_sum
 
     def score(chunk: list[dict]) -> tuple:
         if cfg.task == "classification":
@@ -239,8 +239,8 @@ def _score_chunks(model, chunks: list[list[dict]], cfg: Config, tok: Tokenizer, 
         if cfg.task == "preference":
             d, p = objective.margins(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
             return d.tolist(), p.tolist()
-        targets = b["targets"].to(device)
-        return float(cross_entropy_sum(model(b["input_ids"].to(device)), targets)), int((targets != -100).sum())
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        return float(lm_loss_sum(model, b)), len(b["select"])
 
     part = {}
     for c in dist.rank_share(len(chunks), rt):

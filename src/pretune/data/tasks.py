@@ -151,10 +151,13 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 
 def lm_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> dict:
-    """Right-padded next-token batch; targets are -100 where the mask is 0 and on padding."""
+    """Right-padded next-token batch; targets are -100 where the mask is 0 and on padding. `select`
+    lists the flattened positions that have a target (made here, on the host, so the step need not
+    ask the device which they are): the model computes logits there only."""
     x = _pad([s[:-1] for s in seqs], pad_id)
     y = _pad([[t if m else IGNORE for t, m in zip(s[1:], mk[1:])] for s, mk in zip(seqs, masks)], IGNORE)
-    return {"input_ids": x, "targets": y, "n_tokens": sum(len(s) - 1 for s in seqs)}
+    select = (y.flatten() != IGNORE).nonzero().squeeze(1)
+    return {"input_ids": x, "targets": y, "select": select, "n_tokens": sum(len(s) - 1 for s in seqs)}
 
 
 def collate(examples: list[dict], task: str, classifier: str, pad_id: int) -> dict:

@@ -258,7 +258,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or hidden states (B, T, C) with return_hidden. `select`: indices into the
+        B * T flattened positions; only those go through the final norm and the output projection,
+        and the result is (N, V) (or (N, C)). A fine-tuning batch scores a few response or label
+        tokens per row: the projection onto the vocabulary, often the largest product of a small
+        model, then runs on those alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -269,6 +274,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.pos += T
+        if select is not None:
+            x = x.flatten(0, 1).index_select(0, select)  # (N, C)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 

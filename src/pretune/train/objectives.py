@@ -14,6 +14,16 @@ from pretune.model.gpt import cross_entropy_sum
 from pretune.model.lora import adapters_disabled, lora_layers
 
 
+def lm_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy of a batch; with `select` (task batches) the logits are
+    computed at the target positions only."""
+    if "select" not in batch:
+        return cross_entropy_sum(model(batch["input_ids"]), batch["targets"])
+    select = batch["select"]
+    return cross_entropy_sum(model(batch["input_ids"], select=select),
+                             batch["targets"].flatten().index_select(0, select))
+
+
 class LMObjective:
     """Next-token prediction on `input_ids` -> `targets` (-100 marks tokens without loss)."""
 
@@ -21,7 +31,7 @@ class LMObjective:
         return int((batch["targets"] != -100).sum())
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return cross_entropy_sum(model(batch["input_ids"]), batch["targets"])
+        return lm_loss_sum(model, batch)
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         """A per-step regulariser added once per optimiser step (none for plain LM training)."""
@@ -42,10 +52,16 @@ class ClassifierObjective(LMObjective):
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of log-probabilities of each row's target tokens, (B,)."""
-    logits = model(batch["input_ids"]).float()
     targets = batch["targets"]
-    logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
-    return (logp * (targets != -100)).sum(-1)
+    if "select" not in batch:
+        logits = model(batch["input_ids"]).float()
+        logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+        return (logp * (targets != -100)).sum(-1)
+    select = batch["select"]  # logits at the target positions only, summed back into their rows
+    logp = -F.cross_entropy(model(batch["input_ids"], select=select).float(),
+                            targets.flatten().index_select(0, select), reduction="none")  # (N,)
+    rows = torch.div(select, targets.shape[1], rounding_mode="floor")
+    return torch.zeros(targets.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
 
 
 def pair_log_ratios(model, batch) -> torch.Tensor:
