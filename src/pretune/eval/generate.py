@@ -42,7 +42,8 @@ def stream_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperatur
     max_new_tokens = min(max_new_tokens, limit - len(prompt))
     dtype = next(model.parameters()).dtype
     cache = KVCache.empty(model.cfg, 1, len(prompt) + max_new_tokens, device, dtype)
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]
+    last = torch.tensor([len(prompt) - 1], device=device)  # the prompt's logits at its last token only
+    logits = model(torch.tensor([prompt], device=device), cache=cache, select=last)
     for _ in range(max_new_tokens):
         if temperature <= 0:
             nxt = logits.argmax(-1)

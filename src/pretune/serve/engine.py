@@ -311,7 +311,8 @@ class Engine:
         mask = (keys >= starts[:, None, None]) & (keys <= queries[None, :, None])  # (k, T, S)
         mask |= keys == queries[None, :, None]  # padding queries see themselves only
         view = KVCache(self.cache.k[:, n:n + k], self.cache.v[:, n:n + k], pos=lo)  # writes go to the cache
-        logits = self.model(idx.to(self.device), cache=view, mask=mask[:, None].to(self.device))[:, -1]
+        last = torch.arange(1, k + 1, device=self.device) * width - 1  # each row's last slot: logits there only
+        logits = self.model(idx.to(self.device), cache=view, mask=mask[:, None].to(self.device), select=last)
         self.pos = pos
         self.stats["prefills"] += 1
         new = []
