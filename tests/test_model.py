@@ -1,3 +1,7 @@
+import os
+import shutil
+
+import pytest
 import torch
 
 from pretune.eval.generate import filter_logits, generate
@@ -96,6 +100,8 @@ def test_lora_cpu_product_matches_plain_autograd_in_output_and_gradients():
     assert layer.weight.grad is None  # the frozen base gets no gradient buffer
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++), and none is installed")
 def test_compiled_forward_matches_eager_without_complex_kernels():
     """train.compile=true on the CPU: the compiled model gives the eager model's logits, and it
     rotates q/k with real arithmetic that inductor fuses, not eager's complex product (which
