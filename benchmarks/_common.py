@@ -393,3 +393,23 @@ def results_table(s: dict, mem: dict, names: tuple[str, ...]) -> list[str]:
 def training_rss(mem: dict) -> float:
     """Peak resident set while training, above the resident set before it started."""
     return mem["peak_rss"] - mem["baseline_rss"]
+
+
+def add_run_args(ap, threads_help: str = "torch threads (default: torch's choice)") -> None:
+    """The options every side-by-side benchmark takes: threads, where results go, a notes paragraph,
+    and the hidden --child that runs one trainer in a process of its own."""
+    import argparse
+
+    ap.add_argument("--threads", type=int, default=None, help=threads_help)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--notes", default="", help="a paragraph appended to the Markdown")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+def write_report(out: Path, name: str, res: dict, lines: list[str]) -> None:
+    """NAME.json (the results) and NAME.md (`lines`, then res["notes"] under ## Notes) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+    if res.get("notes"):
+        lines = lines + ["## Notes", "", res["notes"], ""]
+    (out / f"{name}.md").write_text("\n".join(lines))

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 import _common
-from _common import COMPILED, NAMES, ROOT, Bench, machine, results_table, run_rounds, summarise
+from _common import (COMPILED, NAMES, Bench, add_run_args, machine, results_table, run_rounds, summarise,
+                     write_report)
 
 BENCH = Bench(arch=_common.CHAR_ARCH, batch=12, seq=64)
 
@@ -60,8 +61,6 @@ def ratio_line(s: dict, names: tuple[str, ...], label: str = "") -> str:
 
 
 def write_results(res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_throughput.json").write_text(json.dumps(res, indent=2))
     s, mem = res["throughput"], res["memory"]
     lines = [
         "# CPU training throughput: pretune against Hugging Face transformers", "",
@@ -80,9 +79,7 @@ def write_results(res: dict, out: Path) -> None:
     lines += ["Training peak RSS: the peak resident set while training, above the resident set after imports "
               "and data loading (model, optimiser state, activations, allocator slack).", ""]
     lines += ["", "Command: `python benchmarks/cpu_throughput.py " + " ".join(res["argv"]) + "`", ""]
-    if res.get("notes"):
-        lines += ["## Notes", "", res["notes"], ""]
-    (out / "cpu_throughput.md").write_text("\n".join(lines))
+    write_report(out, "cpu_throughput", res, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60, help="steps per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of each round")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="also the three trainers with torch.compile")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--notes", default="", help="a paragraph appended to the Markdown")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_run_args(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import _common
-from _common import ROOT, PeakRSS, machine, run_child
+from _common import ROOT, PeakRSS, add_run_args, machine, run_child, write_report
 
 BITEXT = ROOT.parent / "shared" / "data" / "bitext-customer-support"
 ARCH = dict(n_layer=6, n_head=6, n_kv_head=6, d_model=384, d_ff=1024, max_seq_len=256, tie_embeddings=True)
@@ -189,8 +189,6 @@ def measure(args, workdir: Path) -> dict:
 
 
 def write_results(res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_instruction.json").write_text(json.dumps(res, indent=2))
     s = res["results"]
     ref, ref_mem = s["pretune"]["tokens_per_s"], s["pretune"]["training_rss"]
     best = max(s[n]["tokens_per_s"] for n in NAMES[1:])
@@ -216,9 +214,7 @@ def write_results(res: dict, out: Path) -> None:
     lines += ["", f"**pretune / faster HF trainer: {ref / best:.2f}x real tokens/s; training memory pretune / "
               f"leaner HF trainer: {ref_mem / max(lean, 1):.2f}x** (target >= {SPEED_TARGET}x faster: {met}).", "",
               "Command: `python benchmarks/lora_instruction.py " + " ".join(res["argv"]) + "`", ""]
-    if res.get("notes"):
-        lines += ["## Notes", "", res["notes"], ""]
-    (out / "lora_instruction.md").write_text("\n".join(lines))
+    write_report(out, "lora_instruction", res, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps per trainer and round (default: an epoch)")
     ap.add_argument("--skip", type=int, default=1, help="warm-up steps left out of each round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in every trainer")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--notes", default="", help="a paragraph appended to the Markdown")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_run_args(ap, "torch threads in every trainer")
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:

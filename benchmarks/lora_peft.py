@@ -28,7 +28,6 @@ Models (`--models`): `shakespeare-char` (the cpu_throughput.py shape: 4 layers, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +36,8 @@ from pathlib import Path
 import torch
 
 import _common
-from _common import NAMES, ROOT, Bench, machine, results_table, run_rounds, summarise, training_rss
+from _common import (NAMES, Bench, add_run_args, machine, results_table, run_rounds, summarise, training_rss,
+                     write_report)
 
 LORA = {"rank": 8, "alpha": 16.0, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")}
 SMALL_ARCH = dict(n_layer=6, n_head=6, n_kv_head=6, d_model=384, d_ff=1024, max_seq_len=128, tie_embeddings=True)
@@ -74,8 +74,6 @@ def model_section(model: str, r: dict) -> list[str]:
 
 
 def write_results(res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_peft.json").write_text(json.dumps(res, indent=2))
     lines = ["# LoRA fine-tuning on the CPU: pretune against Hugging Face transformers + peft", "",
              f"- date: {res['date']}", f"- machine: {res['machine']}",
              f"- torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
@@ -90,9 +88,7 @@ def write_results(res: dict, out: Path) -> None:
     lines += ["Training peak RSS: the peak resident set while training (the kernel's high-water mark VmHWM, reset "
               "after imports and data loading through /proc/self/clear_refs), above the resident set at that point; "
               "each trainer runs in a process of its own.", ""]
-    if res.get("notes"):
-        lines += ["## Notes", "", res["notes"], ""]
-    (out / "lora_peft.md").write_text("\n".join(lines))
+    write_report(out, "lora_peft", res, lines)
 
 
 def run_model(model: str, args) -> dict:
@@ -114,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of each round")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--notes", default="", help="a paragraph appended to the Markdown")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_run_args(ap)
     ap.add_argument("--child-model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
