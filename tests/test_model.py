@@ -147,6 +147,12 @@ def test_logits_at_selected_positions_give_the_full_losses_and_gradients():
     for a, b in zip(grads_sel, grads_full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     rows_sel, _ = with_grads(lambda: sequence_logprobs(model, batch))
-    rows_full, _ = with_grads(lambda: sequence_logprobs(model, full))
+    def rows_from_full_logits():
+        logp = torch.log_softmax(model(batch["input_ids"]), -1)
+        t = batch["targets"]
+        return (logp.gather(-1, t.clamp_min(0)[..., None])[..., 0] * (t != -100)).sum(-1)
+
+    rows_full, _ = with_grads(rows_from_full_logits)
+    torch.testing.assert_close(sequence_logprobs(model, full), rows_full)  # without select: derived from targets
     torch.testing.assert_close(rows_sel, rows_full)
     assert model(batch["input_ids"], select=batch["select"]).shape == (len(batch["select"]), 50)

@@ -28,7 +28,7 @@ class LMObjective:
     """Next-token prediction on `input_ids` -> `targets` (-100 marks tokens without loss)."""
 
     def count(self, batch: dict) -> int:
-        return int((batch["targets"] != -100).sum())
+        return len(batch["select"]) if "select" in batch else int((batch["targets"] != -100).sum())
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return lm_loss_sum(model, batch)
@@ -53,11 +53,9 @@ class ClassifierObjective(LMObjective):
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of log-probabilities of each row's target tokens, (B,)."""
     targets = batch["targets"]
-    if "select" not in batch:
-        logits = model(batch["input_ids"]).float()
-        logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
-        return (logp * (targets != -100)).sum(-1)
-    select = batch["select"]  # logits at the target positions only, summed back into their rows
+    select = batch.get("select")  # lm_batch makes it; logits at the target positions only, summed into rows
+    if select is None:
+        select = (targets.flatten() != -100).nonzero().squeeze(1)
     logp = -F.cross_entropy(model(batch["input_ids"], select=select).float(),
                             targets.flatten().index_select(0, select), reduction="none")  # (N,)
     rows = torch.div(select, targets.shape[1], rounding_mode="floor")
