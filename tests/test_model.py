@@ -100,6 +100,54 @@ def test_lora_cpu_product_matches_plain_autograd_in_output_and_gradients():
     assert layer.weight.grad is None  # the frozen base gets no gradient buffer
 
 
+
+def test_adapted_projections_sharing_an_input_run_as_one_product_with_the_same_results():
+    """On the CPU, adapted q/k/v (and gate/up) run as one product, each output block with its own
+    adapter: the logits and every adapter's gradient equal those of one product per layer, with
+    grouped keys/values and biases; with adapter dropout in training they stay separate."""
+    from pretune.model import gpt
+    from pretune.model.lora import LoRALinear, apply_lora
+
+    torch.manual_seed(0)
+    cfg = resolve_model_config(ModelConfig(preset="custom", n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                                           d_ff=64, max_seq_len=32, qkv_bias=True), 50)
+    model = GPT(cfg)
+    apply_lora(model, rank=4, alpha=8.0)  # every projection
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b, std=0.1)  # B = 0 would hide a block in the wrong place
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias, std=0.1)
+    idx = torch.randint(0, 50, (8, 32))  # 256 rows: enough for the fused path
+    x = model.blocks[0].attn_norm(model.tok_emb(idx))
+    attn = model.blocks[0].attn
+    assert gpt._fuse(x, attn.q_proj, attn.k_proj, attn.v_proj)
+    assert not gpt._fuse(x[:1, :4], attn.q_proj, attn.k_proj, attn.v_proj)  # too few rows
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(idx)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused, fused_grads = run()
+    can_fuse = LoRALinear.can_fuse
+    LoRALinear.can_fuse = staticmethod(lambda x, layers: False)
+    try:
+        separate, separate_grads = run()
+    finally:
+        LoRALinear.can_fuse = can_fuse
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == separate_grads.keys() and len(fused_grads) == 2 * 7 * 2
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, separate_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.dropout = torch.nn.Dropout(0.1)
+    assert not gpt._fuse(x, attn.q_proj, attn.k_proj, attn.v_proj)
+    model.eval()  # no dropout at evaluation: one product again
+    assert gpt._fuse(x, attn.q_proj, attn.k_proj, attn.v_proj)
+
 @pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
                     reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++), and none is installed")
 def test_compiled_forward_matches_eager_without_complex_kernels():

@@ -50,8 +50,9 @@ def build(cfg) -> torch.nn.Module:
 @pytest.mark.parametrize("extra", [
     [], ["model.tie_embeddings=false"], ["method=freeze", "freeze.last_k=1"],
     ["method=lora", "lora.rank=4"], ["method=lora", "lora.rank=4", "lora.dropout=0", "lora.targets=[q_proj,v_proj]"],
+    ["method=lora", "lora.rank=4", "lora.dropout=0"],
     ["dist.activation_checkpointing=true"], ["train.seq_len=300"],
-], ids=["full", "untied", "freeze", "lora", "lora-qv", "checkpointing", "long-context"])
+], ids=["full", "untied", "freeze", "lora", "lora-qv", "lora-fused", "checkpointing", "long-context"])
 def test_plan_matches_a_real_allocation(extra):
     seq = [e for e in extra if e.startswith("train.seq_len")] or ["train.seq_len=64"]
     cfg = load_config(PlanConfig, None, ARCH + seq + [e for e in extra if e not in seq])

@@ -186,15 +186,20 @@ def activation_bytes(c: ModelConfig, micro_batch: int, seq_len: int, a: int, dev
     otherwise SDPA's q, k, v buffers, output and log-sum-exp); the MLP's gate, up and silu (3F).
     LoRA keeps each adapter's dropped-out input (plus its mask) and its rank-r activation, and the
     frozen base layers keep nothing. On the CPU the concatenated q/k/v and gate/up weights are kept
-    per block. Blocks below the first layer that gradients reach keep nothing. The head keeps the
-    final norm's input, the output projection's input when it trains, fp32 log-probabilities and
-    the token ids."""
+    per block (adapted ones too, when no adapter dropout keeps them apart). Blocks below the first
+    layer that gradients reach keep nothing. The head keeps the final norm's input, the output
+    projection's input when it trains, fp32 log-probabilities and the token ids."""
     d, H, Hkv, D, F, V, r = c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size, lora_rank
     tokens = micro_batch * seq_len
     cpu = device == "cpu"
     train_w = method != "lora"  # plain projections whose weights train save their inputs
-    attn_fused = cpu and tokens >= 128 and not adapted & {"q_proj", "k_proj", "v_proj"}
-    mlp_fused = cpu and tokens >= 128 and not adapted & {"gate_proj", "up_proj"}
+
+    def fused(layers: set[str]) -> bool:
+        """Projections sharing an input run as one product on the CPU: all plain, or all adapted
+        with no adapter dropout."""
+        return cpu and tokens >= 128 and (not adapted & layers or (layers <= adapted and lora_dropout == 0))
+
+    attn_fused, mlp_fused = fused({"q_proj", "k_proj", "v_proj"}), fused({"gate_proj", "up_proj"})
 
     mask = a if cpu else 1  # dropout masks: in the input's dtype on the CPU, bool on GPUs
 
@@ -224,9 +229,8 @@ def activation_bytes(c: ModelConfig, micro_batch: int, seq_len: int, a: int, dev
     else:
         tok += a * (2 * H * D + 2 * Hkv * D) + 4 * H
     tok += a * r * len(adapted)
-    weights = 0.0
-    if train_w:
-        weights = a * d * (((H + 2 * Hkv) * D if attn_fused else 0) + (2 * F if mlp_fused else 0))
+    # the concatenated weights, kept for the input's gradient whether they train or not
+    weights = a * d * (((H + 2 * Hkv) * D if attn_fused else 0) + (2 * F if mlp_fused else 0))
     grad_layers = sum(1 for i in range(c.n_layer) if i >= first_grad_layer)
     per_block = tokens * tok + weights
     blocks = grad_layers * per_block - (tokens * first_less if grad_layers else 0)

@@ -85,15 +85,23 @@ CPU_MATMUL_ATTENTION_MAX_T = 64
 
 
 def _fuse(x: torch.Tensor, *layers: nn.Module) -> bool:
-    """Whether to run `layers` as one product: CPU, enough rows, and plain nn.Linear layers
-    (not adapters), whose weights may be concatenated."""
-    return (x.device.type == "cpu" and x.shape[:-1].numel() >= FUSE_MIN_ROWS
-            and all(type(m) is nn.Linear for m in layers))
+    """Whether to run `layers` as one product: CPU, enough rows, and layers of one type whose
+    weights may be concatenated: plain nn.Linear, or a type that says so itself through the static
+    methods `can_fuse(x, layers)` and `fused_linear(x, layers, rows)` (lora.py's adapters; the
+    model knows the protocol, not the adapters)."""
+    if x.device.type != "cpu" or x.shape[:-1].numel() < FUSE_MIN_ROWS:
+        return False
+    kind = type(layers[0])
+    if any(type(m) is not kind for m in layers):
+        return False
+    return kind is nn.Linear or (hasattr(kind, "can_fuse") and kind.can_fuse(x, layers))
 
 
-def fused_linear(x: torch.Tensor, *layers: nn.Linear, rows: torch.Tensor | None = None) -> torch.Tensor:
+def fused_linear(x: torch.Tensor, *layers: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x through several linear layers that share their input, as one matrix product (`rows`: an
     order for the output features)."""
+    if type(layers[0]) is not nn.Linear:
+        return type(layers[0]).fused_linear(x, layers, rows)
     weight = torch.cat([m.weight for m in layers])
     bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
     if rows is not None:

@@ -77,17 +77,43 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.enabled = True
 
+    def _one_product(self, x: torch.Tensor) -> bool:
+        """Whether base and adapter run as one _LoRAProductCPU: CPU, fp32, no adapter dropout."""
+        return (self.enabled and x.device.type == "cpu" and x.dtype == self.lora_a.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and (self.dropout is None or not self.training))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (N, in), N = all leading dims
         if not self.enabled:
             y = F.linear(x2, self.weight, self.bias)
-        elif (x.device.type == "cpu" and x.dtype == self.lora_a.dtype == torch.float32
-              and not torch.is_autocast_enabled("cpu") and (self.dropout is None or not self.training)):
+        elif self._one_product(x):
             y = _LoRAProductCPU.apply(x2, self.weight, self.bias, self.lora_a, self.lora_b, self.scale)
         else:
             xa = F.linear(x2 if self.dropout is None else self.dropout(x2), self.lora_a)  # (N, r)
             y = torch.addmm(F.linear(x2, self.weight, self.bias), xa, self.lora_b.t(), alpha=self.scale)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    # Adapted layers that share their input (q/k/v, gate/up) as one product on the CPU, the
+    # protocol of gpt.fused_linear: the base weights concatenated, the adapters stacked as one of
+    # rank sum(r) whose B is block-diagonal, so each output block sees only its own adapter. A LoRA
+    # step of the shakespeare-char shape (q/k/v/o adapted, 2 threads, alternated in one process):
+    # 58.4 -> 52.5 ms; the `small` shape, whose time is in the products, 525 -> 524 ms.
+    @staticmethod
+    def can_fuse(x: torch.Tensor, layers) -> bool:
+        return all(m._one_product(x) for m in layers) and len({m.scale for m in layers}) == 1
+
+    @staticmethod
+    def fused_linear(x: torch.Tensor, layers, rows: torch.Tensor | None = None) -> torch.Tensor:
+        weight = torch.cat([m.weight for m in layers])  # (sum out, in), frozen
+        bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+        lora_a = torch.cat([m.lora_a for m in layers])  # (sum r, in)
+        lora_b = torch.block_diag(*[m.lora_b for m in layers])  # (sum out, sum r)
+        if rows is not None:
+            weight, lora_b = weight.index_select(0, rows), lora_b.index_select(0, rows)
+            bias = None if bias is None else bias.index_select(0, rows)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = _LoRAProductCPU.apply(x2, weight, bias, lora_a, lora_b, layers[0].scale)
+        return y.view(*x.shape[:-1], weight.shape[0])  # (..., sum out)
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + (self.lora_b @ self.lora_a) * self.scale
