@@ -78,7 +78,7 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
     assert torch.allclose(c0[:, 0], c1[:, 0]) and not torch.allclose(c0[:, 31], c1[:, 31])
 
 
-def test_lora_cpu_product_matches_plain_autograd_in_output_and_gradients():
+def test_lora_cpu_product_matches_plain_autograd_in_output_and_gradients_with_and_without_dropout():
     from pretune.model.lora import LoRALinear
 
     torch.manual_seed(0)
@@ -98,6 +98,23 @@ def test_lora_cpu_product_matches_plain_autograd_in_output_and_gradients():
     torch.testing.assert_close(layer.lora_a.grad, a.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.lora_b.grad, b.grad, rtol=1e-5, atol=1e-5)
     assert layer.weight.grad is None  # the frozen base gets no gradient buffer
+
+    # with adapter dropout in training: the same dropped-out input (same seed) in both
+    layer.dropout = torch.nn.Dropout(0.3)
+    for t in (x1, x2, layer.lora_a, layer.lora_b, a, b):
+        t.grad = None
+    torch.manual_seed(1)
+    y1 = layer(x1)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x2.reshape(-1, 24), 0.3).view_as(x2)
+    y2 = torch.nn.functional.linear(x2, layer.weight, layer.bias) + layer.scale * (dropped @ a.t()) @ b.t()
+    assert not torch.allclose(dropped, x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_a.grad, a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_b.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
 

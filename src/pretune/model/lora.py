@@ -23,41 +23,46 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class _LoRAProductCPU(torch.autograd.Function):
-    """x W^T + b + scale (x A^T) B^T on the CPU, forward and backward, with the rank r on the rows
+    """x W^T + b + scale (x' A^T) B^T on the CPU, forward and backward, with the rank r on the rows
     of every small product: MKL runs a product with r output columns 2-4x slower than the
     transposed one with r output rows (measured for 768 x 128 inputs and r = 8: x A^T 126 vs
-    56 us; B^T grad^T 185 vs 53 us; the gradient of B 215 vs 47 us). x: (N, in); the frozen W
-    and b get gradients only if they require them."""
+    56 us; B^T grad^T 185 vs 53 us; the gradient of B 215 vs 47 us). x: (N, in); x': the
+    adapter's input, x after dropout (None: x itself); the frozen W and b get gradients only if
+    they require them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        xa_t = torch.mm(lora_a, x.t())  # (r, N)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, x_drop):
+        x_in = x if x_drop is None else x_drop  # the adapter's input
+        xa_t = torch.mm(lora_a, x_in.t())  # (r, N)
         y = F.linear(x, weight, bias).addmm_(xa_t.t(), lora_b.t(), alpha=scale)  # (N, out)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa_t)
-        ctx.scale = scale
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, x_in, weight, lora_a, lora_b, xa_t)
+        ctx.scale, ctx.dropped = scale, x_drop is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, xa_t = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        gxa_t = torch.mm(lora_b.t(), grad.t()).mul_(ctx.scale)  # (r, N): the gradient of x A^T, transposed
-        dx = torch.mm(grad, weight).addmm_(gxa_t.t(), lora_a) if need_x else None  # (N, in)
+        x, x_in, weight, lora_a, lora_b, xa_t = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, need_drop = ctx.needs_input_grad
+        gxa_t = torch.mm(lora_b.t(), grad.t()).mul_(ctx.scale)  # (r, N): the gradient of x' A^T, transposed
+        dx = torch.mm(grad, weight) if need_x else None  # (N, in)
+        ddrop = torch.mm(gxa_t.t(), lora_a) if need_drop else None  # through dropout: autograd adds it to dx
+        if dx is not None and not ctx.dropped:
+            dx.addmm_(gxa_t.t(), lora_a)
         dw = torch.mm(grad.t(), x) if need_w else None
         dbias = grad.sum(0) if need_bias else None
-        da = torch.mm(gxa_t, x) if need_a else None  # (r, in)
+        da = torch.mm(gxa_t, x_in) if need_a else None  # (r, in)
         db = torch.mm(xa_t, grad).mul_(ctx.scale).t() if need_b else None  # (out, r)
-        return dx, dw, dbias, da, db, None
+        return dx, dw, dbias, da, db, None, ddrop
 
 
 class LoRALinear(nn.Module):
     """y = x W^T + b + (alpha/r) B A x, with B = 0 at start so the model is unchanged at step 0.
 
     The base weight and bias are frozen: no .grad buffers, only the input's gradient flows through
-    them. On the CPU in full precision without adapter dropout, base and adapter run as one
-    autograd function (_LoRAProductCPU); elsewhere (GPU, autocast, dropout) as x A^T on the
-    flattened input, (N, r), and one addmm that adds (alpha/r) (x A^T) B^T to the base output, the
-    scale riding on the product."""
+    them. On the CPU in full precision, base and adapter (its dropout included) run as one
+    autograd function (_LoRAProductCPU); elsewhere (GPU, autocast) as x A^T on the flattened
+    input, (N, r), and one addmm that adds (alpha/r) (x A^T) B^T to the base output, the scale
+    riding on the product."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -78,16 +83,20 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def _one_product(self, x: torch.Tensor) -> bool:
-        """Whether base and adapter run as one _LoRAProductCPU: CPU, fp32, no adapter dropout."""
+        """Whether base and adapter run as one _LoRAProductCPU: enabled, CPU, fp32."""
         return (self.enabled and x.device.type == "cpu" and x.dtype == self.lora_a.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and (self.dropout is None or not self.training))
+                and not torch.is_autocast_enabled("cpu"))
+
+    def _dropping(self) -> bool:
+        return self.dropout is not None and self.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (N, in), N = all leading dims
         if not self.enabled:
             y = F.linear(x2, self.weight, self.bias)
         elif self._one_product(x):
-            y = _LoRAProductCPU.apply(x2, self.weight, self.bias, self.lora_a, self.lora_b, self.scale)
+            y = _LoRAProductCPU.apply(x2, self.weight, self.bias, self.lora_a, self.lora_b, self.scale,
+                                      self.dropout(x2) if self._dropping() else None)
         else:
             xa = F.linear(x2 if self.dropout is None else self.dropout(x2), self.lora_a)  # (N, r)
             y = torch.addmm(F.linear(x2, self.weight, self.bias), xa, self.lora_b.t(), alpha=self.scale)
@@ -100,7 +109,8 @@ class LoRALinear(nn.Module):
     # 58.4 -> 52.5 ms; the `small` shape, whose time is in the products, 525 -> 524 ms.
     @staticmethod
     def can_fuse(x: torch.Tensor, layers) -> bool:
-        return all(m._one_product(x) for m in layers) and len({m.scale for m in layers}) == 1
+        # each adapter drops its input out on its own, so dropout in training keeps them apart
+        return all(m._one_product(x) and not m._dropping() for m in layers) and len({m.scale for m in layers}) == 1
 
     @staticmethod
     def fused_linear(x: torch.Tensor, layers, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,7 +122,7 @@ class LoRALinear(nn.Module):
             weight, lora_b = weight.index_select(0, rows), lora_b.index_select(0, rows)
             bias = None if bias is None else bias.index_select(0, rows)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = _LoRAProductCPU.apply(x2, weight, bias, lora_a, lora_b, layers[0].scale)
+        y = _LoRAProductCPU.apply(x2, weight, bias, lora_a, lora_b, layers[0].scale, None)
         return y.view(*x.shape[:-1], weight.shape[0])  # (..., sum out)
 
     def merged_weight(self) -> torch.Tensor:
