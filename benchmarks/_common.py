@@ -406,6 +406,21 @@ def add_run_args(ap, threads_help: str = "torch threads (default: torch's choice
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
+def run_argv(argv: list[str] | None) -> list[str]:
+    """The command line to record with the results: as given, less `--out DIR` and `--notes TEXT`
+    (where the results went and what was said of them are not part of the measurement)."""
+    import sys
+
+    given, kept = list(sys.argv[1:] if argv is None else argv), []
+    while given:
+        arg = given.pop(0)
+        if arg in ("--out", "--notes"):
+            given = given[1:]
+        elif not arg.startswith(("--out=", "--notes=")):
+            kept.append(arg)
+    return kept
+
+
 def write_report(out: Path, name: str, res: dict, lines: list[str]) -> None:
     """NAME.json (the results) and NAME.md (`lines`, then res["notes"] under ## Notes) in `out`."""
     out.mkdir(parents=True, exist_ok=True)

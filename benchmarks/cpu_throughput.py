@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "torch": torch.__version__,
            "transformers": transformers.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
            "rounds": args.rounds, "skip": args.skip, "check": check, "throughput": summarise(times, tps),
-           "memory": memory, "argv": argv if argv is not None else sys.argv[1:], "notes": args.notes}
+           "memory": memory, "argv": _common.run_argv(argv), "notes": args.notes}
     write_results(res, Path(args.out))
     s = res["throughput"]
     print(json.dumps({n: round(s[n]["tokens_per_s"]) for n in names}), ratio_line(s, NAMES))

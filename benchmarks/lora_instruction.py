@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "threads": args.threads or torch.get_num_threads(), "steps": args.steps, "skip": args.skip,
            "rounds": args.rounds, "source": data["source"], "vocab": data["vocab"], "results": results,
-           "argv": argv if argv is not None else sys.argv[1:], "notes": args.notes}
+           "argv": _common.run_argv(argv), "notes": args.notes}
     write_results(res, Path(args.out))
     print(Path(args.out) / "lora_instruction.md")
     return 0

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__, "threads": torch.get_num_threads(),
            "steps": args.steps, "rounds": args.rounds, "skip": args.skip, "models": results,
-           "argv": argv if argv is not None else sys.argv[1:], "notes": args.notes}
+           "argv": _common.run_argv(argv), "notes": args.notes}
     write_results(res, Path(args.out))
     for m, r in results.items():
         print(f"{m}: pretune / faster HF + peft {r['ratios']['speed']:.2f}x tokens/s, "

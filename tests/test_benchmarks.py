@@ -126,3 +126,9 @@ def test_lora_instruction_counts_real_tokens_on_both_sides(tmp_path, monkeypatch
     b.write_results(res, tmp_path / "out")
     md = (tmp_path / "out" / "lora_instruction.md").read_text()
     assert "1.50x real tokens/s" in md and "0.50x**" in md and "target >= 1.5x faster: met" in md
+
+
+def test_recorded_command_leaves_out_where_results_went_and_notes():
+    common = load("_common")
+    argv = ["--threads", "2", "--out", "somewhere/else", "--notes", "a paragraph", "--rounds=3", "--out=x"]
+    assert common.run_argv(argv) == ["--threads", "2", "--rounds=3"]
