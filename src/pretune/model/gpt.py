@@ -87,7 +87,7 @@ CPU_MATMUL_ATTENTION_MAX_T = 64
 def _fuse(x: torch.Tensor, *layers: nn.Module) -> bool:
     """Whether to run `layers` as one product: CPU, enough rows, and layers of one type whose
     weights may be concatenated: plain nn.Linear, or a type that says so itself through the static
-    methods `can_fuse(x, layers)` and `fused_linear(x, layers, rows)` (lora.py's adapters; the
+    methods `can_fuse(x, layers)` and `fused_linear(x, layers, weight, bias, rows)` (lora.py's adapters; the
     model knows the protocol, not the adapters)."""
     if x.device.type != "cpu" or x.shape[:-1].numel() < FUSE_MIN_ROWS:
         return False
@@ -99,13 +99,14 @@ def _fuse(x: torch.Tensor, *layers: nn.Module) -> bool:
 
 def fused_linear(x: torch.Tensor, *layers: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x through several linear layers that share their input, as one matrix product (`rows`: an
-    order for the output features)."""
-    if type(layers[0]) is not nn.Linear:
-        return type(layers[0]).fused_linear(x, layers, rows)
+    order for the output features). Their weights and biases are concatenated here; a layer type
+    other than nn.Linear adds its own part through its `fused_linear(x, layers, weight, bias, rows)`."""
     weight = torch.cat([m.weight for m in layers])
     bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
     if rows is not None:
         weight, bias = weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
+    if type(layers[0]) is not nn.Linear:
+        return type(layers[0]).fused_linear(x, layers, weight, bias, rows)
     return F.linear(x, weight, bias)
 
 
