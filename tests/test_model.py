@@ -221,3 +221,20 @@ def test_logits_at_selected_positions_give_the_full_losses_and_gradients():
     torch.testing.assert_close(sequence_logprobs(model, full), rows_full)  # without select: derived from targets
     torch.testing.assert_close(rows_sel, rows_full)
     assert model(batch["input_ids"], select=batch["select"]).shape == (len(batch["select"]), 50)
+
+
+def test_sentence_logprobs_batched_by_length_equal_each_sentence_scored_alone():
+    from pretune.data.tokenizer import train_char
+    from pretune.eval.bias import bias_score, sentence_logprobs
+
+    sentences = ["a cat.", "the old dog sat on a mat by the door.", "ab", "the cat ran.",
+                 "a bird sang in the tree all day long", "dog"]
+    tok = train_char(sentences)
+    torch.manual_seed(0)
+    model = GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=tok.vocab_size)))
+    alone = [sentence_logprobs(model, tok, [s], "cpu")[0] for s in sentences]
+    batched = sentence_logprobs(model, tok, sentences, "cpu", batch_size=4)
+    assert batched == pytest.approx(alone, rel=1e-5, abs=1e-4)
+    pairs = [{"more": sentences[i], "less": sentences[i + 1], "type": "t"} for i in (0, 2, 4)]
+    b = bias_score(model, tok, pairs, "cpu")
+    assert b["prefers_more"] == [int(alone[i] > alone[i + 1]) for i in (0, 2, 4)]
