@@ -23,12 +23,24 @@ def test_shards_are_uint16_with_eos_between_documents(tmp_path):
 def test_second_load_uses_the_cache(tmp_path, corpus):
     tok = train_char([corpus.read_text()])
     logs = []
-    load_source(str(corpus), tok, log=logs.append)
-    load_source(str(corpus), tok, log=logs.append)
+    cache = str(tmp_path / "cache")  # its own, whatever other tests tokenised before
+    load_source(str(corpus), tok, cache_dir=cache, log=logs.append)
+    load_source(str(corpus), tok, cache_dir=cache, log=logs.append)
     assert sum("tokenised" in m for m in logs) == 1
     corpus.write_text(corpus.read_text() + "new text\n")  # content changed -> tokenised again
-    load_source(str(corpus), tok, log=logs.append)
+    load_source(str(corpus), tok, cache_dir=cache, log=logs.append)
     assert sum("tokenised" in m for m in logs) == 2
+
+
+def test_the_same_bytes_read_as_records_and_as_text_are_cached_apart(tmp_path):
+    records = "".join(json.dumps({"text": f"line {i}", "id": i}) + "\n" for i in range(5))
+    (tmp_path / "r.jsonl").write_text(records)
+    (tmp_path / "r.txt").write_text(records)
+    tok = train_char([records])
+    as_records = load_source(str(tmp_path / "r.jsonl"), tok, log=lambda m: None)
+    as_text = load_source(str(tmp_path / "r.txt"), tok, log=lambda m: None)
+    assert as_records.n_tokens == sum(len(f"line {i}") + 1 for i in range(5))
+    assert as_text.n_tokens == len(records) + 1
 
 
 def test_shards_roll_over_and_split_holds_out_the_end(tmp_path):

@@ -154,5 +154,8 @@ def test_finetune_with_l2sp_under_torchrun_matches_one_process(tmp_path, corpus,
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
     assert r.returncode == 0, r.stderr[-4000:]
     assert_close(losses(two), losses(one), rel=2e-4)  # the L2-SP penalty included
+    # the same work costs the same, though the ranks' batches hold different numbers of tokens
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (s2["tokens"], s2["target_tokens"], s2["flops"]) == (s1["tokens"], s1["target_tokens"], s1["flops"])
     assert len(evals(two)) == 2 and evals(two)[0] != evals(two)[1]
     assert_close(evals(two), evals(one), rel=2e-4)

@@ -65,6 +65,20 @@ def test_sampling_filters_and_seed():
     assert generate(model, [1, 2, 3], 10, temperature=0) == generate(model, [1, 2, 3], 10, temperature=0)
 
 
+def test_generation_past_the_context_slides_the_window_by_half_a_context():
+    torch.manual_seed(0)
+    model = tiny(max_seq_len=16).eval()
+    L = model.cfg.max_seq_len
+    for prompt in ([1, 2, 3, 4, 5], list(range(1, 40))):  # shorter and longer than the context
+        held, want = prompt[-(L - 1):], []
+        for _ in range(40):  # the reference: the whole window through the model, no cache
+            want.append(int(model(torch.tensor([held]))[0, -1].argmax()))
+            held = held + want[-1:]
+            if len(held) > L:
+                held = held[-(L // 2):]
+        assert generate(model, prompt, 40, temperature=0) == want
+
+
 def test_llama3_rope_scaling_changes_only_low_frequencies():
     from pretune.model.gpt import rope_tables
 

@@ -15,11 +15,11 @@ import torch
 
 from pretune.data.templates import render_chat
 from pretune.data.tokenizer import train_char
-from pretune.eval.generate import generate
+from pretune.eval.generate import TextStream, generate
 from pretune.model.config import ModelConfig
 from pretune.model.gpt import GPT
 from pretune.model.io import load_model, save_model_dir
-from pretune.serve.engine import Engine, SamplingParams, TextStream, generate_all
+from pretune.serve.engine import Engine, SamplingParams, generate_all
 
 TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?<|>\n"
 KEY = "sk-test-key"
@@ -54,7 +54,7 @@ def model_tok(tmp_path_factory):
 
 
 def reference(model, tok, ids, n, stop_at_eos=True, **kw) -> str:
-    return tok.decode(generate(model, ids, n, stop_ids={tok.eos_id} if stop_at_eos else set(), **kw))
+    return tok.decode(generate(model, ids, n, stop_ids={tok.eos_id} if stop_at_eos else set(), slide=False, **kw))
 
 
 def drain(engine, sinks):
@@ -93,7 +93,7 @@ def test_generate_all_equals_one_at_a_time(model_tok):
     ctx = model.cfg.max_seq_len
     prompts = [tok.encode(p) for p in ["a", "hello world", "\n", "The quick brown fox", "xy", "Q?", "zzz top."]]
     prompts.append(tok.encode("abc " * (ctx // 4 + 3)))  # longer than the context: its tail is kept
-    want = [generate(model, ids, 20, temperature=0, stop_ids={tok.eos_id}) for ids in prompts]
+    want = [generate(model, ids, 20, temperature=0, stop_ids={tok.eos_id}, slide=False) for ids in prompts]
     got = generate_all(model, tok, prompts, 20, max_batch=3)
     assert got == want
     assert got[2] == [] and len(got[0]) == 20  # EOS at once (this model after a newline); the full 20
@@ -165,6 +165,32 @@ def test_text_stream_holds_back_stop_prefixes():
     stream = TextStream(tok, ["zz"])
     assert [stream.push(t)[0] for t in tok.encode("az")] == ["a", ""]
     assert stream.flush() == "z"
+
+
+def test_text_stream_keeps_the_first_words_space_and_whole_characters():
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    from pretune.data.tokenizer import Tokenizer, train_bpe
+
+    # SentencePiece style: "\u2581" marks a word's leading space, which decoding drops at the start
+    words = ["<unk>", "<s>", "</s>", "\u2581The", "\u2581model", "\u2581is", "\u2581small"]
+    sp = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()
+    tok = Tokenizer(sp, bos="<s>", eos="</s>")
+    prompt, new = tok.encode("The model"), tok.encode("The is small")[1:]
+    assert tok.decode(prompt + new) == "The model is small" and tok.decode(new) == "is small"
+    stream = TextStream(tok, [], prefix=prompt[-4:])
+    assert "".join(stream.push(t)[0] for t in new) + stream.flush() == " is small"
+    # byte-level BPE: a character of several bytes may span tokens; it is shown once whole
+    text = "caf\u00e9 \u65e5\u672c\u8a9e " * 50
+    bpe = train_bpe(iter([text]), vocab_size=262)
+    ids = bpe.encode("\u65e5\u672c\u8a9e caf\u00e9")
+    assert any("\ufffd" in bpe.decode([t]) for t in ids)  # some token holds part of a character
+    stream = TextStream(bpe, [], prefix=bpe.encode("x ")[-4:])
+    shown = [stream.push(t)[0] for t in ids]
+    assert "".join(shown) + stream.flush() == "\u65e5\u672c\u8a9e caf\u00e9"
+    assert not any("\ufffd" in piece for piece in shown)
 
 
 # ----------------------------------------------------------------------------- server

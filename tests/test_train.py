@@ -123,6 +123,47 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
     assert not (tmp_path / "model").exists()
 
 
+def test_a_nan_gradient_under_a_finite_loss_stops_before_its_weights_are_saved(tmp_path, corpus):
+    from pretune.config import Config, load_config
+    from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
+    from pretune.model.config import resolve_model_config
+    from pretune.model.gpt import GPT
+    from pretune.train.dist import setup
+    from pretune.train.loop import TrainingDiverged, train
+    from pretune.train.objectives import LMObjective
+
+    class NaNGradient(torch.autograd.Function):
+        """The identity forward, a NaN gradient backward: the loss looks fine, the update is not."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    class PoisonGradAt(LMObjective):
+        calls = 0
+
+        def __call__(self, model, batch):
+            PoisonGradAt.calls += 1
+            loss = super().__call__(model, batch)
+            return NaNGradient.apply(loss) if PoisonGradAt.calls == 10 else loss
+
+    cfg = load_config(Config, None, [f"data.train={corpus}", f"out_dir={tmp_path}", "train.max_steps=30", *TINY,
+                                     "train.save_every=5"])
+    tok = build_tokenizer(cfg.data)
+    model = GPT(resolve_model_config(cfg.model, tok.vocab_size))
+    data = PretrainData(load_corpus(cfg.data, tok, 32), 32, 8, None, 0)
+    with pytest.raises(TrainingDiverged, match="gradient became NaN or infinite at step 10; the last good "
+                                               "checkpoint is .*step-000005"):
+        train(model, cfg, setup("cpu"), tmp_path, data, PoisonGradAt(), tokenizer=tok, log=lambda m: None)
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["step-000005"]
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in logged and [json.loads(line) for line in logged.splitlines()]  # strict JSON
+
+
 def test_evaluate_and_generate_cli(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=30", *TINY) == 0

@@ -130,7 +130,7 @@ def _model_arg(model: str | None, verb: str) -> str:
 def cmd_generate(argv):
     from pretune.config import load_config
     from pretune.eval.options import GenerateConfig
-    from pretune.eval.generate import stream_tokens
+    from pretune.eval.generate import PREFIX_TOKENS, TextStream, stream_tokens
     from pretune.model.io import load_model
     from pretune.train.dist import pick_device
 
@@ -140,14 +140,18 @@ def cmd_generate(argv):
     if tok is None:
         raise SystemExit(f"error: no tokenizer.json found with {model_path}")
     prompt = tok.encode(g.prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    if len(prompt) >= model.cfg.max_seq_len:
+        print(f"warning: the prompt has {len(prompt)} tokens, the model's context {model.cfg.max_seq_len}: "
+              f"it sees the last {model.cfg.max_seq_len - 1}", file=sys.stderr)
     for i in range(g.num_samples):
         seed = None if g.seed is None else g.seed + i
         sys.stdout.write(g.prompt)
+        text = TextStream(tok, [], prefix=prompt[-PREFIX_TOKENS:])  # whole characters, leading spaces kept
         for t in stream_tokens(model, prompt, g.max_new_tokens, g.temperature, g.top_k, g.top_p, seed,
                                stop_ids={tok.eos_id}):
-            sys.stdout.write(tok.decode([t]))
+            sys.stdout.write(text.push(t)[0])
             sys.stdout.flush()
-        sys.stdout.write("\n" + ("-" * 40 + "\n" if i + 1 < g.num_samples else ""))
+        sys.stdout.write(text.flush() + "\n" + ("-" * 40 + "\n" if i + 1 < g.num_samples else ""))
 
 
 def cmd_evaluate(argv):

@@ -46,14 +46,21 @@ def expand_source(spec: str, key: str = "data.train") -> list[Path]:
     raise DataError(f"{key}: {spec} does not exist (no file, directory or glob match)")
 
 
+def read_as(path: Path) -> str:
+    """How a file's text is read: as records (".jsonl", ".csv", ".tsv") or as one document ("text")."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in RECORD_SUFFIXES else "text"
+
+
 def hash_files(files: list[Path]) -> str:
-    """Content hash of a list of files (names are not part of it, order is)."""
+    """Hash of a list of files' contents and of how each is read (the same bytes read as JSONL and as
+    text are different corpora); names are not part of it, order is."""
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-        h.update(b"\x00file\x00")
+        h.update(b"\x00file\x00" + read_as(f).encode())
     return h.hexdigest()
 
 
@@ -112,8 +119,7 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "replace"
                    stats: ReadStats | None = None) -> Iterator[tuple[str, bool]]:
     """Yield (text, ends_document) pieces. A text file is one document; a record is one document."""
     stats = stats if stats is not None else ReadStats()
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".csv", ".tsv"):
+    if read_as(path) != "text":
         for _, record in iter_records(path, errors=errors, stats=stats):
             if text_field not in record:
                 raise DataError(f"{path}:{record.get('__line__', '?')}: record has no field "

@@ -29,8 +29,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
 @torch.no_grad()
 def stream_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  stop_ids: set[int] | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time. temperature=0 is greedy."""
+                  stop_ids: set[int] | None = None, slide: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time. temperature=0 is greedy.
+
+    A prompt longer than the context (model.max_seq_len) keeps its last max_seq_len - 1 tokens. Past
+    the context the window slides, as nanoGPT's sampler does, but by half a context at a time: when
+    the cache is full, it is filled again from the newest max_seq_len / 2 tokens, so a long output
+    costs about two tokens' work per token instead of a whole context's. With slide=False the output
+    ends where the context does, as the server's does (its finish_reason is then "length")."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
@@ -38,13 +44,18 @@ def stream_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperatur
     limit = model.cfg.max_seq_len
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
-    prompt = prompt[-(limit - 1):] if len(prompt) >= limit else prompt
-    max_new_tokens = min(max_new_tokens, limit - len(prompt))
+    context = list(prompt[-(limit - 1):])  # the tokens the cache holds, kept for refilling it
+    if not slide:
+        max_new_tokens = min(max_new_tokens, limit - len(context))
     dtype = next(model.parameters()).dtype
-    cache = KVCache.empty(model.cfg, 1, len(prompt) + max_new_tokens, device, dtype)
-    last = torch.tensor([len(prompt) - 1], device=device)  # the prompt's logits at its last token only
-    logits = model(torch.tensor([prompt], device=device), cache=cache, select=last)
-    for _ in range(max_new_tokens):
+
+    def fill(tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
+        cache = KVCache.empty(model.cfg, 1, min(limit, len(tokens) + max_new_tokens), device, dtype)
+        last = torch.tensor([len(tokens) - 1], device=device)  # logits at the last token only
+        return cache, model(torch.tensor([tokens], device=device), cache=cache, select=last)
+
+    cache, logits = fill(context)
+    for i in range(max_new_tokens):
         if temperature <= 0:
             nxt = logits.argmax(-1)
         else:
@@ -53,7 +64,70 @@ def stream_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperatur
         if stop_ids and token in stop_ids:
             return
         yield token
-        logits = model(nxt.view(1, 1), cache=cache)[:, -1]
+        if i + 1 == max_new_tokens:
+            return
+        context.append(token)
+        if cache.pos < cache.k.shape[3]:  # room for one more token
+            logits = model(nxt.view(1, 1), cache=cache)[:, -1]
+        else:  # the context is full: slide
+            context = context[-(limit // 2):]
+            cache, logits = fill(context)
+
+
+# Prompt tokens that text streams decode in front of the new ones: a tokenizer that drops a word's
+# leading space at the start of a text (SentencePiece's "▁") keeps it after them.
+PREFIX_TOKENS = 4
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings: push token ids, get the text that is safe to show.
+
+    The new text is the whole output decoded at once, so a character split across tokens comes out
+    whole; `prefix` (the prompt's last tokens) is decoded in front of it and left out of what is
+    returned, so the first word keeps its leading space as it would in prompt + output."""
+
+    def __init__(self, tokenizer, stop: list[str], prefix: list[int] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already returned
+        self.prefix = list(prefix)
+        self.base = tokenizer.decode(self.prefix) if self.prefix else ""
+
+    def text(self) -> str:
+        """The output so far, decoded."""
+        if self.prefix:
+            text = self.tokenizer.decode(self.prefix + self.ids)
+            if text.startswith(self.base):  # not so when the prompt ends inside a character
+                return text[len(self.base):]
+        return self.tokenizer.decode(self.ids)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (new text, whether a stop string was reached)."""
+        self.ids.append(token)
+        text = self.text()
+        hits = [at for at in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if at >= 0]
+        if hits:
+            at = max(min(hits), self.sent)
+            out, self.sent = text[self.sent:at], len(text)
+            return out, True
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # maybe half of a UTF-8 character
+            safe -= 1
+        hold = 0  # keep back the longest tail that may still grow into a stop string
+        for s in self.stop:
+            hold = max([hold] + [k for k in range(1, min(len(s), safe - self.sent + 1))
+                                 if text.endswith(s[:k], 0, safe)])
+        safe -= hold
+        out = text[self.sent:safe]
+        self.sent = max(self.sent, safe)
+        return out, False
+
+    def flush(self) -> str:
+        """The held-back text, when generation ends without a stop string."""
+        text = self.text()
+        out, self.sent = text[self.sent:], len(text)
+        return out
 
 
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, **kw) -> list[int]:

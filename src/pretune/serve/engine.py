@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pretune.eval.generate import filter_logits
+from pretune.eval.generate import PREFIX_TOKENS, TextStream, filter_logits
 from pretune.model.gpt import GPT, KVCache
 
 log = logging.getLogger("pretune.serve")
@@ -79,43 +79,6 @@ class Event:
     error: str | None = None
 
 
-class TextStream:
-    """Incremental detokenisation with stop strings: push token ids, get the text that is safe to show."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already returned
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; return (new text, whether a stop string was reached)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        hits = [at for at in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if at >= 0]
-        if hits:
-            at = max(min(hits), self.sent)
-            out, self.sent = text[self.sent:at], len(text)
-            return out, True
-        safe = len(text)
-        while safe > self.sent and text[safe - 1] == "\ufffd":  # maybe half of a UTF-8 character
-            safe -= 1
-        hold = 0  # keep back the longest tail that may still grow into a stop string
-        for s in self.stop:
-            hold = max([hold] + [k for k in range(1, min(len(s), safe - self.sent + 1))
-                                 if text.endswith(s[:k], 0, safe)])
-        safe -= hold
-        out = text[self.sent:safe]
-        self.sent = max(self.sent, safe)
-        return out, False
-
-    def flush(self) -> str:
-        """The held-back text, when generation ends without a stop string."""
-        text = self.tokenizer.decode(self.ids)
-        out, self.sent = text[self.sent:], len(text)
-        return out
-
-
 _ids = itertools.count(1)
 
 
@@ -127,7 +90,7 @@ class Job:
         self.prompt = list(prompt)
         self.params = params
         self.sink = sink
-        self.stream = TextStream(tokenizer, params.stop)
+        self.stream = TextStream(tokenizer, params.stop, prefix=self.prompt[-PREFIX_TOKENS:])
         self.n_tokens = 0
         self.finish_reason: str | None = None
         self.cancelled = threading.Event()
@@ -422,9 +385,9 @@ class Engine:
 def generate_all(model: GPT, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                  max_batch: int = 32) -> list[list[int]]:
     """Greedy continuations of many prompts, batched through the engine in this thread: the tokens
-    `eval.generate.generate(model, prompt, max_new_tokens, temperature=0, stop_ids={EOS})` gives
-    for each prompt, without the cost of decoding one sequence at a time. A prompt too long for the
-    context keeps its last tokens, and max_new_tokens shrinks to fit, as in `generate`."""
+    `eval.generate.generate(model, prompt, max_new_tokens, temperature=0, stop_ids={EOS}, slide=False)`
+    gives for each prompt, without the cost of decoding one sequence at a time. A prompt too long
+    for the context keeps its last tokens, and max_new_tokens shrinks to fit."""
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
     engine = Engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))))

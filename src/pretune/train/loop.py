@@ -6,6 +6,7 @@ data, and the objective.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ class StepData(Protocol):
 
 
 class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+    """The loss or a gradient became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
 LOWER_IS_BETTER = ("loss", "ppl", "bpb", "perplexity")
@@ -57,21 +58,24 @@ def _track_best(state: dict, metric: str, step: int) -> bool:
     return False
 
 
-def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime) -> dict:
-    """Targets per kind of micro-batch (task, replay) in this optimiser step, summed over ranks.
+def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime) -> tuple[dict, object]:
+    """Targets per kind of micro-batch (task, replay) in this optimiser step, and the tokens the step
+    reads, both summed over ranks (ranks may hold different numbers: fine-tuning batches differ).
 
     Floats in one process. With several, 0-d device tensors: the all-reduce is queued on the device
     and the step goes on without waiting for it (no host synchronisation in the step)."""
     counts = dict.fromkeys(kinds, 0.0)
+    tokens = 0
     for mb in micro:  # counted on the host, before the batch moves to the device
         counts[mb.get("kind", "task")] += objective.count(mb)
-    if rt.distributed:
-        total = torch.tensor([counts[k] for k in kinds], dtype=torch.float64)
-        if rt.device.type == "cuda":
-            total = total.pin_memory()
-        total = all_reduce_sum(total.to(rt.device, non_blocking=True), rt)
-        counts = dict(zip(kinds, total.unbind()))
-    return counts
+        tokens += int(mb.get("n_tokens", mb["input_ids"].numel()))
+    if not rt.distributed:
+        return counts, tokens
+    total = torch.tensor([counts[k] for k in kinds] + [tokens], dtype=torch.float64)
+    if rt.device.type == "cuda":
+        total = total.pin_memory()
+    total = all_reduce_sum(total.to(rt.device, non_blocking=True), rt).unbind()
+    return dict(zip(kinds, total[:-1])), total[-1]
 
 
 def _per_target(weight: float, count) -> float | torch.Tensor:
@@ -112,7 +116,10 @@ class MetricsLog:
 
 
 def _round(x):
-    return round(x, 6) if isinstance(x, float) else x
+    """Floats to 6 places; NaN and infinities as null, so the files stay strict JSON."""
+    if isinstance(x, float):
+        return round(x, 6) if math.isfinite(x) else None
+    return x
 
 
 def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data: StepData, objective,
@@ -172,7 +179,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
     interval_steps = 0
     interval_tokens = 0
-    pending_targets = 0.0  # target tokens not yet added to state (a device tensor when distributed)
+    # target tokens and tokens not yet added to state (device tensors when distributed)
+    pending_targets, pending_tokens = 0.0, 0
     kinds = tuple(getattr(data, "kinds", ("task",)))
     weights = dict(getattr(objective, "weights", {}))
     t_interval = time.perf_counter()
@@ -189,8 +197,19 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         if bad >= 0:
             where = f"; the last good checkpoint is {last_good_ckpt}" if last_good_ckpt else \
                 "; no checkpoint was written before it"
-            raise TrainingDiverged(f"the loss became NaN or infinite at step {bad}{where}. Lower optim.lr, "
-                                   f"check the data, or resume from that checkpoint with other settings.")
+            raise TrainingDiverged(f"the loss or its gradient became NaN or infinite at step {bad}{where}. "
+                                   "Lower optim.lr, check the data, or resume from that checkpoint with "
+                                   "other settings.")
+
+    def flush_counts() -> int:
+        """Add the pending counts to state (waiting for their all-reduce); returns the tokens added."""
+        nonlocal pending_targets, pending_tokens
+        tokens = int(round(float(pending_tokens)))
+        state["target_tokens"] += int(round(float(pending_targets)))
+        state["tokens"] += tokens
+        state["flops"] += fpt["total"] * tokens
+        pending_targets, pending_tokens = 0.0, 0
+        return tokens
 
     batches = Prefetcher(data, rt.rank, rt.world, device)  # on CUDA the next step is built during this one
     try:
@@ -200,13 +219,11 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = batches.get(step, ahead=step + 1 < stop)
-            counts = count_targets(micro, objective, kinds, rt)
+            counts, step_tokens = count_targets(micro, objective, kinds, rt)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            step_tokens = 0
             for i, mb in enumerate(micro):
                 kind = mb.get("kind", "task")
                 scale = _per_target(weights.get(kind, 1.0), counts[kind])  # token-weighted within each kind
-                step_tokens += int(mb.get("n_tokens", mb["input_ids"].numel())) * rt.world  # on the host
                 mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
                 with grad_sync(fwd, rt, i == len(micro) - 1):  # all-reduce on the last micro-batch only
                     with autocast:
@@ -219,15 +236,17 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 # the loss is summed over ranks when logged: a replicated penalty counts once
                 step_loss += penalty.detach().double() / (1 if getattr(objective, "sharded", False) else rt.world)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t_cfg.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step + 1, first_bad)
+            # a finite loss with a non-finite gradient has already spoilt the weights: that step is bad too
+            bad_now = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+            first_bad = torch.where((first_bad < 0) & bad_now, step + 1, first_bad)
             interval_loss += step_loss
             interval_steps += 1
-            interval_tokens += step_tokens
-            state["tokens"] += step_tokens
             pending_targets = pending_targets + sum(counts.values())
-            state["flops"] += fpt["total"] * step_tokens
+            pending_tokens = pending_tokens + step_tokens
             s = step + 1
             if device.type == "cpu":
                 check_finite(s)
@@ -238,8 +257,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             do_save = t_cfg.save_every and (s % t_cfg.save_every == 0 or is_last)
             if do_log or do_eval or do_save:
                 check_finite(s)
-                state["target_tokens"] += int(round(float(pending_targets)))
-                pending_targets = 0.0
+                interval_tokens += flush_counts()
             if do_log:
                 total_loss = float(all_reduce_sum(interval_loss.clone(), rt)) / max(interval_steps, 1)
                 elapsed = time.perf_counter() - t_interval
@@ -311,7 +329,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     final_step = step + 1 if stop > start else start
     if final_step < max_steps and status != "early_stopped":
         status = "stopped"
-    state["target_tokens"] += int(round(float(pending_targets)))
+    flush_counts()
     # the final model as plain PyTorch: the model itself, or under FSDP a copy with the gathered
     # weights on rank 0 (None on the others; dist.final_model(model) returns it afterwards)
     final = unsharded(model, rt) if status != "stopped" else model
