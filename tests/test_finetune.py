@@ -104,13 +104,15 @@ def test_methods_train_fewer_parameters(tmp_path, base_run, method, expect):
     assert s["flops_per_token"]["frozen"] > 0
 
 
-def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base_run):
+@pytest.mark.parametrize("with_test", [False, True])
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base_run, with_test):
     train, val = sentiment(tmp_path / "t.jsonl", 80), sentiment(tmp_path / "v.jsonl", 40, seed=3)
+    test = [f"data.test={sentiment(tmp_path / 'test.jsonl', 40, seed=4)}"] if with_test else []
     out = tmp_path / "es"
     assert run_cli("finetune", *FT, f"init_from={base_run}", "task=classification", f"data.train={train}",
                    f"data.val={val}", f"out_dir={out}", "train.max_steps=200", "train.eval_every=2",
                    "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant",
-                   "train.early_stop_metric=val_loss", "train.patience=3") == 0
+                   "train.early_stop_metric=val_loss", "train.patience=3", *test) == 0
     s = json.loads((out / "summary.json").read_text())
     evals = [r for r in read_metrics(out) if "val_loss" in r]
     best = min(evals, key=lambda r: r["val_loss"])
@@ -137,6 +139,34 @@ def test_cross_validation_folds_are_disjoint(tmp_path, base_run):
     assert sum(s["fold_validation_sizes"]) == 60
 
 
+def test_cross_validation_resumes_where_it_stopped(tmp_path, base_run, capsys):
+    import shutil
+
+    train = sentiment(tmp_path / "t.jsonl", 60)
+    out = tmp_path / "cv"
+    args = [f"init_from={base_run}", "task=classification", f"data.train={train}", f"out_dir={out}",
+            "finetune.cv=3", "train.max_steps=4", *FT, "train.save_every=2", "train.eval_every=2"]
+    assert run_cli("finetune", *args) == 0
+    whole = json.loads((out / "summary.json").read_text())
+    losses = [[r["loss"] for r in read_metrics(out / f"fold-{i}")] for i in range(3)]
+    # fold 2 interrupted after its step-2 checkpoint; fold 1 never started
+    for name in ("summary.json", "model", "checkpoints/step-000004", "predictions.jsonl"):
+        target = out / "fold-2" / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(out / "fold-1")
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    assert run_cli("finetune", f"resume={out}") == 0
+    assert "fold 0: finished earlier" in capsys.readouterr().out
+    assert [[r["loss"] for r in read_metrics(out / f"fold-{i}")] for i in range(3)] == losses
+    again = json.loads((out / "summary.json").read_text())
+    assert again["mean"]["accuracy"] == whole["mean"]["accuracy"] and again["mean"]["val_loss"] == whole["mean"]["val_loss"]
+    # each fold's config names its fold, so resuming that fold alone splits the records the same way
+    fold = json.loads((out / "fold-1" / "lineage.json").read_text())["examples"]
+    assert (fold["train"], fold["val"]) == (40, 20)
+    assert "fold: 1" in (out / "fold-1" / "config.yaml").read_text()
+
+
 def test_l2sp_with_zero_lambda_equals_plain_training(tmp_path, base_run):
     train = sentiment(tmp_path / "t.jsonl", 40)
     runs = []
@@ -160,12 +190,13 @@ def test_instruction_with_replay_and_generation_metrics(tmp_path, base_run):
     out = tmp_path / "inst"
     assert run_cli("finetune", f"init_from={base_run}", "task=instruction", f"data.train={f}", f"data.val={f}",
                    f"finetune.replay=[{replay}]", "finetune.replay_ratio=0.25", "finetune.eval_examples=8",
-                   "finetune.max_new_tokens=8", f"out_dir={out}", "train.max_steps=8", *FT) == 0
+                   "finetune.max_new_tokens=8", f"out_dir={out}", "train.max_steps=8", *FT,
+                   "finetune.prompt_loss=true") == 0
     s = json.loads((out / "summary.json").read_text())
     assert {"loss", "ppl", "exact_match", "chrf"} <= set(s) and s["target_tokens"] > 0
     e = tmp_path / "eval.json"
-    assert run_cli("evaluate", out, f"data.val={f}", "max_len=64", "max_new_tokens=8", "eval_examples=8",
-                   f"out={e}") == 0
+    # the formatting settings (max_len, truncation, prompt_loss) come from the model's task.json
+    assert run_cli("evaluate", out, f"data.val={f}", "max_new_tokens=8", "eval_examples=8", f"out={e}") == 0
     r = json.loads(e.read_text())
     assert r["task"] == "instruction" and r["loss"] == pytest.approx(s["loss"], rel=1e-5)
     assert (r["exact_match"], r["chrf"]) == (s["exact_match"], s["chrf"])
@@ -232,3 +263,24 @@ def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path):
     assert [r["step"] for r in cut] == list(range(1, 13))
     assert [r["loss"] for r in cut] == [r["loss"] for r in whole]
     assert [r["val_loss"] for r in cut if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
+def test_held_out_fractions_are_the_fraction_asked_for_and_label_ids_keep_their_order(tmp_path):
+    from pretune.data.tasks import split_folds
+    from pretune.config import Config, load_config
+    from pretune.finetune import _records, hold_out
+
+    for n, f in ((120, 0.4), (120, 0.6), (120, 0.15), (7, 0.99), (7, 0.01)):
+        kept, held = hold_out(n, f, seed=3)
+        assert len(held) == min(max(1, round(n * f)), n - 1) and sorted(kept + held) == list(range(n))
+    assert hold_out(50, 0.25, seed=3) == split_folds(50, 4, 3)[0]  # 1/k: cross-validation's first fold
+    rows = [{"text": f"t{i}", "label": i % 12} for i in range(48)]
+    f = tmp_path / "ids.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(Config, None, ["task=classification", f"data.train={f}", "data.val_fraction=0"])
+    assert _records(cfg)[3] == [str(i) for i in range(12)]  # by value: head output i is label id i
+    names = [f"class{i}" for i in range(12)]
+    cfg = load_config(Config, None, ["task=classification", f"data.train={f}", "data.val_fraction=0",
+                                     f"data.labels=[{','.join(names)}]"])
+    train = _records(cfg)[0]
+    assert [r["label"] for r in train[:3]] == ["class0", "class1", "class2"]  # ids name data.labels in order

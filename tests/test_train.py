@@ -93,6 +93,21 @@ def test_existing_out_dir_is_refused_unless_overwrite(tmp_path, corpus, capsys):
     assert run_cli(*args) == 2
     assert "already holds files" in capsys.readouterr().err
     assert run_cli(*args, "overwrite=true") == 0
+    # overwrite=true never deletes the parent model or the data with the directory it replaces
+    cpt = ["pretrain", f"init_from={out}", f"out_dir={out}", "overwrite=true", f"data.train={corpus}",
+           "train.max_steps=2", *TINY]
+    assert run_cli(*cpt) == 2 and "would delete" in capsys.readouterr().err
+    inner = out / "more.txt"
+    inner.write_text(corpus.read_text())
+    assert run_cli("pretrain", f"data.train={inner}", f"out_dir={out}", "overwrite=true", "train.max_steps=2",
+                   *TINY) == 2
+    assert "would delete" in capsys.readouterr().err and (out / "model").is_dir()
+    # nor a directory that no run wrote
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    assert run_cli(*args[:2], f"out_dir={other}", *args[3:], "overwrite=true") == 2
+    assert "no pretune run wrote" in capsys.readouterr().err and (other / "mine.txt").is_file()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):

@@ -224,6 +224,9 @@ class FinetuneConfig:
     """Share of each batch's sequences that are replay text."""
     cv: int = 0
     """k-fold cross-validation over the training records (k >= 2); reports mean and std."""
+    fold: int | None = None
+    """With cv=k: run fold i alone (cross-validation sets it in each fold's config, so a fold resumes
+    on its own split); None runs all k."""
     dpo_beta: float = 0.1
     """Preference: DPO temperature beta."""
     max_new_tokens: int = 64
@@ -318,10 +321,32 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
     if cfg.finetune.cv == 1 or cfg.finetune.cv < 0:
         p.append(f"finetune.cv={cfg.finetune.cv}: give k >= 2 folds, or 0 for no cross-validation")
-    if not 0 <= cfg.finetune.replay_ratio < 1:
-        p.append(f"finetune.replay_ratio={cfg.finetune.replay_ratio} must be in [0, 1)")
-    if cfg.finetune.replay_ratio > 0 and not cfg.finetune.replay:
+    f = cfg.finetune
+    if not 0 <= f.replay_ratio < 1:
+        p.append(f"finetune.replay_ratio={f.replay_ratio} must be in [0, 1)")
+    elif f.replay and t.batch_size:
+        n_replay = round(t.batch_size * f.replay_ratio)  # whole rows of each batch
+        if n_replay >= t.batch_size:
+            p.append(f"finetune.replay_ratio={f.replay_ratio} leaves no task rows in a batch of "
+                     f"train.batch_size={t.batch_size}; lower it or raise the batch size")
+        elif f.replay_ratio > 0 and n_replay == 0:
+            p.append(f"finetune.replay_ratio={f.replay_ratio} rounds to no replay rows in a batch of "
+                     f"train.batch_size={t.batch_size}; raise one of them (a row needs a ratio of at least "
+                     f"{0.5 / t.batch_size:.3g})")
+    if f.replay_ratio > 0 and not f.replay:
         p.append("finetune.replay_ratio > 0 needs finetune.replay (general text files)")
+    positive("finetune.epochs", f.epochs)
+    positive("finetune.l2sp", f.l2sp, allow_zero=True)
+    positive("finetune.dpo_beta", f.dpo_beta)
+    positive("lora.rank", cfg.lora.rank)
+    positive("lora.alpha", cfg.lora.alpha)
+    positive("data.max_examples", d.max_examples)
+    if f.max_len < 2:
+        p.append(f"finetune.max_len={f.max_len}: an example needs at least 2 tokens (a prompt token and a target)")
+    if not 0 <= cfg.lora.dropout < 1:
+        p.append(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    if f.fold is not None and not (f.cv and 0 <= f.fold < f.cv):
+        p.append(f"finetune.fold={f.fold} needs finetune.cv=k and 0 <= fold < k (cross-validation sets it)")
     if t.patience is not None and not t.early_stop_metric:
         p.append("train.patience needs train.early_stop_metric (for example val_loss or val_accuracy)")
     for key, (value, options) in choices.items():

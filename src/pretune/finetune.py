@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import json
 import math
+import random
 import statistics
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from pretune.model.heads import ClassifierModel
 from pretune.model.io import load_model, save_model_dir
 from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merged_state
 from pretune.serve.engine import generate_all
-from pretune.stages import open_run, parent_tokenizer
+from pretune.stages import inputs_of, open_run, parent_tokenizer
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.loop import train
@@ -126,7 +127,10 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
             save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
                       str(directory / "head.safetensors"))
         info = {"task": cfg.task, "labels": labels,
-                "classifier": cfg.finetune.classifier if cfg.task == "classification" else None}
+                "classifier": cfg.finetune.classifier if cfg.task == "classification" else None,
+                # how examples were formatted, so that `pretune evaluate` formats them the same way
+                "format": {"max_len": cfg.finetune.max_len, "truncation": cfg.finetune.truncation,
+                           "prompt_loss": cfg.finetune.prompt_loss}}
         if cfg.task == "preference":
             info["dpo_beta"] = cfg.finetune.dpo_beta
         atomic_write_json(directory / "task.json", info)
@@ -323,9 +327,12 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
     if summary["status"] in ("completed", "early_stopped") and rt.is_main:
         final, per_example = {}, {}
         plain = "test" if test_ex else "val"
+        # the loop's last evaluation scored the final model on val, unless early stopping went back to
+        # an earlier (best) model: then val is scored again, so its figures are the final model's
+        scored = any(k.startswith("val_") for k in summary) and summary.get("best_step") in (None, summary["steps"])
         for split, ex in (("val", val_ex), ("test", test_ex)):
-            if split == "val" and test_ex and any(k.startswith("val_") for k in summary):
-                continue  # the loop's last evaluation already scored val; the test set is what is reported
+            if split == "val" and test_ex and scored:
+                continue  # the test set is what is reported
             final.update({f"{split}_{k}": v for k, v in evaluate_task(
                 model, ex, cfg, tok, labels, device, generation=True, objective=objective,
                 per_example=per_example if split == plain else None).items()})
@@ -337,6 +344,37 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
     return summary
 
 
+def hold_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held-out) record indices, a seeded `fraction` of n held out (at least one, never all).
+    A fraction 1/k holds out the first of the k folds that cross-validation with the seed makes."""
+    k = round(1 / fraction)
+    if k >= 2 and abs(k * fraction - 1) < 1e-9:
+        return T.split_folds(n, k, seed)[0]
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    m = min(max(1, round(n * fraction)), n - 1)
+    return sorted(order[m:]), sorted(order[:m])
+
+
+def label_names(found: set[str]) -> list[str]:
+    """The label set in a stable order: integer ids by value (so head output i is label id i when
+    the ids run 0..n-1), other names alphabetically."""
+    if all(x.lstrip("-").isdigit() for x in found):
+        return sorted(found, key=int)
+    return sorted(found)
+
+
+def ids_to_names(records: list[dict], labels: list[str]) -> None:
+    """With data.labels given (the names in id order), records that carry integer ids instead of
+    names get the names, in place."""
+    if any(r["label"] in labels for r in records):
+        return
+    ids = {r["label"] for r in records}
+    if all(x.isdigit() and int(x) < len(labels) for x in ids):
+        for r in records:
+            r["label"] = labels[int(r["label"])]
+
+
 def _records(cfg: Config) -> tuple[list, list, list, list[str] | None, T.TaskStats]:
     stats = T.TaskStats()
     d = cfg.data
@@ -344,15 +382,17 @@ def _records(cfg: Config) -> tuple[list, list, list, list[str] | None, T.TaskSta
     val_recs = T.read_records(d.val, cfg.task, d, stats, "data.val")
     test_recs = T.read_records(d.test, cfg.task, d, stats, "data.test")
     if not test_recs and d.test_fraction > 0:  # a fixed split: the test set does not depend on the seed
-        rest, held = T.split_folds(len(train_recs), max(2, round(1 / d.test_fraction)), 0)[0]
+        rest, held = hold_out(len(train_recs), d.test_fraction, 0)
         train_recs, test_recs = [train_recs[i] for i in rest], [train_recs[i] for i in held]
     if not val_recs and d.val_fraction > 0 and not cfg.finetune.cv:
-        folds = T.split_folds(len(train_recs), max(2, round(1 / d.val_fraction)), cfg.seed)
-        tr, va = folds[0]
+        tr, va = hold_out(len(train_recs), d.val_fraction, cfg.seed)
         train_recs, val_recs = [train_recs[i] for i in tr], [train_recs[i] for i in va]
     labels = None
     if cfg.task == "classification":  # the task's label set, whatever subset of it is used for training
-        labels = list(d.labels) if d.labels else sorted({r["label"] for r in train_recs + val_recs + test_recs})
+        everything = train_recs + val_recs + test_recs
+        labels = list(d.labels) if d.labels else label_names({r["label"] for r in everything})
+        if d.labels:
+            ids_to_names(everything, labels)
     train_recs = T.subsample(train_recs, d.max_examples, cfg.seed)
     return train_recs, val_recs, test_recs, labels, stats
 
@@ -373,24 +413,57 @@ def run_finetune(cfg: Config, log=print) -> dict:
     else:
         tok = build_tokenizer(cfg.data, log)
     train_recs, val_recs, test_recs, labels, stats = _records(cfg)
-    k = cfg.finetune.cv
-    if not k:
-        summary = run_one(cfg, tok, train_recs, val_recs, test_recs, labels, log)
-        if stats.skipped:
-            summary["skipped_records"] = stats.skipped
-            atomic_write_json(Path(cfg.out_dir) / "summary.json", summary)
-        return summary
+    k, fold = cfg.finetune.cv, cfg.finetune.fold
+    if k:
+        folds = T.split_folds(len(train_recs), k, cfg.seed)
+        if fold is None:
+            return _cross_validate(cfg, tok, train_recs, folds, test_recs, labels, stats, log)
+        tr, va = folds[fold]  # one fold (a fold's own config, as when it is resumed by itself)
+        train_recs, val_recs = [train_recs[j] for j in tr], [train_recs[j] for j in va]
+    summary = run_one(cfg, tok, train_recs, val_recs, test_recs, labels, log)
+    return _count_skipped(summary, stats, Path(cfg.resume or cfg.out_dir))
+
+
+def _count_skipped(summary: dict, stats: T.TaskStats, run_dir: Path) -> dict:
+    """Add the records skipped while reading (data.on_error=skip) to those skipped while encoding."""
+    if stats.skipped:
+        summary["skipped_records"] = summary.get("skipped_records", 0) + stats.skipped
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, labels, stats, log) -> dict:
+    """k folds in out_dir/fold-i, then each figure's mean and standard deviation across them.
+
+    The root holds the run's config.yaml, tokenizer and lineage, so `resume=ROOT` continues: finished
+    folds are read back, an interrupted one resumes from its checkpoint, the rest start afresh. Each
+    fold's config names its fold (finetune.fold), so `resume=ROOT/fold-i` finds the same split too."""
     root = Path(cfg.resume or cfg.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    folds = T.split_folds(len(train_recs), k, cfg.seed)
+    parent = starting_model(cfg)
+    if not cfg.resume:
+        ck.prepare_out_dir(root, cfg.overwrite, False, keep=inputs_of(cfg))
+        save_config(cfg, root / "config.yaml")
+        tok.save(root)
+        ck.write_lineage(root, "finetune", parent, task=cfg.task, method=cfg.method, cv=len(folds))
     results = []
     for i, (tr, va) in enumerate(folds):
-        fold_cfg = dataclasses.replace(cfg, out_dir=str(root / f"fold-{i}"), finetune=dataclasses.replace(cfg.finetune, cv=0))
-        results.append(run_one(fold_cfg, tok, [train_recs[j] for j in tr], [train_recs[j] for j in va],
-                               test_recs, labels, log))
+        fold_dir = root / f"fold-{i}"
+        done = json.loads((fold_dir / "summary.json").read_text()) if (fold_dir / "summary.json").is_file() else {}
+        if done.get("status") in ("completed", "early_stopped"):
+            log(f"fold {i}: finished earlier, read from {fold_dir}")
+            results.append(done)
+            continue
+        started = ck.latest_checkpoint(fold_dir) is not None and (fold_dir / "config.yaml").is_file()
+        fold_cfg = dataclasses.replace(
+            cfg, out_dir=str(fold_dir), resume=str(fold_dir) if started else None,
+            init_from=None if started else parent, overwrite=fold_dir.exists() and not started,
+            finetune=dataclasses.replace(cfg.finetune, fold=i))
+        summary = run_one(fold_cfg, tok, [train_recs[j] for j in tr], [train_recs[j] for j in va], test_recs,
+                          labels, log)
+        results.append(_count_skipped(summary, stats, fold_dir))
     names = [n for n, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and all(isinstance(r.get(n), (int, float)) for r in results)]
-    summary = {"status": "completed", "cv": k, "folds": [str(root / f"fold-{i}") for i in range(k)],
+    summary = {"status": "completed", "cv": len(folds), "folds": [str(root / f"fold-{i}") for i in range(len(folds))],
                "mean": {n: statistics.fmean(r[n] for r in results) for n in names},
                "std": {n: statistics.stdev([r[n] for r in results]) for n in names},
                "fold_validation_sizes": [len(va) for _, va in folds]}

@@ -28,9 +28,16 @@ def open_run(cfg: Config, rt: dist.Runtime) -> Path:
     """The run directory (checked on rank 0 first, so no process writes into a refused one)."""
     run_dir = Path(cfg.resume or cfg.out_dir)
     if rt.is_main:
-        ck.prepare_out_dir(run_dir, cfg.overwrite, bool(cfg.resume))
+        ck.prepare_out_dir(run_dir, cfg.overwrite, bool(cfg.resume), keep=inputs_of(cfg))
     dist.barrier(rt)
     return run_dir
+
+
+def inputs_of(cfg: Config) -> tuple:
+    """The paths a run reads (its parent model, its data), which replacing its out_dir must not delete."""
+    d = cfg.data
+    tokenizer = [d.tokenizer] if d.tokenizer not in ("char", "bpe") else []
+    return tuple(p for p in [cfg.init_from, *d.train, *d.val, *d.test, *cfg.finetune.replay, *tokenizer] if p)
 
 
 def tokenizer_dir(path: str | Path) -> Path:

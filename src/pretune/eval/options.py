@@ -39,8 +39,13 @@ class EvaluateConfig:
     task: str | None = None
     """'classification', 'instruction', 'text2text' or 'preference' for the task's figures, 'lm' for
     loss, perplexity and bits per byte; None: the task a fine-tuned model was trained for, else 'lm'."""
-    max_len: int = 256
-    """Task records: longest example in tokens (longer ones are cut from the left, and counted)."""
+    max_len: int | None = None
+    """Task records: longest example in tokens (longer ones are cut, and counted); None: the
+    finetune.max_len the model was tuned with (its task.json), else 256."""
+    truncation: str | None = None
+    """Task records: which end of a long prompt is cut, 'left' or 'right'; None: as the model was tuned."""
+    prompt_loss: bool | None = None
+    """Instruction and text2text: whether the loss also counts prompt tokens; None: as the model was tuned."""
     max_new_tokens: int = 64
     """Generation tasks: tokens generated per example."""
     eval_examples: int = 200
@@ -66,6 +71,11 @@ class EvaluateConfig:
         from pretune.config import TASKS
 
         allowed = (*TASKS, "lm")
+        problems = []
         if self.task is not None and self.task not in allowed:
-            return [f"task={self.task!r} must be one of {', '.join(allowed)}"]
-        return []
+            problems.append(f"task={self.task!r} must be one of {', '.join(allowed)}")
+        if self.truncation not in (None, "left", "right"):
+            problems.append(f"truncation={self.truncation!r} must be 'left' or 'right'")
+        if self.max_len is not None and self.max_len < 2:
+            problems.append(f"max_len={self.max_len} must be at least 2 tokens")
+        return problems

@@ -73,8 +73,16 @@ def evaluate_on_task(model_path: str, e, device, info: dict | None = None) -> di
         raise ConfigError(f"task={task!r} is not one of {', '.join(TASKS)}")
     model, tok = load_task_model(model_path, info if info.get("task") == task else {}, device)
     classifier = "head" if isinstance(model, ClassifierModel) else "verbalizer"
-    beta = e.dpo_beta or (info.get("dpo_beta") if info.get("task") == task else None) or FinetuneConfig.dpo_beta
-    finetune = FinetuneConfig(classifier=classifier, max_len=e.max_len, max_new_tokens=e.max_new_tokens,
+    own = info if info.get("task") == task else {}  # the model's own task: its settings are the defaults
+    beta = e.dpo_beta or own.get("dpo_beta") or FinetuneConfig.dpo_beta
+    tuned = own.get("format", {})
+
+    def setting(name: str):
+        given = getattr(e, name)
+        return given if given is not None else tuned.get(name, getattr(FinetuneConfig, name))
+
+    finetune = FinetuneConfig(classifier=classifier, max_len=setting("max_len"), truncation=setting("truncation"),
+                              prompt_loss=setting("prompt_loss"), max_new_tokens=e.max_new_tokens,
                               eval_examples=e.eval_examples, dpo_beta=beta)
     cfg = Config(task=task, data=e.data, finetune=finetune, train=TrainConfig(eval_batch_size=4 * e.batch_size))
     stats = T.TaskStats()

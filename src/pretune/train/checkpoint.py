@@ -25,8 +25,16 @@ class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
 
 
-def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool) -> Path:
-    """Create out_dir, refusing one that holds another run unless told to overwrite or resume."""
+# Files by which overwrite=true knows a directory as pretune's (a run, a cross-validation root, the
+# demo's): it never deletes a directory that holds none of them.
+RUN_MARKERS = ("config.yaml", "summary.json", "lineage.json", "demo-study.yaml", "world/world.json")
+
+
+def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tuple = ()) -> Path:
+    """Create out_dir, refusing one that holds another run unless told to overwrite or resume.
+
+    overwrite=true replaces only a directory that pretune wrote (RUN_MARKERS), and never one that
+    holds a path in `keep` (the parent model, the data): those would be lost with it."""
     out = Path(out_dir)
     if resume:
         if not (out / "config.yaml").is_file():
@@ -37,9 +45,24 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool) -> Path:
             raise RunDirError(
                 f"out_dir {out} already holds files (a previous run?). Choose another out_dir, "
                 f"set overwrite=true to replace it, or resume={out} to continue that run.")
+        inside = [str(k) for k in keep if k and _within(Path(k), out)]
+        if inside:
+            raise RunDirError(f"overwrite=true would delete {', '.join(inside)} with out_dir {out}; "
+                              "choose another out_dir")
+        if not any((out / m).exists() for m in RUN_MARKERS):
+            raise RunDirError(f"out_dir {out} holds files that no pretune run wrote (none of "
+                              f"{', '.join(RUN_MARKERS)}); overwrite=true replaces only runs. Choose another "
+                              "out_dir, or empty it yourself")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _within(path: Path, directory: Path) -> bool:
+    """Whether `path` (a file, a directory or a glob) is `directory` or lies inside it."""
+    parts = path.expanduser().parts
+    plain = Path(*parts[:next((i for i, x in enumerate(parts) if any(c in x for c in "*?[")), len(parts))] or ".")
+    return plain.resolve().is_relative_to(directory.resolve())
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
