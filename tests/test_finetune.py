@@ -284,3 +284,37 @@ def test_held_out_fractions_are_the_fraction_asked_for_and_label_ids_keep_their_
                                      f"data.labels=[{','.join(names)}]"])
     train = _records(cfg)[0]
     assert [r["label"] for r in train[:3]] == ["class0", "class1", "class2"]  # ids name data.labels in order
+
+
+def test_a_run_that_kept_the_adapter_alone_loads_as_base_plus_adapter(tmp_path, base_run):
+    train, val = sentiment(tmp_path / "train.jsonl", 80), sentiment(tmp_path / "val.jsonl", 30, seed=2)
+    out = tmp_path / "adapter-only"
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", "method=lora", "lora.rank=2",
+                   "lora.save=adapter", f"data.train={train}", f"data.val={val}", f"out_dir={out}",
+                   "train.max_steps=6", *FT) == 0
+    assert not (out / "model").exists() and (out / "adapter" / "adapter.safetensors").is_file()
+    s = json.loads((out / "summary.json").read_text())
+    e = tmp_path / "eval.json"
+    assert run_cli("evaluate", out, f"data.val={val}", f"out={e}") == 0
+    r = json.loads(e.read_text())
+    assert (r["accuracy"], r["loss"]) == (s["accuracy"], pytest.approx(s["loss"], rel=1e-5))
+
+
+def test_freeze_patterns_reach_a_tied_output_layer_and_the_blocks_under_a_head(tmp_path, base_run):
+    from pretune.config import Config, load_config
+    from pretune.data.tokenizer import Tokenizer
+    from pretune.finetune import build_task_model
+
+    tok = Tokenizer.load(base_run)
+
+    def trainable(*args):
+        cfg = load_config(Config, None, [f"init_from={base_run}", "method=freeze", *args])
+        model = build_task_model(cfg, tok, 2)
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert "tok_emb.weight" not in trainable("task=instruction")  # a tied output layer: frozen by last_k
+    assert trainable("task=instruction", "freeze.pattern=[lm_head.weight]") == {"tok_emb.weight"}
+    under_head = trainable("task=classification", "freeze.pattern=[blocks.1.*]")
+    assert under_head and all(n.startswith(("lm.blocks.1.", "head.")) for n in under_head)
+    with pytest.raises(Exception, match="names look like"):
+        trainable("task=instruction", "freeze.pattern=[nothing.*]")

@@ -178,6 +178,37 @@ def test_hub_id_is_downloaded_with_snapshot_download(tmp_path, bpe, monkeypatch)
     assert json.loads((tmp_path / "pt" / "config.json").read_text())["hf_source"] == "Qwen/Qwen2.5-0.5B"
 
 
+def test_init_from_a_hf_directory_reads_its_tokenizer_as_import_does(tmp_path, bpe):
+    """pretrain/finetune init_from=HF_DIR keep the chat template (saved as chat_template.jinja by
+    transformers) in the run's tokenizer files, and take EOS from generation_config.json when
+    tokenizer_config.json names none, exactly as `pretune import` does."""
+    from pretune.interop.hf import load_hf_tokenizer
+    from pretune.stages import parent_tokenizer
+
+    hf = tmp_path / "hf"
+    hf_model("llama").save_pretrained(hf)
+    save_hf_tokenizer(bpe, hf)
+    rows = [{"prompt": f"what is {w}?", "response": f"{w} is here."} for w in ["fox", "dog", "tree"] * 4]
+    (tmp_path / "inst.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ft"
+    assert run_cli("finetune", f"init_from={hf}", "task=instruction", f"data.train={tmp_path / 'inst.jsonl'}",
+                   "train.max_steps=1", "train.batch_size=2", "train.eval_every=0", "train.threads=1",
+                   "train.progress=false", "finetune.eval_examples=2", "finetune.max_new_tokens=2",
+                   f"out_dir={out}") == 0
+    for d in (out, out / "model"):
+        assert json.loads((d / "tokenizer_config.json").read_text()).get("chat_template") == TEMPLATE, d
+    assert load_model(out)[1].chat_template == TEMPLATE
+
+    # EOS from generation_config.json (here deliberately a token that is not named like an EOS)
+    meta = json.loads((hf / "tokenizer_config.json").read_text())
+    meta.pop("eos_token")
+    (hf / "tokenizer_config.json").write_text(json.dumps(meta))
+    unk = bpe.tok.token_to_id("<|unk|>")
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [unk]}))
+    tok = parent_tokenizer(hf)
+    assert tok.eos_id == unk == load_hf_tokenizer(hf).eos_id and tok.chat_template == TEMPLATE
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -239,6 +270,59 @@ def test_exported_directory_is_refused_as_output_twice(tmp_path, char, capsys):
     assert "already exists" in capsys.readouterr().err
     assert run_cli("export", run, tmp_path / "hf", "overwrite=true", "dtype=bfloat16") == 0
     assert load_file(str(tmp_path / "hf" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_export_without_a_template_carries_the_default_the_model_is_chatted_with(tmp_path, char):
+    """A tokenizer with no chat template is fine-tuned, served and chatted with on pretune's default
+    template; the HF and GGUF exports carry it, so transformers prompts the model the same way."""
+    gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    from pretune.data.templates import DEFAULT_CHAT_TEMPLATE, render_chat
+
+    assert char.chat_template is None
+    run = save_run(pretune_model(char), char, tmp_path / "run")
+    assert run_cli("export", run, tmp_path / "hf") == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    for gen in (True, False):
+        theirs = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        assert theirs == render_chat(msgs, char, add_generation_prompt=gen)
+    assert hf_tok(theirs, add_special_tokens=False)["input_ids"] == char.encode(theirs)
+    assert load_model(tmp_path / "hf")[1].chat_template == DEFAULT_CHAT_TEMPLATE  # and back again
+    assert run_cli("export", run, tmp_path / "gg", "--format", "gguf") == 0
+    reader = gguf.GGUFReader(tmp_path / "gg" / "model.gguf")
+    assert reader.fields["tokenizer.chat_template"].contents() == DEFAULT_CHAT_TEMPLATE
+
+
+def add_classifier_head(directory: Path, labels=("neg", "pos")) -> None:
+    """task.json and head.safetensors as a classification fine-tune writes them beside its model."""
+    (directory / "task.json").write_text(json.dumps(
+        {"task": "classification", "labels": list(labels), "classifier": "head"}))
+    save_file({"weight": torch.randn(len(labels), 64), "bias": torch.randn(len(labels))},
+              str(directory / "head.safetensors"))
+
+
+def test_a_classification_run_is_not_exported_without_its_head_unless_asked(tmp_path, char, capsys):
+    run = save_run(pretune_model(char), char, tmp_path / "run")
+    add_classifier_head(run / "model")
+    for extra in ([], ["--format", "gguf"]):
+        assert run_cli("export", run, tmp_path / "out", *extra) == 2
+        err = capsys.readouterr().err
+        assert "classification model" in err and "lm_only=true" in err and "neg, pos" in err
+        assert not (tmp_path / "out").exists()
+    assert run_cli("export", run, tmp_path / "out", "--lm-only") == 0
+    assert "without its classification head" in capsys.readouterr().out
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+    assert run_cli("export", run, tmp_path / "out.gguf", "--format", "gguf", "lm_only=true") == 0
+    assert run_cli("import", tmp_path / "out", tmp_path / "back", "--lm-only") == 2  # an export key only
+
+    # A LoRA classification run keeps its head in adapter/: the PEFT adapter alone would lose it.
+    save_run(pretune_model(char, tie_embeddings=False), char, tmp_path / "base")
+    make_lora_run(tmp_path / "base", tmp_path / "lora", char, ("q_proj",))
+    add_classifier_head(tmp_path / "lora" / "adapter")
+    assert run_cli("export", tmp_path / "lora", tmp_path / "adapter", "--adapter") == 2
+    assert "classification model" in capsys.readouterr().err and not (tmp_path / "adapter").exists()
+    assert run_cli("export", tmp_path / "lora", tmp_path / "adapter", "--adapter", "--lm-only") == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def make_lora_run(base_run: Path, run: Path, tok: Tokenizer, targets, rank=4, alpha=8.0) -> GPT:

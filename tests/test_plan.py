@@ -108,3 +108,15 @@ def test_plan_cli_prints_and_writes_json(tmp_path, capsys):
     assert "world_size=0" in err and "mfu=2" in err
     assert run_cli("plan", "gpus=8") == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_plan_reads_the_vocabulary_as_training_counts_it(tmp_path):
+    from pretune.config import load_config
+    from pretune.data.tokenizer import Tokenizer, train_bpe
+    from pretune.plan import PlanConfig, resolve_arch
+
+    text = "the cat sat on the mat while a dog ran by the old tree " * 200
+    tok = train_bpe(iter([text]), vocab_size=300)
+    tok.save(tmp_path)
+    cfg = load_config(PlanConfig, None, [f"data.tokenizer={tmp_path / 'tokenizer.json'}", "model.preset=tiny"])
+    assert resolve_arch(cfg).vocab_size == Tokenizer.load(tmp_path).vocab_size  # special tokens counted once

@@ -187,6 +187,14 @@ def test_evaluate_and_generate_cli(tmp_path, corpus, capsys):
     assert "bits/byte" in capsys.readouterr().out
     r = json.loads((tmp_path / "e.json").read_text())
     assert r["tokens"] > 2000 and 0 < r["bpb"] < 8 and abs(r["ppl"] - torch.tensor(r["loss"]).exp().item()) < 1e-3
+    # max_tokens is the budget across all sources; too little text or too long a window is an error
+    assert run_cli("evaluate", out, f"data.val=[{corpus},{corpus}]", "max_tokens=3000", f"out={tmp_path / 'e2.json'}") == 0
+    assert json.loads((tmp_path / "e2.json").read_text())["tokens"] == r["tokens"]
+    (tmp_path / "short.txt").write_text("the cat\n")
+    assert run_cli("evaluate", out, f"data.val={tmp_path / 'short.txt'}") == 2
+    assert "fewer than one window" in capsys.readouterr().err
+    assert run_cli("evaluate", out, f"data.val={corpus}", "seq_len=1000") == 2
+    assert "longer than the model's context" in capsys.readouterr().err
     assert run_cli("generate", out, "prompt=the ", "max_new_tokens=20", "seed=3", "device=cpu") == 0
     first = capsys.readouterr().out
     assert run_cli("generate", out, "prompt=the ", "max_new_tokens=20", "seed=3", "device=cpu") == 0

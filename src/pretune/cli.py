@@ -181,11 +181,25 @@ def cmd_evaluate(argv):
         return
     model, tok = load_model(model_path, device)
     seq_len = e.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len} tokens); "
+                          f"set seq_len <= {model.cfg.max_seq_len} or leave it unset")
     e.data.train, e.data.val_fraction = list(e.data.val), 0.0
     e.data.val = []
     corpus = load_corpus(e.data, tok, seq_len)
-    windows = (w for s in corpus.train for w in s.windows(seq_len, e.max_tokens))
-    r = lm_metrics(model, windows, tok.token_bytes, device, e.batch_size)
+    longest = max(s.n_tokens for s in corpus.train)
+    if longest <= seq_len:
+        raise ConfigError(f"data.val holds {longest} tokens at most per source, fewer than one window of "
+                          f"{seq_len + 1}; give more text or set seq_len <= {max(1, longest - 1)}")
+
+    def windows():  # e.max_tokens in all, across the sources in order
+        budget = e.max_tokens
+        for store in corpus.train:
+            for w in store.windows(seq_len, budget):
+                budget -= seq_len
+                yield w
+
+    r = lm_metrics(model, windows(), tok.token_bytes, device, e.batch_size)
     print(f"loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}  ({r['tokens']:,} tokens)")
     if e.out:
         Path(e.out).write_text(json.dumps(r, indent=2))

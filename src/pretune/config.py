@@ -196,9 +196,11 @@ class FreezeConfig:
     """Train only part of the model (method=freeze)."""
 
     last_k: int = 2
-    """Train the last k blocks plus the final norm and the output head."""
+    """Train the last k blocks plus the final norm and the output head (a head tied to the input
+    embedding stays frozen: name it in freeze.pattern to train it)."""
     pattern: list[str] = field(default_factory=list)
-    """Instead of last_k: train the parameters whose names match these glob patterns."""
+    """Instead of last_k: train the parameters whose names match these glob patterns
+    (blocks.3.*, norm.weight, lm_head.weight; a tied lm_head.weight is the embedding)."""
 
 
 @dataclass

@@ -68,9 +68,7 @@ def set_trainable(model: torch.nn.Module, cfg: Config) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.freeze.pattern:
-            names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, pat) for pat in cfg.freeze.pattern)]
-            if not names:
-                raise ConfigError(f"freeze.pattern={cfg.freeze.pattern} matches no parameter")
+            names = _matching_parameters(model, cfg.freeze.pattern)
         else:
             k = cfg.freeze.last_k
             if not 0 < k <= lm.cfg.n_layer:
@@ -79,11 +77,26 @@ def set_trainable(model: torch.nn.Module, cfg: Config) -> None:
             names = [n for n, _ in lm.named_parameters()
                      if n.startswith(("norm.", "lm_head.")) or (n.startswith("blocks.") and int(n.split(".")[1]) >= first)]
             names = [("lm." + n if lm is not model else n) for n in names]
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))  # lm_head.weight too when tied
         for n in names:
             params[n].requires_grad_(True)
     if isinstance(model, ClassifierModel):
         model.head.requires_grad_(True)
+
+
+def _matching_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Parameter names matching freeze.pattern globs. A tied output layer answers to lm_head.weight
+    as well as tok_emb.weight, and under a classification head "blocks.1.*" matches "lm.blocks.1.*"."""
+    names = []
+    for n, _ in model.named_parameters(remove_duplicate=False):
+        short = n[3:] if isinstance(model, ClassifierModel) and n.startswith("lm.") else n
+        if any(fnmatch.fnmatch(n, pat) or fnmatch.fnmatch(short, pat) for pat in patterns):
+            names.append(n)
+    if not names:
+        some = [n for n, _ in model.named_parameters()]
+        raise ConfigError(f"freeze.pattern={patterns} matches no parameter; names look like "
+                          f"{', '.join(some[:2] + some[-3:])}")
+    return names
 
 
 def starting_model(cfg: Config) -> str | None:

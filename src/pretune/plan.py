@@ -33,6 +33,8 @@ from pretune.errors import ConfigError
 from pretune.model.config import ModelConfig, resolve_model_config
 
 # Memory (GB) and board power (W) by GPU model; peak bf16 FLOP/s come from train.meter.PEAK_FLOPS.
+# Memory per GPU in GiB: the "80 GB" of an H100 is 80 GiB of HBM (about 79.6 GiB usable); a plan fits
+# when its total is within 95% of it (the rest: the CUDA context and the allocator's slack).
 GPU_MEMORY_GB = {"H200": 141, "H100": 80, "H800": 80, "GH200": 96, "A100": 80, "A800": 80, "L40S": 48,
                  "L4": 24, "A10": 24, "RTX 4090": 24, "RTX 3090": 24, "V100": 32, "T4": 16}
 GPU_POWER_W = {"H200": 700, "H100": 700, "H800": 700, "GH200": 900, "A100": 400, "A800": 400, "L40S": 350,
@@ -80,8 +82,9 @@ def resolve_arch(cfg: Config) -> ModelConfig:
     if vocab is None:
         tok = Path(cfg.data.tokenizer)
         if cfg.data.tokenizer not in ("char", "bpe") and (tok.is_file() or (tok / "tokenizer.json").is_file()):
-            data = json.loads((tok if tok.is_file() else tok / "tokenizer.json").read_text(encoding="utf-8"))
-            vocab = len(data["model"]["vocab"]) + len(data.get("added_tokens") or [])
+            from pretune.data.tokenizer import Tokenizer
+
+            vocab = Tokenizer.load(tok).vocab_size  # as training counts it (special tokens once)
         else:
             vocab = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 256
     return resolve_model_config(replace(cfg.model, vocab_size=vocab))
@@ -300,7 +303,7 @@ def estimate(cfg: PlanConfig) -> dict:
         "params": n_params, "trainable_params": n_train, "trainable_tensors": len(trainable),
         "memory": {"params": params_b, "grads": grads_b, "optimizer": optim_b, "activations": acts["total"],
                    "transient": float(transient), "total": total_mem},
-        "activation_parts": acts, "gpu_memory_gb": capacity, "fits": (total_mem <= capacity * 1e9 * 0.95) if capacity else None,
+        "activation_parts": acts, "gpu_memory_gb": capacity, "fits": (total_mem <= capacity * GIB * 0.95) if capacity else None,
         "flops_per_token": fpt, "tokens": tokens, "flops": flops, "mfu": cfg.mfu,
         "peak_flops": peak, "time_s": seconds, "power_w": power, "energy_j": energy,
     }
@@ -335,7 +338,7 @@ def format_plan(p: dict) -> str:
         f"  activations  {_gib(mem['activations']):>14}   (one micro-batch)",
         f"  transient    {_gib(mem['transient']):>14}   (bf16 weight copies / gathered FSDP blocks)",
         f"  total        {_gib(mem['total']):>14}" + (
-            f"   of {p['gpu_memory_gb']} GB: {'fits' if p['fits'] else 'does NOT fit'}" if p["gpu_memory_gb"] else ""),
+            f"   of {p['gpu_memory_gb']} GiB: {'fits' if p['fits'] else 'does NOT fit'}" if p["gpu_memory_gb"] else ""),
         "",
         f"compute: {p['flops_per_token']['total']:.4g} FLOPs/token x {p['tokens']:,} tokens = {p['flops']:.4g} FLOPs",
     ]

@@ -17,7 +17,7 @@ from pretune.data.tokenizer import Tokenizer
 from pretune.eval.evaluate import lm_metrics
 from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT
-from pretune.model.io import find_model_dir, load_model
+from pretune.model.io import find_model_dir, is_hf_model_dir, load_model
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.loop import train
@@ -41,15 +41,35 @@ def inputs_of(cfg: Config) -> tuple:
 
 
 def tokenizer_dir(path: str | Path) -> Path:
-    """The directory holding the tokenizer.json of a run or model directory."""
+    """The directory holding the tokenizer.json of a run or model directory (a Hugging Face
+    directory's tokenizer files lie beside its config.json)."""
     model_dir = find_model_dir(path)
     for candidate in (model_dir, Path(path), model_dir.parent):
         if (candidate / "tokenizer.json").is_file():
             return candidate
-    raise ck.RunDirError(f"init_from={path} has no tokenizer.json beside its model")
+    hint = (" (a Hugging Face directory with only a sentencepiece tokenizer.model: convert it once with "
+            f"`pretune import {path} OUT` and use OUT)" if (model_dir / "tokenizer.model").is_file() else "")
+    raise ck.RunDirError(f"init_from={path} has no tokenizer.json beside its model{hint}")
 
 
 def parent_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of the model that `init_from=path` starts from.
+
+    A Hugging Face directory is read exactly as `pretune import` reads it (interop.hf.load_hf_tokenizer):
+    its chat template (tokenizer_config.json, chat_template.jinja or chat_template.json), the EOS of
+    generation_config.json when tokenizer_config.json names none, and a sentencepiece tokenizer.model
+    converted when there is no tokenizer.json. The stage saves this tokenizer into its run, so the run
+    keeps the parent's chat template."""
+    model_dir = find_model_dir(path)
+    if is_hf_model_dir(model_dir):
+        from pretune.interop.hf import load_hf_tokenizer
+
+        tok = load_hf_tokenizer(model_dir)
+        if tok is None:
+            raise ck.RunDirError(f"init_from={path} is a Hugging Face directory without a usable tokenizer "
+                                 "(no tokenizer.json, and its tokenizer.model could not be converted: is "
+                                 "transformers with sentencepiece installed?)")
+        return tok
     return Tokenizer.load(tokenizer_dir(path))
 
 

@@ -1,10 +1,11 @@
-"""`pretune import SRC OUT` and `pretune export RUN OUT [--format hf|gguf] [--adapter]`.
+"""`pretune import SRC OUT` and `pretune export RUN OUT [--format hf|gguf] [--adapter] [--lm-only]`.
 
     pretune import meta-llama/Llama-3.2-1B models/llama-1b           # a hub id (online) ...
     pretune import path/to/hf_checkpoint models/tiny dtype=bfloat16  # ... or a local directory
     pretune export runs/cpt exports/cpt                              # transformers directory
     pretune export runs/lora exports/lora-adapter --adapter          # PEFT adapter of a LoRA run
     pretune export runs/cpt exports/cpt.gguf --format gguf dtype=float16
+    pretune export runs/cls exports/cls-lm --lm-only                 # a classifier's LM, without its head
 
 A Hugging Face directory can also be given directly to every verb that takes a model (generate,
 evaluate, init_from=...): it is converted in memory. See docs/interop.md.
@@ -37,6 +38,10 @@ class InteropConfig:
     """import: branch, tag or commit of a hub id."""
     overwrite: bool = False
     """Replace an existing output."""
+    lm_only: bool = False
+    """export: for a classification run (a language model plus a head), export the language model
+    alone, without the head (which has no exact transformers or GGUF form); without it such a run is
+    refused. Also --lm-only."""
 
 
 HELP_CONFIG = InteropConfig
@@ -60,14 +65,17 @@ def _parse(argv: list[str], verb: str) -> tuple[str, str, InteropConfig]:
             overrides.append("adapter=true")
         elif a == "--overwrite":
             overrides.append("overwrite=true")
+        elif a == "--lm-only":
+            overrides.append("lm_only=true")
         elif a.startswith("-"):
-            raise ConfigError(f"unknown option {a}; options are --format hf|gguf, --adapter, --overwrite")
+            raise ConfigError(f"unknown option {a}; options are --format hf|gguf, --adapter, --lm-only, "
+                              "--overwrite")
         elif "=" in a:
             overrides.append(a)
         else:
             positional.append(a)
     usage = ("pretune import SRC OUT [dtype=float32]" if verb == "import" else
-             "pretune export RUN OUT [--format hf|gguf] [--adapter] [dtype=float32]")
+             "pretune export RUN OUT [--format hf|gguf] [--adapter] [--lm-only] [dtype=float32]")
     if len(positional) != 2:
         raise ConfigError(f"pretune {verb} takes two paths, got {len(positional)}: {usage}")
     cfg = load_config(InteropConfig, None, overrides)
@@ -81,8 +89,9 @@ def cmd_import(argv: list[str]) -> None:
     from pretune.interop.hf import import_hf
 
     src, out, cfg = _parse(argv, "import")
-    if cfg.adapter or cfg.format != "hf":
-        raise ConfigError("pretune import reads Hugging Face checkpoints only (no format=/adapter= keys)")
+    if cfg.adapter or cfg.format != "hf" or cfg.lm_only:
+        raise ConfigError("pretune import reads Hugging Face checkpoints only (no format=/adapter=/lm_only= "
+                          "keys)")
     import_hf(src, out, cfg.dtype, cfg.max_seq_len, cfg.revision, cfg.overwrite)
 
 
@@ -96,12 +105,12 @@ def cmd_export(argv: list[str]) -> None:
             raise ConfigError("--adapter writes a PEFT adapter (Hugging Face format); drop --format gguf")
         from pretune.interop.peft import export_peft_adapter
 
-        export_peft_adapter(run, out, cfg.dtype, cfg.overwrite)
+        export_peft_adapter(run, out, cfg.dtype, cfg.overwrite, lm_only=cfg.lm_only)
     elif cfg.format == "gguf":
         from pretune.interop.gguf import export_gguf
 
-        export_gguf(run, out, cfg.dtype, cfg.overwrite)
+        export_gguf(run, out, cfg.dtype, cfg.overwrite, lm_only=cfg.lm_only)
     else:
         from pretune.interop.hf import export_hf
 
-        export_hf(run, out, cfg.dtype, cfg.overwrite)
+        export_hf(run, out, cfg.dtype, cfg.overwrite, lm_only=cfg.lm_only)

@@ -38,7 +38,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pretune.interop.hf import InteropError, check_out, dtype_name, parse_dtype
+from pretune.interop.hf import (InteropError, check_no_classifier_head, check_out, dtype_name,
+                                exported_chat_template, parse_dtype)
 from pretune.model.config import ModelConfig
 
 ARCH = "llama"
@@ -129,7 +130,8 @@ def _pre_name(spec: dict, log: Callable[[str], None]) -> str:
 
 
 def tokenizer_metadata(tok, vocab_size: int, log: Callable[[str], None] = print) -> dict:
-    """tokenizer.ggml.* values: model, pre, tokens, token_type, merges, special ids, chat template."""
+    """tokenizer.ggml.* values: model, pre, tokens, token_type, merges, special ids, and the chat
+    template (the tokenizer's own, else pretune's default: see interop.hf.exported_chat_template)."""
     import gguf
 
     T = gguf.TokenType
@@ -168,7 +170,7 @@ def tokenizer_metadata(tok, vocab_size: int, log: Callable[[str], None] = print)
     meta.update(tokens=tokens, token_type=[int(t) for t in types], bos_token_id=tok.bos_id,
                 eos_token_id=tok.eos_id, padding_token_id=tok.pad_id, unknown_token_id=unk,
                 add_bos_token='"SpecialToken"' in post and '"TemplateProcessing"' in post,
-                chat_template=tok.chat_template)
+                chat_template=exported_chat_template(tok))
     return meta
 
 
@@ -212,8 +214,9 @@ def _write_tokenizer(w, meta: dict) -> None:
 
 
 def export_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False,
-                log: Callable[[str], None] = print) -> Path:
-    """Write a run or model directory as a GGUF file (OUT ending in .gguf, else OUT/model.gguf)."""
+                log: Callable[[str], None] = print, lm_only: bool = False) -> Path:
+    """Write a run or model directory as a GGUF file (OUT ending in .gguf, else OUT/model.gguf).
+    A classification model is refused unless lm_only=True (see interop.hf.check_no_classifier_head)."""
     try:
         import gguf
     except ImportError:
@@ -226,6 +229,7 @@ def export_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overw
     out = Path(out)
     file = out if out.suffix == ".gguf" else out / "model.gguf"
     check_out(file, overwrite)
+    check_no_classifier_head(path, lm_only, log)
     model, tok = load_model(path)
     cfg = model.cfg
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") != "llama3":

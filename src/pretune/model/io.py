@@ -80,6 +80,10 @@ def find_model_dir(path: str | Path) -> Path:
         if (candidate / "config.json").is_file() and (
                 (candidate / "model.safetensors").is_file() or is_hf_model_dir(candidate)):
             return candidate
+    if (p / "adapter" / "lora.json").is_file():  # a LoRA run that kept the adapter alone (lora.save=adapter)
+        return p / "adapter"
+    if (p / "lora.json").is_file() and (p / "adapter.safetensors").is_file():
+        return p
     ckpts = sorted(d for d in (p / "checkpoints").glob("step-*") if (d / "model.safetensors").is_file())
     if ckpts:
         return ckpts[-1]
@@ -95,6 +99,22 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 
 
 
+def _base_with_adapter(adapter_dir: Path, overrides: dict):
+    """The model of an adapter directory (adapter.safetensors + lora.json): its base model, which
+    lora.json names, with the adapter folded into the weights."""
+    from pretune.model.lora import apply_lora, merge_lora
+
+    info = json.loads((adapter_dir / "lora.json").read_text())
+    base = info.get("base")
+    if not base or not Path(base).exists():
+        raise ModelDirError(f"{adapter_dir} holds a LoRA adapter alone (lora.save=adapter), and its base model "
+                            f"{base} is not there; put the base back, or export with `pretune export --adapter`")
+    model, _ = load_model(base, **overrides)
+    apply_lora(model, info["rank"], info["alpha"], 0.0, info["targets"])
+    load_model_state(model, {**model.state_dict(), **load_file(str(adapter_dir / "adapter.safetensors"))})
+    return merge_lora(model).requires_grad_(True)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides):
     """(GPT, Tokenizer or None) from a run, model or Hugging Face directory; `overrides` change
     config fields that do not alter the weights' shapes (dropout, max_seq_len)."""
@@ -106,11 +126,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
         from pretune.interop.hf import load_hf_model
 
         return load_hf_model(model_dir, device, **overrides)
-    cfg = read_model_config(model_dir)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    model = GPT(cfg)
-    load_model_state(model, load_file(str(model_dir / "model.safetensors")))
+    if (model_dir / "lora.json").is_file():
+        model = _base_with_adapter(model_dir, overrides)
+    else:
+        cfg = read_model_config(model_dir)
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        model = GPT(cfg)
+        load_model_state(model, load_file(str(model_dir / "model.safetensors")))
     model.to(device)
     tok = None
     for candidate in (model_dir, Path(path), model_dir.parent):
