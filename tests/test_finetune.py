@@ -220,9 +220,13 @@ def test_dpo_loss_falls_and_margin_grows(tmp_path, base_run):
     assert run_cli("evaluate", out, f"data.val={f}", f"reference={base_run}", "max_len=64", f"out={e}") == 0
     r = json.loads(e.read_text())
     assert r["reward_margin"] == pytest.approx(s["reward_margin"], rel=1e-3)
-    assert r["pref_accuracy"] == s["pref_accuracy"] == 1.0
-    assert run_cli("evaluate", out, f"data.val={f}", "max_len=64", f"out={e}") == 0  # no reference
-    assert set(json.loads(e.read_text())) >= {"pref_accuracy", "policy_margin"}
+    assert r["pref_accuracy"] == s["pref_accuracy"] == 1.0 and r["reward_accuracy"] == s["reward_accuracy"] == 1.0
+    pred = tmp_path / "pred.jsonl"
+    assert run_cli("evaluate", out, f"data.val={f}", "max_len=64", f"out={e}", f"predictions={pred}") == 0
+    assert set(json.loads(e.read_text())) >= {"pref_accuracy", "policy_margin"}  # no reference
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert len(rows) == 40 and set(rows[0]) == {"policy_margin", "pref_accuracy"}
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 40  # the run's own, with reward_margin
 
 
 def test_malformed_records_name_file_line_and_field_or_are_skipped(tmp_path, base_run, capsys):

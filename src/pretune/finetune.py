@@ -201,11 +201,18 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
         if _uses_head(cfg):
             out["loss"] = sum(loss for _, loss in scored) / len(examples)
     elif cfg.task == "preference":
-        deltas = [d for ds, _ in scored for d in ds]  # in length order: only means are taken
-        pol = [p for _, ps in scored for p in ps]
+        # per pair, back in input order: the margin against the reference, and the policy's own
+        deltas, pol = [0.0] * len(examples), [0.0] * len(examples)
+        for j, d, p in zip(order, (d for ds, _ in scored for d in ds), (p for _, ps in scored for p in ps)):
+            deltas[j], pol[j] = d, p
         beta = cfg.finetune.dpo_beta
         out = {"loss": sum(-torch.nn.functional.logsigmoid(torch.tensor(beta * d)).item() for d in deltas) / len(deltas),
-               "pref_accuracy": sum(p > 0 for p in pol) / len(pol), "reward_margin": beta * statistics.fmean(deltas)}
+               "pref_accuracy": sum(p > 0 for p in pol) / len(pol),  # the model itself prefers chosen
+               "reward_accuracy": sum(d > 0 for d in deltas) / len(deltas),  # DPO's implicit reward does
+               "reward_margin": beta * statistics.fmean(deltas)}
+        if per_example is not None:
+            per_example.update(policy_margin=pol, pref_accuracy=[float(p > 0) for p in pol],
+                               reward_margin=[beta * d for d in deltas])
     else:
         nll, n = sum(x for x, _ in scored), sum(k for _, k in scored)
         out = {"loss": nll / max(n, 1), "ppl": math.exp(min(nll / max(n, 1), 50))}

@@ -107,8 +107,9 @@ def evaluate_on_task(model_path: str, e, device, info: dict | None = None) -> di
     per_example: dict = {}
     figures = evaluate_task(model, examples, cfg, tok, labels, device, generation=True, objective=objective,
                             per_example=per_example)
-    if task == "preference" and not e.reference:
+    if task == "preference" and not e.reference:  # no reference: the policy's own margins only
         figures = {"pref_accuracy": figures["pref_accuracy"], "policy_margin": figures["reward_margin"] / finetune.dpo_beta}
+        per_example.pop("reward_margin", None)
     if e.predictions:
         write_predictions(Path(e.predictions), per_example)
     figures.update(task=task, examples=len(examples), truncated_examples=stats.truncated,
