@@ -250,7 +250,7 @@ def test_from_scratch_needs_a_tokenizer_file(tmp_path, base_run, capsys):
                    f"out_dir={tmp_path / 'y'}", "train.max_steps=3", *FT) == 0
 
 
-def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path):
+def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path, capsys):
     """The resumed run rebuilds its starting model from the parent in lineage.json (its architecture,
     here not the default one, and the L2-SP anchor), then loads its checkpoint: the losses equal an
     uninterrupted run's."""
@@ -262,7 +262,9 @@ def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path):
             f"data.train={train}", "train.max_steps=12", "train.save_every=6", "train.eval_every=6", *FT]
     assert run_cli("finetune", *args, f"out_dir={tmp_path / 'whole'}") == 0
     assert run_cli("finetune", *args, f"out_dir={tmp_path / 'cut'}", "train.stop_after=6") == 0
-    assert run_cli("finetune", f"resume={tmp_path / 'cut'}", "train.stop_after=null") == 0
+    assert run_cli("finetune", f"resume={tmp_path / 'cut'}", "train.batch_size=0") == 2
+    assert "train.batch_size=0 (the run had 8)" in capsys.readouterr().err  # a change is pointed out
+    assert run_cli("finetune", f"resume={tmp_path / 'cut'}") == 0  # train.stop_after is not asked again
     whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == list(range(1, 13))
     assert [r["loss"] for r in cut] == [r["loss"] for r in whole]

@@ -80,14 +80,40 @@ def _run_config(argv: list[str]):
     if extra is not None:
         raise ConfigError(f"unexpected argument {extra!r}; this verb takes [CONFIG.yaml] [KEY=VALUE ...]")
     base = None
-    resume = parse_overrides([o for o in overrides if o.startswith("resume=")]).get("resume")
+    given = parse_overrides(overrides)
+    resume = given.get("resume")
     if resume:
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"resume={resume}: no config.yaml there; is it a run directory?")
         base = read_yaml(saved)
+        _warn_resume_changes(base, given, resume)
         base.update(init_from=None, resume=str(resume), out_dir=str(resume), overwrite=False)
+        base.setdefault("train", {})["stop_after"] = None  # a stop asked of the first part is not asked again
+        overrides = [o for o in overrides if not o.startswith("out_dir=")]
     return load_config(Config, yaml_path, overrides, base=base)
+
+
+# Keys a resumed run may change and still give the losses of a run that never stopped.
+RESUME_SAFE = ("train.max_steps", "train.eval_every", "train.log_every", "train.save_every", "train.keep_last",
+               "train.progress", "train.threads", "train.stop_after", "train.eval_tokens", "track")
+
+
+def _warn_resume_changes(saved: dict, given: dict, resume: str) -> None:
+    """Say which overrides change a resumed run (it then no longer matches one that never stopped)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    before = flat(saved)
+    for key, value in flat(given).items():
+        if key == "out_dir" and str(value) != str(resume):
+            print(f"warning: out_dir={value} is ignored: a resumed run continues in {resume}", file=sys.stderr)
+        elif key not in ("resume", "out_dir") and not key.startswith(RESUME_SAFE) and before.get(key) != value:
+            print(f"warning: resume with {key}={value} (the run had {before.get(key)!r}): the resumed run "
+                  "will not give the losses of one that never stopped", file=sys.stderr)
 
 
 def cmd_prepare(argv):
@@ -276,7 +302,16 @@ def _verb_help(verb: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `pretune ... | head` closed the pipe: stop quietly, as other tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(verbs="\n".join(f"  {v:<10} {d}" for v, d in VERBS.items())))
         return 0

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,16 +141,33 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "replace"
         yield last, True
 
 
-def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = None
-                 ) -> Iterator[tuple[int, dict]]:
+def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = None,
+                 on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) from JSONL, CSV or TSV; a malformed line names file and line.
+
+    A malformed record (invalid JSON, a JSON value that is not an object, a CSV row with more fields
+    than the header) raises DataError, or, when `on_error` is given, is handed to it and reading goes
+    on with the next record (the callback may raise to stop). JSONL lines end at a line feed (or CR LF)
+    only: U+2028, U+2029 and U+0085 are valid inside a JSON string.
 
     A file named neither .csv nor .tsv (such as SMSSpamCollection) is read as TSV when its header
     line holds a tab, else as CSV. TSV has no quoting (IANA text/tab-separated-values, as GLUE and
     the SMS Spam Collection write it): a field that starts with a quote keeps it, and cannot swallow
     the lines that follow."""
     stats = stats if stats is not None else ReadStats()
-    suffix = path.suffix.lower()
+    text = _read_text(path, errors, stats)
+    rows = _jsonl_rows(path, text) if path.suffix.lower() == ".jsonl" else _table_rows(path, text)
+    for line, row in rows:
+        if isinstance(row, DataError):
+            if on_error is None:
+                raise row
+            on_error(row)
+            continue
+        yield line, row
+
+
+def _read_text(path: Path, errors: str, stats: ReadStats) -> str:
+    """A whole record file as text, without a leading BOM; bad UTF-8 as data.encoding_errors says."""
     with open(path, "rb") as fh:
         raw = fh.read()
     stats.bytes += len(raw)
@@ -164,22 +181,31 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
         before = _replaced[0]
         text = raw.decode("utf-8", errors="pretune-count")
         stats.replaced += _replaced[0] - before
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-            record.setdefault("__line__", i)
-            yield i, record
-        return
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict | DataError]]:
+    """(line, record) per non-blank line, or (line, DataError) for a line that is not a JSON object."""
+    for i, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield i, DataError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+            continue
+        record.setdefault("__line__", i)
+        yield i, record
+
+
+def _table_rows(path: Path, text: str) -> Iterator[tuple[int, dict | DataError]]:
+    """(line, row) per CSV/TSV row, or (line, DataError) for a row with more fields than the header."""
     csv.field_size_limit(sys.maxsize)
+    suffix = path.suffix.lower()
     tabs = suffix == ".tsv" or (suffix != ".csv" and "\t" in text.partition("\n")[0])
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",",
                             quoting=csv.QUOTE_NONE if tabs else csv.QUOTE_MINIMAL)
@@ -188,7 +214,8 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
     for row in reader:
         line = reader.line_num
         if None in row:
-            raise DataError(f"{path}:{line}: more fields than the header "
-                            f"({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})")
+            yield line, DataError(f"{path}:{line}: more fields than the header "
+                                  f"({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})")
+            continue
         row["__line__"] = line
         yield line, row

@@ -18,7 +18,8 @@ import torch
 
 from pretune.config import Config, DataConfig
 from pretune.data.sources import DataError, expand_source, iter_records
-from pretune.data.templates import render_chat, render_prompt_response
+from pretune.data.templates import (ChatMessageError, ChatTemplateError, render_prompt_response,
+                                    validate_messages)
 from pretune.data.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -35,10 +36,53 @@ def _is_texts(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
-def normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> dict:
-    """One raw record -> the task's canonical fields; DataError names file, line and field."""
+def label_name(value) -> str:
+    """A label's class name. Text is stripped ("pos " and "pos" are one class); JSON true/false
+    become "true"/"false" (as a CSV spells them); an integral number is written as an integer, so 1
+    and 1.0 are one class; any other number keeps its decimal form (0.5 -> "0.5")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
 
-    def get(key: str, kind: type = str):
+
+def _messages(msgs: list, name: str, path: Path, line: int) -> list[dict]:
+    """A record's message list, checked: DataError names file, line, field and the message index."""
+    try:
+        msgs = validate_messages(msgs)
+    except ChatMessageError as e:
+        raise DataError(f"{path}:{line}: field {name!r}: {e}") from None
+    last = len(msgs) - 1
+    if msgs[last]["role"] != "assistant":
+        raise DataError(f"{path}:{line}: field {name!r} must end with an assistant message "
+                        f"(messages[{last}].role is {msgs[last]['role']!r})")
+    if not msgs[last]["content"].strip():
+        raise DataError(f"{path}:{line}: field {name!r}: the last assistant message "
+                        f"(messages[{last}].content) is empty; there is no response to train on")
+    return msgs
+
+
+class Record(dict):
+    """A normalised record: the task's fields, and `where` ("FILE:LINE") for the errors found later
+    (an unknown label, a template that refuses the messages). `where` is not a field, so records with
+    the same fields are equal wherever they were read."""
+
+    where = ""
+
+
+def normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> Record:
+    """One raw record -> the task's canonical fields; DataError names file, line and field. Labels
+    are canonical class names (see `label_name`)."""
+    out = Record(_normalise(record, task, d, path, line))
+    out.where = f"{path}:{line}"
+    return out
+
+
+def _normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> dict:
+    """`normalise`'s fields."""
+
+    def get(key: str, kind: type = str, text=str):
         name = getattr(d, key)
         value = record.get(name)
         if kind is str and _is_texts(value):
@@ -51,18 +95,13 @@ def normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> 
             want = "a list" if kind is list else "text (or a list of texts)"
             raise DataError(f"{path}:{line}: field {name!r} holds {type(value).__name__} {str(value)[:60]!r}, "
                             f"expected {want}")
-        return value if kind is list else str(value)
+        return value if kind is list else text(value)
 
     if task == "classification":
-        return {"text": get("text_field"), "label": get("label_field")}
+        return {"text": get("text_field"), "label": get("label_field", text=label_name)}
     if task == "instruction":
         if d.messages_field in record:
-            msgs = get("messages_field", list)
-            if not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs) \
-                    or msgs[-1]["role"] != "assistant":
-                raise DataError(f"{path}:{line}: field {d.messages_field!r} must be a list of "
-                                "{role, content} ending with an assistant message")
-            return {"messages": msgs}
+            return {"messages": _messages(get("messages_field", list), d.messages_field, path, line)}
         return {"messages": [{"role": "user", "content": get("prompt_field")},
                              {"role": "assistant", "content": get("response_field")}]}
     if task == "text2text":
@@ -78,17 +117,23 @@ def normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) -> 
 
 
 def read_records(specs: list[str], task: str, d: DataConfig, stats: TaskStats, key: str) -> list[dict]:
+    """Every record of `specs`, normalised. A malformed one (unreadable line or bad fields) stops the
+    run with its file and line (data.on_error=fail) or is counted in `stats` and left out (skip)."""
+
+    def bad(e: DataError) -> None:
+        if d.on_error == "fail":
+            raise e
+        stats.skipped += 1
+        stats.errors.append(str(e))
+
     out = []
     for spec in specs:
         for path in expand_source(spec, key):
-            for line, record in iter_records(path, d.encoding_errors):
+            for line, record in iter_records(path, d.encoding_errors, on_error=bad):
                 try:
                     out.append(normalise(record, task, d, path, line))
                 except DataError as e:
-                    if d.on_error == "fail":
-                        raise
-                    stats.skipped += 1
-                    stats.errors.append(str(e))
+                    bad(e)
     return out
 
 
@@ -107,15 +152,43 @@ def _fit(prompt: list[int], response: list[int], max_len: int, side: str, stats:
     return (prompt if room > 0 else []), response
 
 
+def _where(r: dict) -> str:
+    """"FILE:LINE: " of a Record, for an error message ("" for a record made in code)."""
+    where = getattr(r, "where", "")
+    return f"{where}: " if where else ""
+
+
+def prompt_response_ids(messages: list[dict], tok: Tokenizer, where: str = "") -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a conversation through the chat template: the response is the
+    last assistant turn with the template's end-of-turn text, cut after its end-of-turn EOS (what
+    follows is layout), or with an EOS added when the template writes none."""
+    try:
+        prompt, response = render_prompt_response(messages, tok)
+    except (ChatMessageError, ChatTemplateError) as e:
+        raise type(e)(f"{where}{e}") from None
+    p_ids, a_ids = tok.encode(prompt), tok.encode(response)
+    if tok.eos_id in a_ids:
+        return p_ids, a_ids[: len(a_ids) - a_ids[::-1].index(tok.eos_id)]
+    return p_ids, a_ids + [tok.eos_id]
+
+
+def _answer_ids(r: dict, key: str, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """A preference record's prompt and its `key` answer ("chosen" or "rejected") as a chat turn."""
+    messages = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[key]}]
+    return prompt_response_ids(messages, tok, _where(r))
+
+
 def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] | None,
            stats: TaskStats) -> list[dict]:
-    """Records -> examples with token ids and a loss mask (or a label id, or a preference pair)."""
+    """Records -> examples with token ids and a loss mask (or a label id, or a preference pair).
+    Instruction and text2text responses and both answers of a preference pair go through the same
+    chat-template path (`prompt_response_ids`), so they end with the same end-of-turn text."""
     ft, task, eos = cfg.finetune, cfg.task, [tok.eos_id]
     examples = []
     for r in records:
         if task == "classification":
             if r["label"] not in labels:
-                raise DataError(f"label {r['label']!r} is not among the training labels {labels}; "
+                raise DataError(f"{_where(r)}label {r['label']!r} is not among the training labels {labels}; "
                                 "list every label in data.labels")
             y = labels.index(r["label"])
             if ft.classifier == "head":
@@ -126,19 +199,14 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
                         ft.max_len, ft.truncation, stats)
             examples.append({"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p})
         elif task in ("instruction", "text2text"):
-            prompt, response = render_prompt_response(r["messages"], tok)
-            p_ids, a_ids = tok.encode(prompt), tok.encode(response)
-            # The response ends at the end-of-turn EOS (what follows it is layout); add one if absent.
-            a_ids = a_ids[: len(a_ids) - a_ids[::-1].index(tok.eos_id)] if tok.eos_id in a_ids else a_ids + eos
-            p_ids, a_ids = _fit(p_ids, a_ids, ft.max_len, ft.truncation, stats)
+            ids = prompt_response_ids(r["messages"], tok, _where(r))
+            p_ids, a_ids = _fit(*ids, ft.max_len, ft.truncation, stats)
             mask = [int(ft.prompt_loss)] * len(p_ids) + [1] * len(a_ids)
             examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids,
                              "reference": r.get("references") or r["messages"][-1]["content"]})
         else:
-            p = tok.encode(render_chat([{"role": "user", "content": r["prompt"]}], tok, True))
-            pc, c = _fit(p, tok.encode(r["chosen"]) + eos, ft.max_len, ft.truncation, stats)
-            pr, rj = _fit(p, tok.encode(r["rejected"]) + eos, ft.max_len, ft.truncation, stats)
-            examples.append({"chosen": (pc, c), "rejected": (pr, rj)})
+            examples.append({k: _fit(*_answer_ids(r, k, tok), ft.max_len, ft.truncation, stats)
+                             for k in ("chosen", "rejected")})
     return examples
 
 

@@ -1,9 +1,11 @@
 """Chat templates: turn a list of messages into the text a model is trained on and prompted with.
 
 Templates are Jinja, with the conventions of Hugging Face `chat_template` (the variables `messages`,
-`add_generation_prompt`, `bos_token`, `eos_token` and the helper `raise_exception`), so a template
-imported with a Hugging Face tokenizer works unchanged. They are rendered in a sandboxed, immutable
-Jinja environment with `trim_blocks` and `lstrip_blocks`, as transformers renders them.
+`add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`, `unk_token` and
+`additional_special_tokens`, the helpers `raise_exception` and `strftime_now`, and transformers'
+`tojson`: non-ASCII and "<" kept as they are), so a template imported with a Hugging Face tokenizer
+works unchanged. They are rendered in a sandboxed, immutable Jinja environment with `trim_blocks`
+and `lstrip_blocks`, as transformers renders them.
 
 pretune's own default writes plain-text role markers (they are not special tokens in pretune's
 character and BPE tokenizers) and ends every assistant turn with the tokenizer's EOS token, so a
@@ -19,11 +21,13 @@ model fine-tuned on it learns to stop::
 Training uses `render_prompt_response`, which splits a conversation into the prompt (everything up
 to and including the generation prompt of the last assistant turn) and the response (that turn's
 content and whatever end-of-turn text the template writes), so the loss can fall on the response
-only. Serving uses `render_chat` with `add_generation_prompt=True`, which yields exactly that prompt.
+only. Serving uses `render_chat` with `add_generation_prompt=True`, which yields exactly that prompt
+(unless the template renders the history differently once an answer follows; see there).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from functools import lru_cache
 
@@ -76,6 +80,12 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    """JSON as transformers' templates write it: non-ASCII kept, no HTML escaping (Jinja's own
+    `tojson` writes "<" as "\\u003c"), and json.dumps' indent, separators and sort_keys."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str):
     """Compile once per distinct template text (sandboxed; no attribute access to Python internals)."""
@@ -89,10 +99,15 @@ def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(template)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the chat template does not compile: {e}") from None
+
+
+UNK_NAMES = ("<|unk|>", "<unk>", "[UNK]")
+"""Names of the unknown token, tried when the tokenizer's model names none."""
 
 
 def _token_text(tokenizer, role: str) -> str:
@@ -102,6 +117,30 @@ def _token_text(tokenizer, role: str) -> str:
     tok = getattr(tokenizer, "tok", None)
     name = tok.id_to_token(idx) if tok is not None else None
     return name or ""
+
+
+def _unk_text(tok) -> str:
+    """The unknown token's text: the one the tokenizer's model uses, else a usual name in its vocab."""
+    model_unk = getattr(getattr(tok, "model", None), "unk_token", None)
+    for name in ([model_unk] if isinstance(model_unk, str) else []) + list(UNK_NAMES):
+        if tok.token_to_id(name) is not None:
+            return name
+    return ""
+
+
+def special_tokens(tokenizer, additional: bool = True) -> dict:
+    """The special-token variables a template sees, as transformers passes them: bos_token,
+    eos_token, pad_token and unk_token ("" when the tokenizer has none) and, with `additional`,
+    additional_special_tokens (the vocabulary's other special tokens; slow to list when there are
+    hundreds, so only for a template that uses them)."""
+    named = {f"{role}_token": _token_text(tokenizer, role) for role in ("bos", "eos", "pad")}
+    tok = getattr(tokenizer, "tok", None)
+    named["unk_token"] = _unk_text(tok) if tok is not None else ""
+    if not additional:
+        return named
+    others = sorted((i, t.content) for i, t in tok.get_added_tokens_decoder().items()
+                    if t.special and t.content not in named.values()) if tok is not None else []
+    return {**named, "additional_special_tokens": [name for _, name in others]}
 
 
 def chat_template_of(tokenizer) -> str:
@@ -117,11 +156,12 @@ def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool = T
     ChatTemplateError when the template fails.
     """
     msgs = validate_messages(messages)
-    template = _compile(chat_template_of(tokenizer))
+    text = chat_template_of(tokenizer)
+    template = _compile(text)
+    tokens = special_tokens(tokenizer, additional="additional_special_tokens" in text)
     import jinja2  # present: _compile imported it
     try:
-        return template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                               bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))
+        return template.render(messages=msgs, add_generation_prompt=add_generation_prompt, **tokens)
     except ChatTemplateError:
         raise
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
@@ -129,29 +169,58 @@ def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool = T
         raise ChatTemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
 
 
+RESPONSE_MARK = "\ue000pretune-response\ue001"
+"""Stands in for the last assistant content to find where the template writes it (private-use
+characters, which no template rewrites and no real message holds)."""
+
+
 def render_prompt_response(messages: list[dict], tokenizer) -> tuple[str, str]:
     """(prompt, response) for training with the loss on the last assistant turn only.
 
-    The prompt is the conversation before the last message plus the generation prompt; the response
-    is the rest of the fully rendered conversation: the last assistant content and whatever the
-    template writes after it (EOS, an end-of-turn token, a newline). prompt + response equals
-    render_chat(messages, add_generation_prompt=False).
+    prompt + response equals render_chat(messages, add_generation_prompt=False). The response is the
+    last assistant content and whatever the template writes after it (EOS, an end-of-turn token, a
+    newline). The prompt is the history rendered with the generation prompt, what serving sends,
+    when the full conversation starts with it. A template that renders the history differently once
+    the answer follows (BOS only before the first message, a marker before the last turn) is split
+    where it writes the content: found by rendering a marker in its place, never by searching for
+    the text. ChatTemplateError when neither way gives a split that is certain.
     """
     msgs = validate_messages(messages)
     if msgs[-1]["role"] != "assistant":
         raise ChatMessageError(f"messages[{len(msgs) - 1}] must be the assistant turn to train on "
                                f"(its role is {msgs[-1]['role']!r})")
     full = render_chat(msgs, tokenizer, add_generation_prompt=False)
-    if len(msgs) > 1:
-        prompt = render_chat(msgs[:-1], tokenizer, add_generation_prompt=True)
-        if full.startswith(prompt):
-            return prompt, full[len(prompt):]
-    # The template renders a shorter history differently (for example, BOS only before the first
-    # message): cut the full text where the last assistant content starts.
     content = msgs[-1]["content"]
-    for candidate in (content, content.strip()):
-        at = full.rfind(candidate) if candidate else -1
-        if at >= 0:
-            return full[:at], full[at:]
-    raise ChatTemplateError("cannot find the last assistant message in the rendered conversation; the chat "
-                            "template rewrites its content, so prompt and response cannot be split")
+    prompt = render_chat(msgs[:-1], tokenizer, add_generation_prompt=True) if len(msgs) > 1 else None
+    if prompt is not None and full.startswith(prompt) and _opens_with(full[len(prompt):], content):
+        return prompt, full[len(prompt):]
+    split = _split_at_content(msgs, tokenizer, full)
+    if split is not None:
+        return split
+    if prompt is not None and full.startswith(prompt):  # the template rewrites the answer: keep its turn whole
+        return prompt, full[len(prompt):]
+    raise ChatTemplateError("the chat template cannot be split into prompt and response: the conversation "
+                            "rendered without the generation prompt does not start with the history rendered "
+                            "with it, and the last assistant message's content is not written once, verbatim "
+                            "(or stripped of surrounding whitespace); fix the template so the generation "
+                            "prompt is a prefix of the full conversation")
+
+
+def _opens_with(text: str, content: str) -> bool:
+    return text.startswith(content) or text.startswith(content.strip())
+
+
+def _split_at_content(msgs: list[dict], tokenizer, full: str) -> tuple[str, str] | None:
+    """(text before the last assistant content, content and what follows) of `full`, from a rendering
+    with RESPONSE_MARK in place of the content; None when the template does not write the mark
+    exactly once or putting the content back does not give `full`."""
+    marked = render_chat(msgs[:-1] + [{"role": "assistant", "content": RESPONSE_MARK}], tokenizer,
+                         add_generation_prompt=False)
+    if marked.count(RESPONSE_MARK) != 1:
+        return None
+    before, after = marked.split(RESPONSE_MARK)
+    content = msgs[-1]["content"]
+    for text in (content, content.strip()):
+        if before + text + after == full:
+            return before, text + after
+    return None
