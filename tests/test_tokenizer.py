@@ -36,3 +36,22 @@ def test_transformers_loads_our_tokenizer(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.encode(TEXT, add_special_tokens=False) == tok.encode(TEXT)
     assert hf.decode(tok.encode(TEXT)) == TEXT
+
+
+def test_load_finds_the_chat_template_wherever_transformers_keeps_it(tmp_path):
+    import json
+
+    from pretune.data.tokenizer import Tokenizer, train_char
+
+    tok = train_char(["hello world"])
+    tok.save(tmp_path)
+    assert Tokenizer.load(tmp_path).chat_template is None
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert Tokenizer.load(tmp_path / "tokenizer.json").chat_template == "{{ messages[0]['content'] }}"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "json {{ x }}"}))
+    assert Tokenizer.load(tmp_path).chat_template == "json {{ x }}"
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.load(tmp_path).chat_template == "d"

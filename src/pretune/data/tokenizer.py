@@ -119,7 +119,21 @@ class Tokenizer:
             return value.get("content") if isinstance(value, dict) else value
 
         return cls(tok, bos=token("bos_token"), eos=token("eos_token"), pad=token("pad_token"),
-                   chat_template=meta.get("chat_template"))
+                   chat_template=read_chat_template(file.parent, meta))
+
+
+def read_chat_template(directory: Path, meta: dict) -> str | None:
+    """The chat template of a tokenizer directory, where transformers may keep it: tokenizer_config.json
+    (`meta`; a list of named templates gives its "default"), chat_template.jinja (transformers 4.43 and
+    later write it there), or chat_template.json."""
+    template = meta.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None and (directory / "chat_template.json").is_file():
+        template = json.loads((directory / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    return template
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -320,7 +320,7 @@ def load_hf_tokenizer(directory: Path, log: Callable[[str], None] | None = None)
     only a sentencepiece tokenizer.model is converted through transformers when it is installed."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from pretune.data.tokenizer import Tokenizer
+    from pretune.data.tokenizer import Tokenizer, read_chat_template
 
     d = Path(directory)
     meta = _read_json(d / "tokenizer_config.json")
@@ -345,15 +345,8 @@ def load_hf_tokenizer(directory: Path, log: Callable[[str], None] | None = None)
     gen_eos = _read_json(d / "generation_config.json").get("eos_token_id")
     if eos is None and gen_eos is not None:
         eos = backend.id_to_token(gen_eos[0] if isinstance(gen_eos, list) else gen_eos)
-    template = meta.get("chat_template")
-    if isinstance(template, list):  # named templates: keep the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template is None and (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-    if template is None:
-        template = _read_json(d / "chat_template.json").get("chat_template")
     return Tokenizer(backend, bos=token("bos_token"), eos=eos, pad=token("pad_token"),
-                     chat_template=template)
+                     chat_template=read_chat_template(d, meta))
 
 
 def _read_json(path: Path) -> dict:
