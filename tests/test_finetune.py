@@ -324,3 +324,22 @@ def test_freeze_patterns_reach_a_tied_output_layer_and_the_blocks_under_a_head(t
     assert under_head and all(n.startswith(("lm.blocks.1.", "head.")) for n in under_head)
     with pytest.raises(Exception, match="names look like"):
         trainable("task=instruction", "freeze.pattern=[nothing.*]")
+
+
+def test_l2sp_anchors_the_pretrained_weights_not_a_new_head_and_bad_lora_targets_are_config_errors():
+    from pretune.errors import ConfigError
+    from pretune.model.heads import ClassifierModel
+    from pretune.train.objectives import L2SP, ClassifierObjective
+
+    lm = GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=40)))
+    model = ClassifierModel(lm, 3)
+    reg = L2SP(ClassifierObjective(), model, 1.0)
+    assert "lm.blocks.0.attn.q_proj.weight" in reg.anchor and not any(k.startswith("head.") for k in reg.anchor)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # the head moved: no penalty; a pre-trained weight moved: one
+    assert reg.penalty(model).item() == 0
+    with torch.no_grad():
+        model.lm.norm.weight.add_(1.0)
+    assert reg.penalty(model).item() == pytest.approx(0.5 * lm.cfg.d_model)
+    with pytest.raises(ConfigError, match="matched no linear layer"):
+        apply_lora(GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=40))), targets=["qproj"])

@@ -460,6 +460,8 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
     fold's config names its fold (finetune.fold), so `resume=ROOT/fold-i` finds the same split too."""
     root = Path(cfg.resume or cfg.out_dir)
     parent = starting_model(cfg)
+    if cfg.data.val:
+        log(f"warning: finetune.cv={len(folds)} validates on folds of data.train; data.val is not used")
     if not cfg.resume:
         ck.prepare_out_dir(root, cfg.overwrite, False, keep=inputs_of(cfg))
         save_config(cfg, root / "config.yaml")

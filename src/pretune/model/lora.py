@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretune.errors import ConfigError
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -152,7 +154,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
             setattr(model.get_submodule(parent_name), leaf, LoRALinear(module, rank, alpha, dropout))
             wrapped.append(name)
     if not wrapped:
-        raise ValueError(f"lora.targets={list(targets)} matched no linear layer; known layers: "
+        raise ConfigError(f"lora.targets={list(targets)} matched no linear layer; known layers: "
                          + ", ".join(sorted(DEFAULT_TARGETS)))
     return wrapped
 

@@ -111,6 +111,9 @@ def _plain_name(name: str) -> str:
 class L2SP:
     """Wrap an objective with lambda/2 * ||w - w0||^2 over the trainable weights (w0: the start).
 
+    A classification head is new, with no pre-trained weights to stay near: it is left out, as in
+    Li et al.'s L2-SP (weight decay regularises it); pulling it toward its random start would not.
+
     The anchors are taken by name when the objective is built, from the unwrapped model (so a resumed
     run still anchors to the starting weights, not to its checkpoint). Under FSDP the parameters are
     sharded DTensors: each rank then penalises its own shard against the same shard of the anchor,
@@ -120,7 +123,8 @@ class L2SP:
 
     def __init__(self, base, model: torch.nn.Module, lam: float):
         self.base, self.lam = base, lam
-        self.anchor = {_plain_name(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.anchor = {_plain_name(n): p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad and not _plain_name(n).startswith("head.")}
         self.weights = getattr(base, "weights", {})
         self.sharded = False
         self._local: dict[str, torch.Tensor] = {}
