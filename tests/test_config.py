@@ -56,3 +56,19 @@ def test_shipped_configs_load(path):
         return
     cfg = load_config(Config, path, [])
     assert cfg.train.max_steps > 0
+
+
+def test_an_early_stop_metric_the_run_does_not_report_is_refused_before_training():
+    from pretune.config import Config, load_config
+    from pretune.errors import ConfigError
+
+    for args, bad in ((["task=classification", "train.early_stop_metric=val_acc"], "val_acc"),
+                      (["task=classification", "finetune.classifier=verbalizer", "train.early_stop_metric=val_loss"],
+                       "val_loss"),
+                      (["train.early_stop_metric=val_accuracy"], "val_accuracy")):
+        with pytest.raises(ConfigError, match=f"early_stop_metric='{bad}' is not an evaluation figure"):
+            load_config(Config, None, args)
+    for args in (["task=classification", "train.early_stop_metric=val_accuracy"],
+                 ["task=preference", "train.early_stop_metric=val_reward_accuracy"],
+                 ["train.early_stop_metric=val_bpb"]):
+        load_config(Config, None, args)

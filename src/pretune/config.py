@@ -351,6 +351,10 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(f"finetune.fold={f.fold} needs finetune.cv=k and 0 <= fold < k (cross-validation sets it)")
     if t.patience is not None and not t.early_stop_metric:
         p.append("train.patience needs train.early_stop_metric (for example val_loss or val_accuracy)")
+    watched = eval_figures(cfg)
+    if t.early_stop_metric and t.early_stop_metric not in watched:
+        p.append(f"train.early_stop_metric={t.early_stop_metric!r} is not an evaluation figure of this run; "
+                 f"one of {', '.join(watched)}")
     for key, (value, options) in choices.items():
         if value not in options:
             p.append(f"{key}={value!r} is not one of {', '.join(options)}")
@@ -381,6 +385,17 @@ def validate_run(cfg: Config) -> list[str]:
 
 
 TASKS = ("classification", "instruction", "text2text", "preference")
+
+
+def eval_figures(cfg: Config) -> tuple[str, ...]:
+    """The figures a run's evaluations report (what train.early_stop_metric can watch)."""
+    if cfg.task == "classification":
+        return ("val_accuracy", "val_macro_f1") + (("val_loss",) if cfg.finetune.classifier == "head" else ())
+    if cfg.task == "preference":
+        return ("val_loss", "val_pref_accuracy", "val_reward_accuracy", "val_reward_margin")
+    if cfg.task in ("instruction", "text2text"):
+        return ("val_loss", "val_ppl")
+    return ("val_loss", "val_ppl", "val_bpb")
 
 
 def finetune_only_keys(cfg: Config) -> list[str]:
