@@ -96,7 +96,7 @@ def test_neutral_values_are_accepted_and_change_nothing(client, chat):
 
 
 def test_developer_role_is_a_system_message(client):
-    from pretune.serve.server import _chat_messages
+    from pretune.serve.requests import chat_messages as _chat_messages
 
     parts = [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]
     assert _chat_messages({"messages": [{"role": "developer", "content": parts}]}) == [
