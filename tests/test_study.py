@@ -46,6 +46,23 @@ def test_study_errors_name_every_bad_key(tmp_path):
     assert "tasks.t.tset" in text and "did you mean tasks.t.test" in text
     assert "'fulll'" in text and "did you mean 'full'" in text
     assert "cpt.data" in text  # a cpt+ arm without domain text
+    # values and files are checked before anything runs, each named with its key
+    (tmp_path / "a.jsonl").write_text("")
+    spec = {"base": {"run": "x"}, "arms": ["full", {"name": "p", "init": "scratch", "method": "none"}],
+            "seeds": [0, 0], "shots": -3, "general_eval": ["nope.txt"],
+            "tasks": {"t": {"task": "classification", "train": str(tmp_path / "a.jsonl"), "test": "b.jsonl",
+                            "sizes": ["foo", 8]}}}
+    with pytest.raises(ConfigError) as e:
+        load_study(str(_write(tmp_path / "s.yaml", spec)))
+    assert "seeds=[0, 0]" in str(e.value) and "shots=-3" in str(e.value)
+    spec.update(seeds=[0, 1], shots=2)
+    with pytest.raises(ConfigError) as e:
+        load_study(str(_write(tmp_path / "s.yaml", spec)))
+    text = str(e.value)
+    for expected in ("tasks.t.test[0]: b.jsonl does not exist", "general_eval[0]: nope.txt does not exist",
+                     "tasks.t.sizes[0]='foo'", "arm p: prompting"):
+        assert expected in text, expected
+    assert "tasks.t.train" not in text
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +135,20 @@ def test_study_end_to_end_resume_and_refusal(study_files, capsys):
 
     # a changed config is refused rather than silently mixed with the old runs
     spec2 = dict(spec, finetune=dict(spec["finetune"], optim={"lr": 0.01}))
+    ran = (out / "study.yaml").read_text()
     assert run_cli("study", _write(root / "study2.yaml", spec2)) != 0
     assert "was run with optim.lr" in capsys.readouterr().err
+    assert (out / "study.yaml").read_text() == ran  # study.yaml still holds the study that ran
+
+    # other probe settings: no run trains again, but every model is probed again under them
+    spec3 = dict(spec, eval_tokens=300)
+    assert run_cli("study", _write(root / "study3.yaml", spec3)) == 0
+    log = capsys.readouterr().out
+    assert "probing base" in log and f"{len(runs)} to run" in log
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["base"]["settings"]["eval_tokens"] == 300
+    summary = json.loads((out / "sent/full/n8/s0/summary.json").read_text())
+    assert summary["probe"]["settings"]["eval_tokens"] == 300
 
 
 def test_test_fraction_holds_out_the_same_records_whatever_the_seed(tmp_path):

@@ -162,9 +162,15 @@ class StudyConfig:
             p.append("seeds: give at least one seed")
         if not self.sizes:
             p.append("sizes: give at least one labelled-set size")
-        for i, s in enumerate(self.sizes):
-            if not (s == "all" or isinstance(s, int) and s > 0):
-                p.append(f"sizes[{i}]={s!r}: a size is a positive number of examples or 'all'")
+        p += size_problems("sizes", self.sizes)
+        if len(set(self.seeds)) != len(self.seeds):
+            p.append(f"seeds={self.seeds}: a seed is listed twice (its runs would be the same)")
+        if self.shots < 0:
+            p.append(f"shots={self.shots}: give 0 or more demonstrations")
+        if self.l2sp < 0:
+            p.append(f"l2sp={self.l2sp} must be >= 0")
+        if self.eval_tokens < 1 or self.bias_max_pairs < 1:
+            p.append("eval_tokens and bias_max_pairs must be >= 1")
         if self.engine not in ("local", "ray"):
             p.append(f"engine={self.engine!r} is not one of local, ray")
         if self.parallel < 1:
@@ -212,6 +218,28 @@ class Arm:
         return f"{start}, fine-tuning {what}" + (" with " + " and ".join(extras) if extras else "")
 
 
+def size_problems(key: str, sizes: list) -> list[str]:
+    """Labelled-set sizes: positive integers or 'all', none twice."""
+    p = [f"{key}[{i}]={s!r}: a size is a positive number of examples or 'all'" for i, s in enumerate(sizes)
+         if not (s == "all" or isinstance(s, int) and not isinstance(s, bool) and s > 0)]
+    if not p and len(set(map(str, sizes))) != len(sizes):
+        p.append(f"{key}={sizes}: a size is listed twice (its runs would be the same)")
+    return p
+
+
+def path_problems(key: str, specs: list[str] | str | None) -> list[str]:
+    """Files, globs or directories that are not there, each named with its key."""
+    from pretune.data.sources import DataError, expand_source
+
+    out = []
+    for i, spec in enumerate([specs] if isinstance(specs, str) else list(specs or [])):
+        try:
+            expand_source(str(spec), key if isinstance(specs, str) else f"{key}[{i}]")
+        except DataError as e:
+            out.append(str(e))
+    return out
+
+
 def _suggest(word: str, options: tuple[str, ...] | list[str]) -> str:
     hint = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(options)}"
@@ -255,6 +283,10 @@ def parse_arm(spec, default_shots: int) -> Arm:
             raise ConfigError(f"arm {arm.name}: method={arm.method!r} is not one of full, freeze, lora, none")
         if arm.method == "none" and arm.shots is None:
             arm.shots = 0
+        if arm.method == "none" and arm.init == "scratch":
+            raise ConfigError(f"arm {arm.name}: prompting (method none) needs a trained model; use init base or cpt")
+        if arm.shots is not None and arm.shots < -1:
+            raise ConfigError(f"arm {arm.name}: shots={arm.shots}: give 0 or more demonstrations")
     else:
         raise ConfigError(f"arm {spec!r}: give a name such as 'cpt+lora' or a mapping")
     if arm.shots == -1:
@@ -279,6 +311,10 @@ def parse_task(name: str, spec, problems: list[str]) -> TaskSpec | None:
     if not t.train or not (t.test or (t.config.get("data") or {}).get("test_fraction")):
         problems.append(f"tasks.{name}: needs train and test records (files, globs or directories), or "
                         f"tasks.{name}.config.data.test_fraction to hold out part of train as the test set")
+    for split in ("train", "val", "test"):
+        problems += path_problems(f"tasks.{name}.{split}", getattr(t, split))
+    if t.sizes is not None:
+        problems += size_problems(f"tasks.{name}.sizes", t.sizes)
     return t
 
 
@@ -328,6 +364,9 @@ def load_study(path: str | None, overrides: list[str] | None = None, base: dict 
         problems.append("a +replay arm needs replay (general text files)")
     if cfg.cpt.replay_ratio > 0 and cfg.cpt.data and not cfg.replay:
         problems.append("cpt.replay_ratio > 0 needs replay (general text files); or set cpt.replay_ratio=0")
+    # every file the study reads is checked now, not after the base has been pre-trained
+    problems += path_problems("general_eval", cfg.general_eval) + path_problems("bias_pairs", cfg.bias_pairs)
+    problems += path_problems("replay", cfg.replay) + path_problems("cpt.data", cfg.cpt.data)
     unknown = set(cfg.arm_config) - set(names) - {"full", "freeze", "lora", "scratch", "prompting"}
     for key in sorted(unknown):
         problems.append(f"arm_config.{key}: not an arm of this study nor a method"

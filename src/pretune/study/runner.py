@@ -20,13 +20,14 @@ import dataclasses
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 from pretune.config import Config, load_config
 from pretune.config_io import deep_merge, from_dict, read_yaml, to_dict
 from pretune.errors import ConfigError
-from pretune.files import atomic_write_json
+from pretune.files import atomic_write_bytes, atomic_write_json
 from pretune.study.collect import DONE, collect, read_summary, stage_entry
 from pretune.study.config import Arm, Study, StudyConfig, load_study
 
@@ -35,7 +36,7 @@ HELP_CONFIG = StudyConfig
 VOLATILE = {"out_dir", "resume", "overwrite", "train.threads", "train.device", "train.progress", "track"}
 
 
-def cmd_study(argv: list[str]) -> None:
+def cmd_study(argv: list[str]) -> int | None:
     from pretune.cli import _split
 
     yaml_path, extra, overrides = _split(argv)
@@ -43,6 +44,10 @@ def cmd_study(argv: list[str]) -> None:
         raise ConfigError(f"unexpected argument {extra!r}; use pretune study STUDY.yaml [KEY=VALUE ...]")
     results = run_study(load_study(yaml_path, overrides))
     print_summary(results)
+    failed = results["study"]["failed"]
+    if failed:
+        print(f"error: {len(failed)} run(s) failed (listed above); the report covers the others", file=sys.stderr)
+        return 1
 
 
 # ----------------------------------------------------------------------------- shared stages
@@ -163,18 +168,26 @@ def _probe_args(study: Study) -> dict:
             "bias_max_pairs": s.bias_max_pairs, "device": s.device}
 
 
+def probe_settings(probe: dict) -> dict:
+    """What a probe's figures depend on (not where it ran): changing any of these probes again."""
+    return {k: v for k, v in probe.items() if k != "device"}
+
+
 def stage_probes(study: Study, stages: dict[str, Path], log) -> dict:
     """Forgetting and bias figures of the shared models, cached in stages.json."""
     path = Path(study.cfg.out_dir) / "stages.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
+    settings = probe_settings(_probe_args(study))
     out = {}
     for name, run_dir in stages.items():
         stamp = (read_summary(run_dir) or {}).get("wall_s")
-        if name in cached and cached[name].get("run_dir") == str(run_dir) and cached[name].get("stamp") == stamp:
-            out[name] = cached[name]
+        known = cached.get(name, {})
+        if (known.get("run_dir"), known.get("stamp"), known.get("settings")) == (str(run_dir), stamp, settings):
+            out[name] = known
             continue
         log(f"probing {name} ({run_dir}): general bits per byte and bias pairs")
-        out[name] = {"run_dir": str(run_dir), "stamp": stamp, **probe_model(run_dir, **_probe_args(study))}
+        out[name] = {"run_dir": str(run_dir), "stamp": stamp, "settings": settings,
+                     **probe_model(run_dir, **_probe_args(study))}
     atomic_write_json(path, out)
     return out
 
@@ -200,12 +213,13 @@ def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | No
         summary = run_prompting(cfg, shots, quiet) if shots is not None else run_finetune(cfg, quiet)
     if summary.get("status") not in DONE:
         return {"status": summary.get("status")}
-    if "probe" not in summary:
+    if (summary.get("probe") or {}).get("settings") != probe_settings(probe):
         if shots is not None and start_probe is not None:  # prompting leaves the model as it was
             summary["probe"] = {k: start_probe.get(k) for k in ("general_bpb", "bias", "bias_n", "bias_by_type",
                                                                 "bias_prefers")}
         else:
             summary["probe"] = probe_model(run_dir, **probe)
+        summary["probe"]["settings"] = probe_settings(probe)
         atomic_write_json(run_dir / "summary.json", summary)
     import gc
 
@@ -338,10 +352,15 @@ def prepare_study_dir(study: Study) -> Path:
         raise ConfigError(f"out_dir {root} holds files but no study.yaml: it is not a study directory; "
                           "choose another out_dir")
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / "study.yaml").is_file():  # it marks the directory as a study's from the start
+        write_study_yaml(study, root)
+    return root
+
+
+def write_study_yaml(study: Study, root: Path) -> None:
     import yaml
 
-    (root / "study.yaml").write_text(yaml.safe_dump(study.raw, sort_keys=False), encoding="utf-8")
-    return root
+    atomic_write_bytes(root / "study.yaml", yaml.safe_dump(study.raw, sort_keys=False).encode("utf-8"))
 
 
 def run_study(study: Study, log=print) -> dict:
@@ -373,12 +392,13 @@ def run_study(study: Study, log=print) -> dict:
         done = read_summary(p.run_dir) or {}
         if done.get("status") in DONE:
             _check_same(p.config, p.run_dir)
-            if "probe" in done:
-                continue
+            if (done.get("probe") or {}).get("settings") == probe_settings(probe):
+                continue  # finished and probed as this study asks
         start = probes.get(study.arm(p.arm).init)
         jobs.append(Job(key=str(p.run_dir.relative_to(root)), fn="pretune.study.runner:run_job",
                         kwargs={"config": to_dict(p.config), "shots": p.shots, "probe": probe, "start_probe": start},
                         gpus=1 if _uses_gpus(s.device) else 0))
+    write_study_yaml(study, root)  # the study that runs now: every finished run agrees with it
     log(f"study {s.name}: {len(planned)} runs, {len(planned) - len(jobs)} finished before, {len(jobs)} to run "
         f"({s.engine}, {s.parallel} at a time)")
     outcome = run_jobs(jobs, engine=s.engine, parallel=s.parallel, log=log, ray_address=s.ray_address) if jobs else {}
