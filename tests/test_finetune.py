@@ -343,3 +343,14 @@ def test_l2sp_anchors_the_pretrained_weights_not_a_new_head_and_bad_lora_targets
     assert reg.penalty(model).item() == pytest.approx(0.5 * lm.cfg.d_model)
     with pytest.raises(ConfigError, match="matched no linear layer"):
         apply_lora(GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=40))), targets=["qproj"])
+
+
+def test_every_test_example_is_generated_for_whatever_eval_examples_says(tmp_path, base_run):
+    rows = [{"prompt": f"repeat {w}", "response": w} for w in ["cat", "dog", "mat"] * 4]
+    f = tmp_path / "inst.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "inst"
+    assert run_cli("finetune", f"init_from={base_run}", "task=instruction", f"data.train={f}", f"data.val={f}",
+                   f"data.test={f}", "finetune.eval_examples=3", "finetune.max_new_tokens=4", f"out_dir={out}",
+                   "train.max_steps=2", *FT) == 0
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 12  # the test set, all of it

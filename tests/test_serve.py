@@ -92,12 +92,14 @@ def test_generate_all_equals_one_at_a_time(model_tok):
     model, tok = model_tok
     ctx = model.cfg.max_seq_len
     prompts = [tok.encode(p) for p in ["a", "hello world", "\n", "The quick brown fox", "xy", "Q?", "zzz top."]]
-    prompts.append(tok.encode("abc " * (ctx // 4 + 3)))  # longer than the context: its tail is kept
-    want = [generate(model, ids, 20, temperature=0, stop_ids={tok.eos_id}, slide=False) for ids in prompts]
+    prompts.append(tok.encode("abc " * (ctx // 4 + 3)))  # longer than the context: its tail is kept,
+    # as much of it as leaves room for the 20 new tokens
+    want = [generate(model, ids[-(ctx - 20):], 20, temperature=0, stop_ids={tok.eos_id}, slide=False)
+            for ids in prompts]
     got = generate_all(model, tok, prompts, 20, max_batch=3)
     assert got == want
     assert got[2] == [] and len(got[0]) == 20  # EOS at once (this model after a newline); the full 20
-    assert len(got[-1]) <= 1  # the context leaves room for one new token only
+    assert len(prompts[-1]) > ctx and len(generate(model, prompts[-1], 20, temperature=0, slide=False)) <= 1
     assert generate_all(model, tok, prompts[:2], 0) == [[], []]
 
 

@@ -140,3 +140,15 @@ def test_template_sees_tojson_and_special_tokens_as_in_transformers(tok):
     text = render_chat([{"role": "user", "content": "Hi <there> & é"}], tok, add_generation_prompt=False)
     assert text == ('<|pad|><|unk|><|tool|>"Hi <there> & é"'
                     + json.dumps({"content": "Hi <there> & é", "role": "user"}, indent=1, ensure_ascii=False))
+
+
+def test_the_generation_prompt_does_not_depend_on_the_reference_answer(tok):
+    from pretune.config import FinetuneConfig
+
+    cfg = Config(task="instruction", finetune=FinetuneConfig(max_len=24))
+    prompt = "please describe the weather in some detail"
+    recs = [normalise({"prompt": prompt, "response": answer}, "instruction", DataConfig(), "f.jsonl", 1)
+            for answer in ("ok", "a long answer that takes up most of the room there is")]
+    short, long = encode(recs, cfg, tok, None, TaskStats())
+    assert len(long["prompt"]) < len(short["prompt"])  # training cuts the prompt to fit the answer
+    assert short["gen_prompt"] == long["gen_prompt"] and len(long["gen_prompt"]) > 24  # generation does not

@@ -218,7 +218,7 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
         out = {"loss": nll / max(n, 1), "ppl": math.exp(min(nll / max(n, 1), 50))}
         if generation:
             subset = examples[: cfg.finetune.eval_examples]
-            outs = generate_all(model, tok, [e["prompt"] for e in subset], cfg.finetune.max_new_tokens,
+            outs = generate_all(model, tok, [e.get("gen_prompt", e["prompt"]) for e in subset], cfg.finetune.max_new_tokens,
                                 max_batch=min(32, cfg.train.eval_batch_size))
             preds = [tok.decode(ids).strip() for ids in outs]
             gold = [e["reference"].strip() if isinstance(e["reference"], str) else [r.strip() for r in e["reference"]]
@@ -353,8 +353,11 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
         for split, ex in (("val", val_ex), ("test", test_ex)):
             if split == "val" and test_ex and scored:
                 continue  # the test set is what is reported
+            # every test example is generated for; finetune.eval_examples bounds the validation set's cost
+            cfg_split = cfg if split == "val" else dataclasses.replace(
+                cfg, finetune=dataclasses.replace(cfg.finetune, eval_examples=len(ex)))
             final.update({f"{split}_{k}": v for k, v in evaluate_task(
-                model, ex, cfg, tok, labels, device, generation=True, objective=objective,
+                model, ex, cfg_split, tok, labels, device, generation=True, objective=objective,
                 per_example=per_example if split == plain else None).items()})
         write_predictions(run_dir / "predictions.jsonl", per_example)
         final.update({k[len(plain) + 1:]: v for k, v in final.items() if k.startswith(plain + "_")})

@@ -40,7 +40,7 @@ def with_demonstrations(record: dict, demos: list[dict], task: str) -> dict:
 def _tokens_scored(examples: list[dict], task: str, n_labels: int, max_new_tokens: int) -> int:
     if task == "classification":  # every label is scored after the prompt
         return sum(len(e["ids"]) for e in examples) * max(1, n_labels)
-    return sum(len(e["prompt"]) + max_new_tokens for e in examples)
+    return sum(len(e.get("gen_prompt", e["prompt"])) + max_new_tokens for e in examples)
 
 
 def run_prompting(cfg: Config, shots: int, log=print) -> dict:
@@ -63,10 +63,11 @@ def run_prompting(cfg: Config, shots: int, log=print) -> dict:
     reset_peak_memory(rt.device)
     energy, t0 = EnergyCounter(rt.device, cfg.meter.device_power_w), time.perf_counter()
     per_example: dict = {}
-    metrics = evaluate_task(model, examples, cfg, tok, labels, rt.device, generation=True, per_example=per_example)
+    # every test example is scored (generated for, in generation tasks), as for the trained arms
+    every = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, eval_examples=max(1, len(examples))))
+    metrics = evaluate_task(model, examples, every, tok, labels, rt.device, generation=True, per_example=per_example)
     wall = time.perf_counter() - t0
-    n_eval = len(examples) if cfg.task == "classification" else min(len(examples), cfg.finetune.eval_examples)
-    tokens = _tokens_scored(examples[:n_eval], cfg.task, len(labels or []), cfg.finetune.max_new_tokens)
+    tokens = _tokens_scored(examples, cfg.task, len(labels or []), cfg.finetune.max_new_tokens)
     seq = max((T.length_of(e) for e in examples), default=1)
     flops = tokens * flops_per_token(model, seq)["total"]  # nothing trainable: forward FLOPs only
     joules = energy.joules()
@@ -77,7 +78,11 @@ def run_prompting(cfg: Config, shots: int, log=print) -> dict:
                "co2_g": joules / 3.6e6 * cfg.meter.grid_gco2_per_kwh,
                "params": sum(p.numel() for p in model.parameters()), "trainable_params": 0,
                "train_examples": len(train_recs), "device": str(rt.device),
+               "truncated_examples": stats.truncated,  # prompts cut to the context: demonstrations lost
                **{f"test_{k}": v for k, v in metrics.items()}, **metrics}
+    if stats.truncated:
+        log(f"warning: {stats.truncated} of {len(examples)} prompts with {len(demos)} demonstrations were cut to "
+            f"the model's context ({model.cfg.max_seq_len} tokens): they lost demonstrations; fewer shots would fit")
     write_predictions(Path(run_dir) / "predictions.jsonl", per_example)
     atomic_write_json(Path(run_dir) / "summary.json", summary)
     log(f"prompting ({len(demos)} shots): " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()

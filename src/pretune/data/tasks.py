@@ -202,7 +202,9 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
             ids = prompt_response_ids(r["messages"], tok, _where(r))
             p_ids, a_ids = _fit(*ids, ft.max_len, ft.truncation, stats)
             mask = [int(ft.prompt_loss)] * len(p_ids) + [1] * len(a_ids)
-            examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids,
+            # generation starts from the whole prompt, cut only to the model's context when it is
+            # generated (serve.engine.generate_all): never by the length of the reference answer
+            examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids, "gen_prompt": ids[0],
                              "reference": r.get("references") or r["messages"][-1]["content"]})
         else:
             examples.append({k: _fit(*_answer_ids(r, k, tok), ft.max_len, ft.truncation, stats)

@@ -387,14 +387,16 @@ def generate_all(model: GPT, tokenizer, prompts: list[list[int]], max_new_tokens
     """Greedy continuations of many prompts, batched through the engine in this thread: the tokens
     `eval.generate.generate(model, prompt, max_new_tokens, temperature=0, stop_ids={EOS}, slide=False)`
     gives for each prompt, without the cost of decoding one sequence at a time. A prompt too long
-    for the context keeps its last tokens, and max_new_tokens shrinks to fit."""
+    for the context keeps its last tokens, as many as leave room for max_new_tokens (at least half
+    the context), and max_new_tokens shrinks to fit what is left."""
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
     engine = Engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))))
     ctx = engine.ctx
+    keep = max(ctx - max_new_tokens, ctx // 2, 1)
     jobs = []
     for prompt in prompts:
-        prompt = prompt[-(ctx - 1):] if len(prompt) >= ctx else prompt
+        prompt = prompt[-keep:] if len(prompt) > keep else prompt
         params = SamplingParams(max_tokens=min(max_new_tokens, ctx - len(prompt)), temperature=0)
         jobs.append(engine.submit(prompt, params, lambda event: None))
     while engine.active:
