@@ -49,9 +49,17 @@ def test_not_key_value():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     if path.name.startswith("study"):  # a study file: every key and arm checked, nothing run
+        from conftest import SHARED_DATA
+        from pretune.errors import ConfigError
         from pretune.study.config import load_study
 
-        study = load_study(str(path))
+        try:
+            study = load_study(str(path))
+        except ConfigError as e:  # without ../shared/data, its files are all that may be wrong
+            if SHARED_DATA.is_dir():
+                raise
+            assert all("shared/data" in p and "does not exist" in p for p in e.problems), e.problems
+            return
         assert study.tasks and study.arms
         return
     cfg = load_config(Config, path, [])
