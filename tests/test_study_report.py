@@ -269,3 +269,19 @@ def test_report_text_is_deterministic(analysed, monkeypatch):
 def test_formatting():
     assert fmt_flops(1.234e12) == "1.2e12" and fmt_flops(5e-3) == "5.0e-3"
     assert fmt_energy(512.0) == "512.0 J" and fmt_energy(12_345.0, "nvml") == "12.3 kJ (nvml)"
+
+
+def test_recommendation_says_when_the_best_is_no_better_than_the_majority_label_or_zero():
+    res = make_results()
+    res["tasks"]["sentiment"].update(chance=0.95, target=0.5)  # a test set of one label, nearly
+    for r in res["runs"]:
+        if r["task"] == "topics" and r.get("status") == "completed":
+            r["score"], r["example_scores"] = 0.0, [0.0] * N_TEST
+    rec = analyse(res)["recommendation"]
+    cav = " ".join(rec["caveats"])
+    assert "sentiment: always answering the most frequent test label scores 0.950" in cav
+    assert all("no better than always answering the most frequent test label" in r["text"]
+               for r in rec["sentiment"])
+    assert all("no arm scores above 0" in r["text"] for r in rec["topics"]) and "every arm scores 0" in cav
+    plain = analyse(make_results())["recommendation"]  # the usual case says none of it
+    assert not any("most frequent" in r["text"] or "above 0" in r["text"] for r in plain["sentiment"] + plain["topics"])

@@ -203,6 +203,10 @@ def recommendation(results):
                        and (r.get("status") == "failed" or not finite(r.get("score"))))
         if n_failed:
             caveats.append(f"{task}: {n_failed} run(s) failed and are left out.")
+        if spec.get("chance") is not None and target is not None and spec["chance"] >= target - 1e-12:
+            caveats.append(f"{task}: always answering the most frequent test label scores {_fmt(spec['chance'])}, "
+                           f"which already reaches the target {_fmt(target)}: the target does not tell the arms "
+                           "apart; raise it or use macro-F1.")
         for size in context_sizes(results, task):
             cand = candidates(results, task, size)
             cell = {a: arms[a][str(s)] for a, s in cand.items()}
@@ -229,6 +233,15 @@ def recommendation(results):
             else:
                 text = f"With {size_label} labelled examples, {pick} has the highest mean score: {interval}."
             row_cav = []
+            chance = spec.get("chance")
+            if sc["mean"] <= 1e-12:
+                text = text[:-1] + " — but no arm scores above 0, so this size says nothing about the arms."
+                row_cav.append(f"{task}, {size_label} examples: every arm scores 0.")
+            elif chance is not None and sc["mean"] <= chance + 1e-12:
+                text = text[:-1] + (f" — no better than always answering the most frequent test label "
+                                    f"({_fmt(chance)}).")
+                row_cav.append(f"{task}, {size_label} examples: the best arm is no better than always answering "
+                               f"the most frequent test label ({_fmt(chance)}).")
             if same:
                 row_cav.append(f"{task}, {size_label} examples: {pick} is not distinguishable from "
                                f"{', '.join(same)} at this size.")
@@ -242,6 +255,7 @@ def recommendation(results):
                 row_cav.append(f"{task}, {size_label} examples: {pick} changes the bias score by "
                                f"{b['mean']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}] (share preferring "
                                "the stereotypical sentence).")
+            caveats.extend(c for c in row_cav if "scores 0" in c or "most frequent" in c)
             caveats.extend(row_cav[:1] if same else [])  # forgetting and bias: once per arm, below
             rows.append({"size": size, "size_label": size_label, "arm": pick, "arm_size": cand[pick],
                          "arm_size_label": label, "score": sc["mean"], "lo": sc["lo"], "hi": sc["hi"],
