@@ -249,6 +249,10 @@ def test_write_report(analysed, tmp_path):
     loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert loaded == clean_json(analysed)
     assert [r["score"] for r in loaded["runs"] if r["seed"] == 8] == [None]  # NaN written as null
+    stale = tmp_path / "rep" / "report_files" / "renamed-task_curves.png"  # a task no longer in the study
+    stale.write_bytes(b"old")
+    write_report(analysed, tmp_path / "rep")
+    assert not stale.exists() and len(list((tmp_path / "rep" / "report_files").glob("*.png"))) == 8
 
 
 def test_report_text_is_deterministic(analysed, monkeypatch):

@@ -252,9 +252,11 @@ def plot_amortisation(results: dict, task: str, styles) -> bytes | None:
             y = start + k * per_task
             ax.plot([k], [y], marker="o", ms=9, mfc="white", mec=colour, mew=2, zorder=4)
             up = len(marks) % 2 == 1  # alternate above-left and below-right so labels do not collide
+            left = up or k > k_max ** 0.85  # near the right edge the label goes left of its mark, inside
             marks.append(k)
-            ax.annotate(f"K*={k:,}", (k, y), xytext=(-8, 9) if up else (8, -15), textcoords="offset points",
-                        ha="right" if up else "left", fontsize=9, color=colour, fontweight="bold")
+            ax.annotate(f"K*={k:,}", (k, y), xytext=(-8 if left else 8, 9 if up else -15),
+                        textcoords="offset points", ha="right" if left else "left", fontsize=9, color=colour,
+                        fontweight="bold")
     ax.set_xscale("log")
     ax.set_xlim(0.9, k_max * 1.1)
     ax.xaxis.set_major_locator(FixedLocator([m * 10 ** e for e in range(7) for m in (1, 2, 5)

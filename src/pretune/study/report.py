@@ -271,6 +271,9 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
     blocks, images = _blocks(results)
     for name, png in images.items():
         atomic_write_bytes(files / name, png)
+    for old in files.glob("*.png"):  # plots of tasks or views this report no longer has
+        if old.name not in images:
+            old.unlink()
     paths = {"report.html": out_dir / "report.html", "report.md": out_dir / "report.md",
              "results.json": out_dir / "results.json", "report_files": files}
     atomic_write_bytes(paths["report.html"], render_html(blocks, images).encode())
