@@ -38,8 +38,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pretune.interop.hf import (InteropError, check_no_classifier_head, check_out, dtype_name,
-                                exported_chat_template, parse_dtype)
+from pretune.interop.export_policy import check_no_classifier_head, exported_chat_template
+from pretune.interop.hf import InteropError, check_out, dtype_name, parse_dtype
 from pretune.model.config import ModelConfig
 
 ARCH = "llama"
@@ -131,7 +131,7 @@ def _pre_name(spec: dict, log: Callable[[str], None]) -> str:
 
 def tokenizer_metadata(tok, vocab_size: int, log: Callable[[str], None] = print) -> dict:
     """tokenizer.ggml.* values: model, pre, tokens, token_type, merges, special ids, and the chat
-    template (the tokenizer's own, else pretune's default: see interop.hf.exported_chat_template)."""
+    template (the tokenizer's own, else pretune's default: see interop.export_policy.exported_chat_template)."""
     import gguf
 
     T = gguf.TokenType
@@ -216,7 +216,7 @@ def _write_tokenizer(w, meta: dict) -> None:
 def export_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False,
                 log: Callable[[str], None] = print, lm_only: bool = False) -> Path:
     """Write a run or model directory as a GGUF file (OUT ending in .gguf, else OUT/model.gguf).
-    A classification model is refused unless lm_only=True (see interop.hf.check_no_classifier_head)."""
+    A classification model is refused unless lm_only=True (see interop.export_policy.check_no_classifier_head)."""
     try:
         import gguf
     except ImportError:

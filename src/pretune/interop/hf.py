@@ -22,7 +22,6 @@ id, transformers only to convert a sentencepiece tokenizer.model that has no tok
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
@@ -353,78 +352,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def exported_chat_template(tok) -> str:
-    """The chat template an export carries: the tokenizer's own, else pretune's DEFAULT_CHAT_TEMPLATE.
-
-    pretune renders every conversation with `data.templates.chat_template_of(tok)`: instruction and
-    text2text fine-tuning train on it, and `pretune serve` and `pretune chat` prompt with it. A model
-    fine-tuned on the default therefore needs the default in its export, or transformers'
-    `apply_chat_template` and llama.cpp have no template (or guess another) and prompt it in a format
-    it never saw. The default is written for a pre-trained-only model too, although no template was
-    trained into it: it is the format pretune serves that model with, so an export behaves as
-    `pretune serve` does, and fine-tuning the export elsewhere with its template matches what a
-    pretune fine-tune of it would have trained on.
-    """
-    from pretune.data.templates import chat_template_of
-
-    return chat_template_of(tok)
-
-
-def tokenizer_for_export(tok):
-    """A copy of `tok` whose chat template is the one the export writes (see exported_chat_template)."""
-    out = copy.copy(tok)
-    out.chat_template = exported_chat_template(tok)
-    return out
-
-
-# ----------------------------------------------------------------------------- classification runs
-
-
-def classifier_head_info(path: str | Path) -> dict | None:
-    """task.json (plus "head_dir") of a run or model trained with a classification head, else None.
-
-    The head (head.safetensors beside task.json) lives in model/ and, for a LoRA run, in adapter/."""
-    from pretune.model.io import ModelDirError, find_model_dir
-
-    candidates = [Path(path) / "adapter"]
-    try:
-        candidates.insert(0, find_model_dir(path))
-    except ModelDirError:
-        pass
-    for d in candidates:
-        info = _read_json(d / "task.json")
-        if info.get("classifier") == "head" or (d / "head.safetensors").is_file():
-            return {**info, "head_dir": str(d)}
-    return None
-
-
-def check_no_classifier_head(path: str | Path, lm_only: bool, log: Callable[[str], None]) -> None:
-    """Refuse to export a classification model as if it were a language model, which would silently
-    drop its head; with lm_only=True, export the language model alone and say so.
-
-    (transformers' LlamaForSequenceClassification cannot hold pretune's head exactly: its `score`
-    layer has no bias, and pretune's head has one.)"""
-    info = classifier_head_info(path)
-    if info is None:
-        return
-    head = Path(info["head_dir"]) / "head.safetensors"
-    if lm_only:
-        log(f"note: lm_only=true: exporting the language model of {path} without its classification "
-            f"head ({head} stays with the run)")
-        return
-    labels = info.get("labels") or []
-    shown = ", ".join(map(str, labels[:6])) + (" ..." if len(labels) > 6 else "")
-    raise InteropError(
-        f"{path} is a classification model: a language model plus a linear head on the last token "
-        f"({len(labels)} labels: {shown}) in {head}. Export writes language models only, and the head "
-        "has no exact transformers form (LlamaForSequenceClassification's score layer has no bias), "
-        "so it would be lost. To export the language model alone, without the head, add lm_only=true "
-        f"(or --lm-only); to classify with the head, use pretune itself (`pretune evaluate {path} "
-        "data.val=FILE`). For a classifier that exports whole, fine-tune with "
-        "finetune.classifier=verbalizer (it scores label words with the language model)."
-    )
-
-
 # ----------------------------------------------------------------------------- the operations
 
 
@@ -492,15 +419,17 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "float32", overwri
               log: Callable[[str], None] = print, lm_only: bool = False) -> Path:
     """Write a run or model directory as a transformers model directory (no custom code needed):
     config.json, model.safetensors, generation_config.json and the tokenizer files, whose chat
-    template is the tokenizer's own or pretune's default (see exported_chat_template).
+    template is the tokenizer's own or pretune's default (see export_policy.exported_chat_template).
 
     A classification model (one with a head) is refused unless lm_only=True, which exports its
-    language model alone (see check_no_classifier_head)."""
+    language model alone (see export_policy.check_no_classifier_head)."""
     from pretune.model.io import load_model
 
     out = Path(out)
     check_out(out, overwrite)
     want = parse_dtype(dtype)
+    from pretune.interop.export_policy import check_no_classifier_head, tokenizer_for_export
+
     check_no_classifier_head(path, lm_only, log)
     model, tok = load_model(path)
     cfg = model.cfg

@@ -22,7 +22,8 @@ from typing import Callable
 from safetensors.torch import load_file, save_file
 
 from pretune.files import atomic_dir
-from pretune.interop.hf import InteropError, check_no_classifier_head, check_out, dtype_name, parse_dtype
+from pretune.interop.export_policy import check_no_classifier_head
+from pretune.interop.hf import InteropError, check_out, dtype_name, parse_dtype
 
 _LORA = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(\w+)\.lora_(a|b)$")
 _GROUP = {"attn": "self_attn", "mlp": "mlp"}
@@ -70,7 +71,7 @@ def export_peft_adapter(run: str | Path, out: str | Path, dtype: str = "float32"
     """Write RUN's LoRA adapter as adapter_config.json + adapter_model.safetensors (PEFT layout).
 
     The adapter of a classification run (LoRA plus a classification head) is refused unless
-    lm_only=True, which writes the LoRA matrices alone (see interop.hf.check_no_classifier_head)."""
+    lm_only=True, which writes the LoRA matrices alone (see interop.export_policy.check_no_classifier_head)."""
     out, run = Path(out), Path(run)
     check_out(out, overwrite)
     want = parse_dtype(dtype)
