@@ -101,14 +101,10 @@ RESUME_SAFE = ("train.max_steps", "train.eval_every", "train.log_every", "train.
 
 def _warn_resume_changes(saved: dict, given: dict, resume: str) -> None:
     """Say which overrides change a resumed run (it then no longer matches one that never stopped)."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
+    from pretune.config_io import flat_keys
 
-    before = flat(saved)
-    for key, value in flat(given).items():
+    before = flat_keys(saved)
+    for key, value in flat_keys(given).items():
         if key == "out_dir" and str(value) != str(resume):
             print(f"warning: out_dir={value} is ignored: a resumed run continues in {resume}", file=sys.stderr)
         elif key not in ("resume", "out_dir") and not key.startswith(RESUME_SAFE) and before.get(key) != value:

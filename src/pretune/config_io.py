@@ -50,6 +50,18 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted.key: value}, as overrides name keys; a value that is itself a
+    mapping of the model (rope_scaling) stays whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("rope_scaling",):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)

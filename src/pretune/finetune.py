@@ -218,7 +218,7 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
         out = {"loss": nll / max(n, 1), "ppl": math.exp(min(nll / max(n, 1), 50))}
         if generation:
             subset = examples[: cfg.finetune.eval_examples]
-            outs = generate_all(model, tok, [e.get("gen_prompt", e["prompt"]) for e in subset], cfg.finetune.max_new_tokens,
+            outs = generate_all(model, tok, [e["gen_prompt"] for e in subset], cfg.finetune.max_new_tokens,
                                 max_batch=min(32, cfg.train.eval_batch_size))
             preds = [tok.decode(ids).strip() for ids in outs]
             gold = [e["reference"].strip() if isinstance(e["reference"], str) else [r.strip() for r in e["reference"]]

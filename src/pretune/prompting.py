@@ -40,7 +40,7 @@ def with_demonstrations(record: dict, demos: list[dict], task: str) -> dict:
 def _tokens_scored(examples: list[dict], task: str, n_labels: int, max_new_tokens: int) -> int:
     if task == "classification":  # every label is scored after the prompt
         return sum(len(e["ids"]) for e in examples) * max(1, n_labels)
-    return sum(len(e.get("gen_prompt", e["prompt"])) + max_new_tokens for e in examples)
+    return sum(len(e["gen_prompt"]) + max_new_tokens for e in examples)
 
 
 def run_prompting(cfg: Config, shots: int, log=print) -> dict:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pretune.config import Config, load_config
-from pretune.config_io import deep_merge, from_dict, read_yaml, to_dict
+from pretune.config_io import deep_merge, flat_keys, from_dict, read_yaml, to_dict
 from pretune.errors import ConfigError
 from pretune.files import atomic_write_bytes, atomic_write_json
 from pretune.study.collect import DONE, collect, read_summary, stage_entry
@@ -72,8 +72,8 @@ def _continue_or_start(cfg: Config) -> Config:
 
 def _check_same(cfg: Config, run_dir: Path) -> None:
     """Refuse to reuse a finished run that was made with a different config."""
-    saved = _flat(read_yaml(run_dir / "config.yaml"))
-    want = _flat(json.loads(json.dumps(to_dict(cfg))))
+    saved = flat_keys(read_yaml(run_dir / "config.yaml"))
+    want = flat_keys(json.loads(json.dumps(to_dict(cfg))))
     diff = [k for k in sorted(set(saved) | set(want))
             if not any(k == v or k.startswith(v + ".") for v in VOLATILE) and saved.get(k) != want.get(k)
             # the saved model is the resolved architecture: the parent's under init_from
@@ -83,16 +83,6 @@ def _check_same(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} was run with {k}={saved.get(k)!r} but the study now asks for "
                           f"{want.get(k)!r} ({len(diff)} difference(s)); use another out_dir for the changed "
                           "study, or delete that run directory to redo it")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and k not in ("rope_scaling",):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _stage_config(study: Study, out_dir: Path, mapping: dict, where: str, extra: dict | None = None) -> Config:
