@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from pretune.data.tokenizer import Tokenizer, train_bpe, train_char
@@ -21,13 +22,16 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
-def bpe_tokenizer() -> Tokenizer:
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    """Byte-level BPE with a chat template (a fixture: import it into the test module)."""
     tok = train_bpe(iter(TEXT), vocab_size=300)
     tok.chat_template = TEMPLATE
     return tok
 
 
-def char_tokenizer() -> Tokenizer:
+@pytest.fixture(scope="module")
+def char() -> Tokenizer:
     return train_char(TEXT)
 
 

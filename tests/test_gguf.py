@@ -8,21 +8,10 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from interop_models import LLAMA3, TEMPLATE, TOL, bpe_tokenizer, char_tokenizer, pretune_model, save_run
+from interop_models import LLAMA3, TEMPLATE, TOL, bpe, char, pretune_model, save_run  # noqa: F401 (fixtures)
 
-from pretune.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
-
-
-@pytest.fixture(scope="module")
-def bpe() -> Tokenizer:
-    return bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def char() -> Tokenizer:
-    return char_tokenizer()
 
 
 def rope_interleaved(x: torch.Tensor, pos: torch.Tensor, theta: float, factors=None) -> torch.Tensor:

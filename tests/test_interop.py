@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from interop_models import (LLAMA3, TEMPLATE, TOL, bpe_tokenizer, char_tokenizer, pretune_model, save_run,
-                            spread)
+from interop_models import LLAMA3, TEMPLATE, TOL, bpe, char, pretune_model, save_run, spread  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
 from pretune.data.tokenizer import Tokenizer
@@ -25,16 +24,6 @@ from pretune.model.gpt import GPT
 from pretune.model.io import load_model
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
-
-@pytest.fixture(scope="module")
-def bpe() -> Tokenizer:
-    return bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def char() -> Tokenizer:
-    return char_tokenizer()
-
 
 def save_hf_tokenizer(tok: Tokenizer, directory: Path) -> None:
     """The tokenizer as transformers itself saves one (tokenizer_config.json, chat_template.jinja)."""
