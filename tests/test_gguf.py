@@ -10,7 +10,6 @@ import torch
 from conftest import run_cli
 from interop_models import LLAMA3, TEMPLATE, TOL, bpe, char, pretune_model, save_run  # noqa: F401 (fixtures)
 
-
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
 
