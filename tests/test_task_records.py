@@ -152,3 +152,35 @@ def test_the_generation_prompt_does_not_depend_on_the_reference_answer(tok):
     short, long = encode(recs, cfg, tok, None, TaskStats())
     assert len(long["prompt"]) < len(short["prompt"])  # training cuts the prompt to fit the answer
     assert short["gen_prompt"] == long["gen_prompt"] and len(long["gen_prompt"]) > 24  # generation does not
+
+
+@pytest.mark.parametrize("template", [None, CHATML], ids=["default", "chatml"])
+def test_loss_on_every_assistant_turn_or_the_last(tok, template):
+    from pretune.config import FinetuneConfig
+
+    tok.chat_template = template
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+                {"role": "user", "content": "and now"}, {"role": "assistant", "content": "bye"}]
+    rec = normalise({"messages": messages}, "instruction", DataConfig(), "f.jsonl", 1)
+
+    def trained(turns, max_len=256):
+        stats = TaskStats()
+        [e] = encode([rec], Config(task="instruction", finetune=FinetuneConfig(turns=turns, max_len=max_len)),
+                     tok, None, stats)
+        runs, run = [], []
+        for t, m in zip(e["ids"], e["mask"]):
+            if m:
+                run.append(t)
+            elif run:
+                runs, run = runs + [tok.decode(run)], []
+        return runs + ([tok.decode(run)] if run else []), e, stats.truncated
+
+    last, e_last, _ = trained("last")
+    every, e_all, _ = trained("all")
+    assert len(last) == 1 and last[0].startswith("bye") and "hi there" not in last[0]
+    assert len(every) == 2 and every[0].startswith("hi there") and every[1] == last[0]
+    assert not any("hello" in r or "and now" in r for r in every)  # user turns stay masked
+    assert sum(e_all["mask"]) > sum(e_last["mask"]) and e_all["gen_prompt"] == e_last["gen_prompt"]
+    # truncation keeps the last answer and cuts the history with its mask
+    cut, e_cut, truncated = trained("all", max_len=len(e_all["ids"]) - 3)
+    assert truncated == 1 and len(e_cut["ids"]) == len(e_all["ids"]) - 3 and cut[-1] == last[0]

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("jinja2", reason="chat templates need jinja2 (the hf or eval extra)")
 
 from pretune.data.templates import (DEFAULT_CHAT_TEMPLATE, ChatMessageError, ChatTemplateError,  # noqa: E402
-                                    render_chat, render_prompt_response)
+                                    render_chat, render_prompt_response, render_turns)
 from pretune.data.tokenizer import train_char  # noqa: E402
 from pretune.errors import UserError  # noqa: E402
 
@@ -107,3 +107,24 @@ def test_raise_exception_and_sandbox(tok):
     tok.chat_template = "{% set x = messages.append(1) %}"  # immutable: no mutation of the inputs
     with pytest.raises(ChatTemplateError):
         render_chat([{"role": "user", "content": "x"}], tok)
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3, CHATML], ids=["default", "llama3", "chatml"])
+def test_every_assistant_turn_is_split_off(tok, template):
+    tok = with_template(tok, template)
+    pieces = render_turns(CONVERSATION, tok)
+    assert "".join(text for text, _ in pieces) == render_chat(CONVERSATION, tok, add_generation_prompt=False)
+    end = {None: "<|eos|>\n", LLAMA3: "<|eot_id|>", CHATML: "<|im_end|>\n"}[template]
+    assert [text for text, trained in pieces if trained] == ["Hi." + end, "Blue." + end]
+    assert pieces[-1] == (render_prompt_response(CONVERSATION, tok)[1], True)
+    assert not any("Hello" in text or "colour" in text for text, trained in pieces if trained)
+
+
+def test_every_turn_needs_a_template_that_keeps_earlier_turns(tok):
+    # hides earlier answers as reasoning-stripping templates do: the first answer cannot be placed
+    tok = with_template(tok, "{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' and "
+                             "not loop.last %}...{% else %}{{ m['content'] }}{% endif %}{{ '\\n' }}{% endfor %}"
+                             "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(ChatTemplateError, match=r"messages\[2\].*finetune.turns=last"):
+        render_turns(CONVERSATION, tok)
+    assert render_prompt_response(CONVERSATION, tok)[1] == "Blue.\n"  # the last turn alone still works

@@ -216,6 +216,9 @@ class FinetuneConfig:
     """Which end of the prompt to cut: 'left' keeps the end of the prompt next to the answer."""
     prompt_loss: bool = False
     """Also train on prompt tokens (by default only response tokens carry loss)."""
+    turns: str = "last"
+    """Instruction records with several assistant turns: 'last' puts the loss on the last assistant
+    turn only; 'all' on every assistant turn (system and user turns stay masked)."""
     epochs: float | None = None
     """Set train.max_steps from this many passes over the training records."""
     l2sp: float = 0.0
@@ -317,6 +320,7 @@ def validate_run(cfg: Config) -> list[str]:
                "method": (cfg.method, ("full", "freeze", "lora")),
                "finetune.classifier": (cfg.finetune.classifier, ("head", "verbalizer")),
                "finetune.truncation": (cfg.finetune.truncation, ("left", "right")),
+               "finetune.turns": (cfg.finetune.turns, ("last", "all")),
                "lora.save": (cfg.lora.save, ("merged", "adapter")),
                "data.on_error": (d.on_error, ("fail", "skip"))}
     if cfg.task is not None and cfg.task not in TASKS:

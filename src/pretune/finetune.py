@@ -143,7 +143,7 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
                 "classifier": cfg.finetune.classifier if cfg.task == "classification" else None,
                 # how examples were formatted, so that `pretune evaluate` formats them the same way
                 "format": {"max_len": cfg.finetune.max_len, "truncation": cfg.finetune.truncation,
-                           "prompt_loss": cfg.finetune.prompt_loss}}
+                           "prompt_loss": cfg.finetune.prompt_loss, "turns": cfg.finetune.turns}}
         if cfg.task == "preference":
             info["dpo_beta"] = cfg.finetune.dpo_beta
         atomic_write_json(directory / "task.json", info)

@@ -18,7 +18,7 @@ import torch
 
 from pretune.config import Config, DataConfig
 from pretune.data.sources import DataError, expand_source, iter_records
-from pretune.data.templates import (ChatMessageError, ChatTemplateError, render_prompt_response,
+from pretune.data.templates import (ChatMessageError, ChatTemplateError, render_prompt_response, render_turns,
                                     validate_messages)
 from pretune.data.tokenizer import Tokenizer
 
@@ -158,18 +158,45 @@ def _where(r: dict) -> str:
     return f"{where}: " if where else ""
 
 
+def _cut_after_eos(ids: list[int], eos: int) -> tuple[list[int], list[int]]:
+    """(the turn up to and including its last EOS, the layout after it); (ids, []) without an EOS."""
+    if eos not in ids:
+        return ids, []
+    cut = len(ids) - ids[::-1].index(eos)
+    return ids[:cut], ids[cut:]
+
+
+def _chat_error(where: str, render, *args):
+    try:
+        return render(*args)
+    except (ChatMessageError, ChatTemplateError) as e:
+        raise type(e)(f"{where}{e}") from None
+
+
 def prompt_response_ids(messages: list[dict], tok: Tokenizer, where: str = "") -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of a conversation through the chat template: the response is the
     last assistant turn with the template's end-of-turn text, cut after its end-of-turn EOS (what
     follows is layout), or with an EOS added when the template writes none."""
-    try:
-        prompt, response = render_prompt_response(messages, tok)
-    except (ChatMessageError, ChatTemplateError) as e:
-        raise type(e)(f"{where}{e}") from None
-    p_ids, a_ids = tok.encode(prompt), tok.encode(response)
-    if tok.eos_id in a_ids:
-        return p_ids, a_ids[: len(a_ids) - a_ids[::-1].index(tok.eos_id)]
-    return p_ids, a_ids + [tok.eos_id]
+    prompt, response = _chat_error(where, render_prompt_response, messages, tok)
+    return tok.encode(prompt), _last_turn(response, tok)
+
+
+def _last_turn(response: str, tok: Tokenizer) -> list[int]:
+    ids = _cut_after_eos(tok.encode(response), tok.eos_id)[0]
+    return ids if tok.eos_id in ids else ids + [tok.eos_id]
+
+
+def all_turns_ids(messages: list[dict], tok: Tokenizer, where: str = "") -> tuple[list[tuple], list[int]]:
+    """For the loss on every assistant turn: the history before the last response as (id, mask)
+    pairs, earlier assistant turns masked in up to their EOS, and the last response's ids as
+    `prompt_response_ids` gives them. Each piece is tokenised on its own, as torchtune tokenises
+    each message, so the ids can differ from one encoding of the whole text at the seams."""
+    pieces = _chat_error(where, render_turns, messages, tok)
+    history = []
+    for text, trained in pieces[:-1]:
+        turn, layout = _cut_after_eos(tok.encode(text), tok.eos_id) if trained else ([], tok.encode(text))
+        history += [(t, 1) for t in turn] + [(t, 0) for t in layout]
+    return history, _last_turn(pieces[-1][0], tok)
 
 
 def _answer_ids(r: dict, key: str, tok: Tokenizer) -> tuple[list[int], list[int]]:
@@ -200,8 +227,12 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
             examples.append({"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p})
         elif task in ("instruction", "text2text"):
             ids = prompt_response_ids(r["messages"], tok, _where(r))
-            p_ids, a_ids = _fit(*ids, ft.max_len, ft.truncation, stats)
-            mask = [int(ft.prompt_loss)] * len(p_ids) + [1] * len(a_ids)
+            # the history with its mask: earlier assistant turns carry loss with finetune.turns=all
+            history = (all_turns_ids(r["messages"], tok, _where(r))[0] if ft.turns == "all"
+                       else [(t, 0) for t in ids[0]])
+            history, a_ids = _fit(history, ids[1], ft.max_len, ft.truncation, stats)
+            p_ids = [t for t, _ in history]
+            mask = [int(ft.prompt_loss) or m for _, m in history] + [1] * len(a_ids)
             # generation starts from the whole prompt, cut only to the model's context when it is
             # generated (serve.engine.generate_all): never by the length of the reference answer
             examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids, "gen_prompt": ids[0],

@@ -224,3 +224,26 @@ def _split_at_content(msgs: list[dict], tokenizer, full: str) -> tuple[str, str]
         if before + text + after == full:
             return before, text + after
     return None
+
+
+def render_turns(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """The conversation as (text, trained) pieces for the loss on every assistant turn: each
+    assistant turn is split off as `render_prompt_response` splits the last one (its content and
+    end-of-turn text trained, the history before it not), and the pieces join to that prompt and
+    response. Needs a template that writes each earlier turn as it wrote it when that turn was the
+    last (ChatTemplateError otherwise: one that strips an earlier turn's reasoning, for example)."""
+    msgs = validate_messages(messages)
+    prompt, response = render_prompt_response(msgs, tokenizer)
+    pieces, done = [], 0
+    for i, m in enumerate(msgs[:-1]):
+        if m["role"] != "assistant":
+            continue
+        before, turn = render_prompt_response(msgs[: i + 1], tokenizer)
+        if len(before) < done or not prompt.startswith(before + turn):
+            raise ChatTemplateError(f"finetune.turns=all: the chat template writes the assistant turn "
+                                    f"messages[{i}] differently once later turns follow, so its loss cannot "
+                                    f"be placed; use finetune.turns=last")
+        pieces += [(prompt[done:len(before)], False), (turn, True)]
+        done = len(before) + len(turn)
+    pieces += [(prompt[done:], False), (response, True)]
+    return [(text, trained) for text, trained in pieces if text or trained]

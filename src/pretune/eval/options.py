@@ -46,6 +46,8 @@ class EvaluateConfig:
     """Task records: which end of a long prompt is cut, 'left' or 'right'; None: as the model was tuned."""
     prompt_loss: bool | None = None
     """Instruction and text2text: whether the loss also counts prompt tokens; None: as the model was tuned."""
+    turns: str | None = None
+    """Instruction: loss on the 'last' assistant turn or on 'all' of them; None: as the model was tuned."""
     max_new_tokens: int = 64
     """Generation tasks: tokens generated per example."""
     eval_examples: int = 200
@@ -76,6 +78,8 @@ class EvaluateConfig:
             problems.append(f"task={self.task!r} must be one of {', '.join(allowed)}")
         if self.truncation not in (None, "left", "right"):
             problems.append(f"truncation={self.truncation!r} must be 'left' or 'right'")
+        if self.turns not in (None, "last", "all"):
+            problems.append(f"turns={self.turns!r} must be 'last' or 'all'")
         if self.max_len is not None and self.max_len < 2:
             problems.append(f"max_len={self.max_len} must be at least 2 tokens")
         return problems

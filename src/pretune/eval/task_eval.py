@@ -82,7 +82,8 @@ def evaluate_on_task(model_path: str, e, device, info: dict | None = None) -> di
         return given if given is not None else tuned.get(name, getattr(FinetuneConfig, name))
 
     finetune = FinetuneConfig(classifier=classifier, max_len=setting("max_len"), truncation=setting("truncation"),
-                              prompt_loss=setting("prompt_loss"), max_new_tokens=e.max_new_tokens,
+                              prompt_loss=setting("prompt_loss"), turns=setting("turns"),
+                              max_new_tokens=e.max_new_tokens,
                               eval_examples=e.eval_examples, dpo_beta=beta)
     cfg = Config(task=task, data=e.data, finetune=finetune, train=TrainConfig(eval_batch_size=4 * e.batch_size))
     stats = T.TaskStats()
