@@ -184,3 +184,22 @@ def test_loss_on_every_assistant_turn_or_the_last(tok, template):
     # truncation keeps the last answer and cuts the history with its mask
     cut, e_cut, truncated = trained("all", max_len=len(e_all["ids"]) - 3)
     assert truncated == 1 and len(e_cut["ids"]) == len(e_all["ids"]) - 3 and cut[-1] == last[0]
+
+
+@pytest.mark.parametrize("n, micro", [(33, 2), (37, 2), (37, 1), (1, 1)])
+def test_every_rank_gets_as_many_micro_batches(n, micro):
+    from pretune.config import TrainConfig
+    from pretune.data.tasks import TaskBatches
+
+    cfg = Config(task="instruction", train=TrainConfig(batch_size=8, micro_batch_size=micro))
+    examples = [{"ids": list(range(2 + i % 5)), "mask": [1] * (2 + i % 5)} for i in range(n)]
+    data = TaskBatches(examples, cfg, pad_id=0)
+    sizes = []
+    for step in range(2 * data.steps_per_epoch):
+        alone = sum(len(mb["input_ids"]) for mb in data.micro_batches(step, 0, 1))
+        sizes.append(alone)
+        for world in (2, 3):
+            counts = [[len(mb["input_ids"]) for mb in data.micro_batches(step, r, world)] for r in range(world)]
+            assert all(c == counts[0] for c in counts) and counts[0], (step, world, counts)
+            assert sum(map(sum, counts)) >= alone  # filled up from the epoch's start, nothing dropped
+    assert sorted(sizes) == sorted(2 * ([8] * (n // 8) + ([n % 8] if n % 8 else [])))  # one process: as planned

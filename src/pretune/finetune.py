@@ -322,6 +322,10 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
                           f"set finetune.max_len <= {lm.cfg.max_seq_len}")
     replay = _replay_sampler(cfg, tok, min(cfg.finetune.max_len, lm.cfg.max_seq_len))
     data = T.TaskBatches(train_ex, cfg, tok.pad_id, replay)
+    if data.n_replay % rt.world:
+        raise ConfigError(f"finetune.replay_ratio={cfg.finetune.replay_ratio} gives {data.n_replay} replay rows "
+                          f"per batch, which the {rt.world} processes cannot share evenly; pick a ratio whose "
+                          f"rows (train.batch_size x ratio) are a multiple of {rt.world}")
     if cfg.finetune.epochs:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, max_steps=max(1, math.ceil(cfg.finetune.epochs * data.steps_per_epoch))))

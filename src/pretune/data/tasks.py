@@ -310,7 +310,14 @@ class TaskBatches:
 
     def micro_batches(self, step: int, rank: int, world: int) -> list[dict]:
         batches = self._plan(step // self.steps_per_epoch)
-        rows = batches[step % self.steps_per_epoch][rank::world]
+        rows = batches[step % self.steps_per_epoch]
+        if len(rows) % world:
+            # every rank gets as many rows, so as many micro-batches (and collectives), as the others:
+            # a short batch (an epoch's last) is filled up from the epoch's start, as accelerate's
+            # even_batches does
+            order = [i for b in batches for i in b]
+            rows = rows + [order[j % len(order)] for j in range(world - len(rows) % world)]
+        rows = rows[rank::world]
         micro = self.cfg.train.micro_batch_size or len(rows)
         out = []
         for i in range(0, len(rows), micro):

@@ -198,8 +198,14 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        from pretune.model.heads import ClassifierModel
+
+        # A classifier leaves parameters out of some forwards: its head in replay micro-batches, an
+        # untied lm_head in task ones. DDP must then look for them, or it waits for their gradients
+        # (and fails on the next step). The RoPE tables are the same on every rank: no broadcasts.
         fwd = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                  gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no second copy
+                  gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
+                  find_unused_parameters=isinstance(model, ClassifierModel), broadcast_buffers=False)
     if compile_on:
         fwd = torch.compile(fwd)
     return fwd
