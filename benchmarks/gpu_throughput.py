@@ -47,6 +47,8 @@ def bench_one(preset: str, micro: int, seq_len: int, device: torch.device, steps
     cfg = resolve_model_config(ModelConfig(preset=preset, max_seq_len=max(seq_len, 64)), vocab)
     model = GPT(cfg).to(device)
     optimizer = build_optimizer(model, OptimConfig(lr=3e-4), device)
+    if compile_on:
+        torch._dynamo.reset()  # each preset compiles afresh, not against the last one's recompile budget
     fwd = torch.compile(model) if compile_on else model
     cuda = device.type == "cuda"
     bf16 = cuda and torch.cuda.is_bf16_supported()

@@ -82,6 +82,11 @@ def test_plan_strategies_precision_and_cost():
     n = ddp["params"]
     assert ddp["precision"] == "bf16" and ddp["memory"]["params"] == 4 * n  # fp32 master weights
     assert fsdp["memory"]["params"] == 4 * n / 8 and fsdp["memory"]["optimizer"] == ddp["memory"]["optimizer"] / 8
+    # with accumulation FSDP2 holds unsharded fp32 gradients until the last micro-batch reduces them
+    assert fsdp["memory"]["grads"] == 4 * n / 8 + 4 * n
+    one_micro = estimate(load_config(PlanConfig, None, common + ["world_size=8", "dist.strategy=fsdp",
+                                                                 "train.micro_batch_size=8"]))
+    assert one_micro["memory"]["grads"] == 4 * n / 8
     assert lora["memory"]["optimizer"] < ddp["memory"]["optimizer"] / 50  # adapters only
     assert n < lora["params"] < 1.05 * n and lora["memory"]["params"] == 4 * lora["params"]  # base + adapters
     assert ddp["micro_batch"] == 4 and ddp["grad_accum"] == 2
@@ -120,3 +125,13 @@ def test_plan_reads_the_vocabulary_as_training_counts_it(tmp_path):
     tok.save(tmp_path)
     cfg = load_config(PlanConfig, None, [f"data.tokenizer={tmp_path / 'tokenizer.json'}", "model.preset=tiny"])
     assert resolve_arch(cfg).vocab_size == Tokenizer.load(tmp_path).vocab_size  # special tokens counted once
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12),
+                                        ("NVIDIA L4", 121e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("Some Unknown GPU", None)])
+def test_mfu_peak_is_the_most_specific_gpu_name(name, peak):
+    from pretune.train.meter import peak_flops_of
+
+    assert peak_flops_of(name) == peak

@@ -193,6 +193,11 @@ def test_text_stream_keeps_the_first_words_space_and_whole_characters():
     shown = [stream.push(t)[0] for t in ids]
     assert "".join(shown) + stream.flush() == "\u65e5\u672c\u8a9e caf\u00e9"
     assert not any("\ufffd" in piece for piece in shown)
+    # a stop string is never found in a half-decoded character's stand-in U+FFFD
+    stream = TextStream(bpe, ["\ufffd"], prefix=bpe.encode("x ")[-4:])
+    pushed = [stream.push(t) for t in ids]
+    assert not any(stopped for _, stopped in pushed)
+    assert "".join(text for text, _ in pushed) + stream.flush() == "\u65e5\u672c\u8a9e caf\u00e9"
 
 
 # ----------------------------------------------------------------------------- server

@@ -69,6 +69,8 @@ REFUSED = [  # (chat?, extra body, param, code)
     (True, {"response_format": {"type": "yaml"}}, "response_format", "invalid_value"),
     (True, {"tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
     (True, {"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    (False, {"logprobs": 0}, "logprobs", "unsupported_parameter"),  # 0 asks for the sampled tokens' own
+    (True, {"logprobs": True}, "logprobs", "unsupported_parameter"),
 ]
 
 
@@ -84,7 +86,7 @@ def test_unimplemented_or_mistyped_parameters_are_refused(client, chat, extra, p
 
 NEUTRAL = [{"presence_penalty": 0, "frequency_penalty": 0.0}, {"logit_bias": {}}, {"logit_bias": None},
            {"logit_bias": {"5": 0}}, {"response_format": {"type": "text"}}, {"response_format": None},
-           {"tool_choice": "none", "functions": []}]
+           {"tool_choice": "none", "functions": []}, {"logprobs": None}]
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -107,3 +109,27 @@ def test_developer_role_is_a_system_message(client):
     assert output(post(client, True, CHAT | {"messages": as_developer})) == expected
     r = post(client, True, CHAT | {"messages": [{"role": "tool", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_bodies_no_tokenizer_can_take_are_refused_as_invalid_json(client):
+    for body in (b'{"prompt": "a \\ud800 b", "max_tokens": 2}',  # a lone surrogate, valid JSON
+                 b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+                 b'{"prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):  # nested too deep
+        url = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+        r = client.post(url, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_json" and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_model_id_with_a_slash_is_retrieved():
+    from fastapi.testclient import TestClient
+
+    from pretune.serve.server import ServeConfig, create_app
+
+    tok = train_char([TEXT])
+    app = create_app(GPT(ModelConfig(preset="tiny", vocab_size=tok.vocab_size)).eval(), tok, ServeConfig(), "org/tiny")
+    with TestClient(app) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "org/tiny"
+        r = c.get("/v1/models/org/tiny")
+        assert r.status_code == 200 and r.json()["id"] == "org/tiny"
+        assert c.get("/v1/models/org/other").status_code == 404

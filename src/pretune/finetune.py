@@ -187,8 +187,11 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
     bs = max(1, cfg.train.eval_batch_size // 4)
     # length-sorted chunks waste little compute on padding; results go back in input order
     order = sorted(range(len(examples)), key=lambda j: T.length_of(examples[j]))
-    scored = _score_chunks(model, [[examples[j] for j in order[i: i + bs]] for i in range(0, len(examples), bs)],
-                           cfg, tok, labels, device, objective, rt)
+    # the precision of training (bf16 autocast on a GPU), so scoring runs at the same speed and rounding
+    dtype = rt.autocast_dtype if rt is not None else dist.pick_autocast(cfg.train.precision, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        scored = _score_chunks(model, [[examples[j] for j in order[i: i + bs]]
+                                       for i in range(0, len(examples), bs)], cfg, tok, labels, device, objective, rt)
     if cfg.task == "classification":
         preds = [0] * len(examples)
         for j, p in zip(order, (p for ranked, _ in scored for p in ranked)):

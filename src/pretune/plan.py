@@ -35,10 +35,12 @@ from pretune.model.config import ModelConfig, resolve_model_config
 # Memory (GB) and board power (W) by GPU model; peak bf16 FLOP/s come from train.meter.PEAK_FLOPS.
 # Memory per GPU in GiB: the "80 GB" of an H100 is 80 GiB of HBM (about 79.6 GiB usable); a plan fits
 # when its total is within 95% of it (the rest: the CUDA context and the allocator's slack).
-GPU_MEMORY_GB = {"H200": 141, "H100": 80, "H800": 80, "GH200": 96, "A100": 80, "A800": 80, "L40S": 48,
-                 "L4": 24, "A10": 24, "RTX 4090": 24, "RTX 3090": 24, "V100": 32, "T4": 16}
-GPU_POWER_W = {"H200": 700, "H100": 700, "H800": 700, "GH200": 900, "A100": 400, "A800": 400, "L40S": 350,
-               "L4": 72, "A10": 150, "RTX 4090": 450, "RTX 3090": 350, "V100": 300, "T4": 70}
+GPU_MEMORY_GB = {"H200": 141, "H200 NVL": 141, "H100": 80, "H100 NVL": 94, "H100 PCIe": 80, "H800": 80,
+                 "GH200": 96, "A100": 80, "A800": 80, "L40S": 48, "L40": 48, "L4": 24, "A10": 24, "RTX 4090": 24,
+                 "RTX 3090": 24, "V100": 32, "T4": 16}
+GPU_POWER_W = {"H200": 700, "H200 NVL": 600, "H100": 700, "H100 NVL": 400, "H100 PCIe": 350, "H800": 700,
+               "GH200": 900, "A100": 400, "A800": 400, "L40S": 350, "L40": 300, "L4": 72, "A10": 150,
+               "RTX 4090": 450, "RTX 3090": 350, "V100": 300, "T4": 70}
 GIB = 1024 ** 3
 
 
@@ -268,6 +270,8 @@ def estimate(cfg: PlanConfig) -> dict:
     shard = world if fsdp else 1
     params_b = 4 * n_params / shard
     grads_b = 4 * n_train / shard
+    if fsdp and micro < local:  # FSDP2 accumulates unsharded fp32 gradients until the last micro-batch
+        grads_b += 4 * n_train
     optim_b = (8 * n_train + 4 * len(trainable)) / shard
     first = min((_layer(n) for n in trainable), default=10 ** 9)
     lc = getattr(cfg, "lora", None)

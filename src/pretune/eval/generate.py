@@ -106,14 +106,15 @@ class TextStream:
         """Add a token; return (new text, whether a stop string was reached)."""
         self.ids.append(token)
         text = self.text()
-        hits = [at for at in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if at >= 0]
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # maybe half of a UTF-8 character
+            safe -= 1
+        # stops are looked for in whole characters only, never in a half-decoded one's U+FFFD
+        hits = [at for at in (text.find(s, max(0, self.sent - len(s) + 1), safe) for s in self.stop) if at >= 0]
         if hits:
             at = max(min(hits), self.sent)
             out, self.sent = text[self.sent:at], len(text)
             return out, True
-        safe = len(text)
-        while safe > self.sent and text[safe - 1] == "\ufffd":  # maybe half of a UTF-8 character
-            safe -= 1
         hold = 0  # keep back the longest tail that may still grow into a stop string
         for s in self.stop:
             hold = max([hold] + [k for k in range(1, min(len(s), safe - self.sent + 1))

@@ -94,7 +94,7 @@ def _check_response_format(body: dict) -> None:
 # Parameters this server does not implement -> the values that leave the output unchanged.
 _NEUTRAL_ONLY = (
     ("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
-    ("echo", lambda v: not v), ("logprobs", lambda v: not v), ("suffix", lambda v: v is None),
+    ("echo", lambda v: not v), ("logprobs", lambda v: v is None or v is False),  # 0: the sampled tokens' own ("suffix", lambda v: v is None),
     ("top_logprobs", lambda v: not v), ("tools", lambda v: not v), ("functions", lambda v: not v),
     ("tool_choice", lambda v: v in (None, "none", "auto")),
     ("function_call", lambda v: v in (None, "none", "auto")),

@@ -154,6 +154,14 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
+            # JSON lets "\ud800" through, a lone surrogate that no tokenizer takes
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON: it is nested too deeply",
+                           code="invalid_json") from None
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body holds invalid Unicode: a lone UTF-16 surrogate (\\ud800-\\udfff) "
+                           "that is not half of a pair", code="invalid_json") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -326,7 +334,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
         authorize(request)
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name:path}")  # ids such as org/model
     async def model_info(name: str, request: Request):
         authorize(request)
         if name != model_id:

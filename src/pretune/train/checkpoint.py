@@ -79,17 +79,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    """This process's random state (CPU, and CUDA when present)."""
+    """This process's random state: the CPU's, and its own GPU's when there is one (not every visible
+    GPU's, so a run resumes where fewer GPUs are visible)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng["cuda"] = torch.cuda.get_rng_state()
     return rng
 
 
 def set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    cuda = rng.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written before: one state per visible GPU
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,

@@ -187,6 +187,10 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
     strategy = getattr(dcfg, "strategy", "ddp")
     compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and rt.device.type == "cuda")
     sharded = rt.distributed and strategy == "fsdp"
+    if compile_on:
+        # a fresh start for dynamo: in a long-lived process (a study worker, a benchmark) every model
+        # shares GPT.forward's code, and past the recompile limit dynamo silently falls back to eager
+        torch._dynamo.reset()
     if sharded:
         _SKELETONS[model] = _skeleton(model)
     if getattr(dcfg, "activation_checkpointing", False):
@@ -246,8 +250,8 @@ def full_state_dict(model: torch.nn.Module, rt: Runtime) -> dict[str, torch.Tens
 def unsharded(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module | None:
     """The model as plain PyTorch with its current weights: the model itself unless it is sharded.
 
-    Under FSDP (a collective): rank 0 gets a plain copy with the gathered weights on its device,
-    the other ranks None. `final_model(model)` returns that copy afterwards."""
+    Under FSDP (a collective): rank 0 gets a plain copy with the gathered weights on the CPU (train()
+    moves it to the device once its optimiser is freed), the other ranks None. `final_model(model)` returns that copy afterwards."""
     if not is_sharded(model):
         return model
     from pretune.model.io import load_model_state
@@ -255,8 +259,9 @@ def unsharded(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module | None:
     sd = full_state_dict(model, rt)
     if not rt.is_main:
         return None
-    plain = _materialize(_SKELETONS[model], rt.device)
-    load_model_state(plain, {k: v.to(rt.device) for k, v in sd.items()})
+    # on the CPU: a second whole model beside the shards and the optimiser state could overflow the GPU
+    plain = _materialize(_SKELETONS[model], torch.device("cpu"))
+    load_model_state(plain, sd)
     plain.train(model.training)
     _FINAL[model] = plain
     return plain

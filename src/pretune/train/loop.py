@@ -201,6 +201,12 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                                    "Lower optim.lr, check the data, or resume from that checkpoint with "
                                    "other settings.")
 
+    def run_joules() -> float:
+        """This session's energy over every rank (a collective): each GPU's own counter, but a CPU
+        counter (RAPL, or the estimate) covers the whole machine, so one process per machine counts it."""
+        own = energy.joules() if device.type == "cuda" or rt.local_rank == 0 else 0.0
+        return float(all_reduce_sum(torch.tensor(own, dtype=torch.float64, device=device), rt))
+
     def flush_counts() -> int:
         """Add the pending counts to state (waiting for their all-reduce); returns the tokens added."""
         nonlocal pending_targets, pending_tokens
@@ -298,7 +304,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             patience_out = bool(t_cfg.patience and state["bad_evals"] >= t_cfg.patience)
             if do_save:
                 state["wall_s"] = wall_before + time.perf_counter() - t_run
-                state["energy_j"] = energy_before + energy.joules()
+                state["energy_j"] = energy_before + run_joules()  # a collective
                 if sharded_ckpt:  # every rank writes its shards (DCP)
                     last_good_ckpt = ck.save_checkpoint_sharded(run_dir, s, model, optimizer, state,
                                                                 t_cfg.keep_last, rt, tokenizer)
@@ -334,8 +340,9 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     # weights on rank 0 (None on the others; dist.final_model(model) returns it afterwards)
     final = unsharded(model, rt) if status != "stopped" else model
     if state["best"] is not None and status != "stopped":  # the final model is the best one
-        if final is not None:
-            load_model_state(final, load_file(str(run_dir / "best" / "model.safetensors"), device=str(device)))
+        if final is not None and rt.is_main:  # rank 0 wrote best/ (on its machine) and goes on with the model
+            where = next(final.parameters()).device
+            load_model_state(final, load_file(str(run_dir / "best" / "model.safetensors"), device=str(where)))
         summary_extra = dict(summary_extra or {}, best_step=state["best"]["step"],
                              best_metric=t_cfg.early_stop_metric, best_value=state["best"]["value"])
     wall = wall_before + time.perf_counter() - t_run
@@ -347,7 +354,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         "flops": state["flops"], "flops_per_token": fpt,
         "mfu": (state["flops"] / wall / (peak * rt.world)) if peak else None,
         "peak_mem_bytes": peak_memory_bytes(device),
-        "energy_j": energy_before + energy.joules(), "energy_source": energy.label,
+        "energy_j": energy_before + run_joules(), "energy_source": energy.label,
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in trainable),
         "device": str(device), "world_size": rt.world,
@@ -360,5 +367,10 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             (save_final or (lambda m, d: save_model_dir(m, d, tokenizer)))(final, run_dir / "model")
         ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in summary.items()})
     metrics.close(summary)
+    if final is not None and final is not model:
+        # FSDP: rank 0's gathered copy was built on the CPU, with the shards and the optimiser state
+        # on the GPU; it moves there for what follows (the test set) once the optimiser is gone
+        del optimizer
+        final.to(device)
     return summary
 

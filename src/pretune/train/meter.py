@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak FLOP/s per GPU model, for MFU (vendor datasheets, without sparsity).
+# Dense bf16 peak FLOP/s per GPU model, for MFU (vendor datasheets, without sparsity). The longest
+# name the device's name contains wins, so "H100 PCIe" is not read as an SXM H100, nor "L40" as "L4".
 PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
-    "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
-    "T4": 65e12,
+    "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+    "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
+    "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
 # Power draw assumed when no energy counter is readable (watts), labelled as an estimate.
 DEFAULT_POWER_W = {"cpu": 10.0 * (os.cpu_count() or 1), "cuda": 700.0}
@@ -54,13 +55,13 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    """The PEAK_FLOPS entry of the longest model name in `gpu_name` ("NVIDIA H100 PCIe"), else None."""
+    found = [key for key in PEAK_FLOPS if key in gpu_name]
+    return PEAK_FLOPS[max(found, key=len)] if found else None
 
 
 class EnergyCounter:
@@ -75,7 +76,8 @@ class EnergyCounter:
                 import pynvml
 
                 pynvml.nvmlInit()
-                handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                # NVML counts every GPU; CUDA only the visible ones (CUDA_VISIBLE_DEVICES)
+                handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
                 pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
                 self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
                 self.source = "nvml"

@@ -39,7 +39,7 @@ class Prefetcher:
     def _build(self, step: int) -> list[dict]:
         micro = self.data.micro_batches(step, self.rank, self.world)
         if self.pin:
-            micro = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro]
+            micro = [{k: _pinned(v) if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro]
         return micro
 
     def get(self, step: int, ahead: bool = True) -> list[dict]:
@@ -59,3 +59,10 @@ class Prefetcher:
         self._ahead = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` in pinned memory. pin_memory() keeps a view's strides, and a strided
+    host tensor is copied to the GPU through a pageable temporary, on the step's thread."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t)
