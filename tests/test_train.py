@@ -81,9 +81,14 @@ def test_init_from_with_replay_records_lineage(tmp_path, corpus):
     lineage = json.loads((cpt / "lineage.json").read_text())
     assert lineage["stage"] == "cpt" and lineage["parent"] == str(base.resolve())
     assert lineage["parent_lineage"]["stage"] == "pretrain"
-    assert json.loads((cpt / "summary.json").read_text())["stage"] == "cpt"
+    summary = json.loads((cpt / "summary.json").read_text())
+    assert summary["stage"] == "cpt"
     # continued pre-training starts from the parent's weights: its first loss is the parent's level
     assert read_metrics(cpt)[0]["loss"] < read_metrics(base)[0]["loss"] - 0.5
+    # each source is scored on its own share of the budget, so forgetting of the general text shows
+    per_source = {k: summary[k] for k in ("val_bpb/domain.txt", "val_bpb/corpus.txt")}
+    assert all(0 < v < 8 for v in per_source.values()) and len(set(per_source.values())) == 2
+    assert min(per_source.values()) < summary["val_bpb"] < max(per_source.values())
 
 
 def test_existing_out_dir_is_refused_unless_overwrite(tmp_path, corpus, capsys):

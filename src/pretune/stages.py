@@ -14,7 +14,7 @@ from pretune.config_io import save_config
 from pretune.errors import ConfigError
 from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
 from pretune.data.tokenizer import Tokenizer
-from pretune.eval.evaluate import lm_metrics
+from pretune.eval.evaluate import combine_lm_metrics, lm_metrics
 from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.io import find_model_dir, is_hf_model_dir, load_model
@@ -118,6 +118,10 @@ def run_pretrain(cfg: Config, log=print) -> dict:
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
     corpus = load_corpus(cfg.data, tok, seq_len, log)
+    if corpus.val and cfg.train.eval_every and cfg.train.eval_tokens // len(corpus.val) < seq_len:
+        raise ConfigError(f"train.eval_tokens={cfg.train.eval_tokens} leaves each of the {len(corpus.val)} "
+                          f"validation source(s) less than one sequence of {seq_len} tokens; raise it to at "
+                          f"least {len(corpus.val) * seq_len}, or set train.eval_every=0")
     data = PretrainData(corpus, seq_len, cfg.train.batch_size, cfg.train.micro_batch_size, cfg.seed, rt.world)
     if rt.is_main:
         save_config(cfg, run_dir / "config.yaml")
@@ -129,9 +133,15 @@ def run_pretrain(cfg: Config, log=print) -> dict:
     def evaluate(m: torch.nn.Module) -> dict:
         if not corpus.val:
             return {}
-        r = lm_metrics(m, corpus.val_windows(seq_len, cfg.train.eval_tokens), tok.token_bytes, rt.device,
-                       cfg.train.eval_batch_size, rt.autocast_dtype, rt)
-        return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"]}
+        parts = [(label, lm_metrics(m, windows, tok.token_bytes, rt.device, cfg.train.eval_batch_size,
+                                    rt.autocast_dtype, rt))
+                 for label, windows in corpus.val_sets(seq_len, cfg.train.eval_tokens) if windows]
+        r = combine_lm_metrics([p for _, p in parts])
+        out = {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"]}
+        if len(parts) > 1:  # each source's own, continued pre-training's forgetting among them
+            for label, p in parts:
+                out.update({f"val_loss/{label}": p["loss"], f"val_bpb/{label}": p["bpb"]})
+        return out
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{'continued pre-training' if stage == 'cpt' else 'pre-training'}: {n_params:,} parameters, "

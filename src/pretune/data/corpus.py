@@ -55,12 +55,16 @@ class Corpus:
     val: list[TokenStore]
     weights: list[float] | None
 
+    def val_sets(self, seq_len: int, max_tokens: int) -> list[tuple[str, list[np.ndarray]]]:
+        """(label, windows) of each validation source, the token budget split evenly among them: a
+        small replay source is scored beside a large domain one, so forgetting stays visible."""
+        share = max_tokens // max(len(self.val), 1)
+        return [(label, list(store.windows(seq_len, share)))
+                for label, store in zip(source_labels([s.name for s in self.val]), self.val)]
+
     def val_windows(self, seq_len: int, max_tokens: int) -> Iterator[np.ndarray]:
-        left = max_tokens
-        for store in self.val:
-            for w in store.windows(seq_len, left):
-                left -= seq_len
-                yield w
+        for _, windows in self.val_sets(seq_len, max_tokens):
+            yield from windows
 
     def describe(self) -> dict:
         return {"train": {s.name: s.n_tokens for s in self.train},
@@ -89,6 +93,11 @@ def load_corpus(d: DataConfig, tok: Tokenizer, seq_len: int, log=print) -> Corpu
         raise DataError(f"the validation text has {sum(s.n_tokens for s in val)} tokens, fewer than one "
                         f"sequence of {seq_len}+1; give more text in data.val, raise data.val_fraction "
                         "or shorten train.seq_len")
+    for store in val:
+        if store.n_tokens < seq_len + 1:
+            log(f"warning: the validation part of {store.name.removesuffix(':val')} has {store.n_tokens} tokens, "
+                f"fewer than one sequence of {seq_len}+1, so its loss is not measured; raise data.val_fraction "
+                f"or give it in data.val")
     return Corpus(train, val, d.weights)
 
 
@@ -108,6 +117,13 @@ class PretrainData:
         rows = torch.from_numpy(self.sampler.batch(step, self.batch_size, rank, world))  # pinned by the loop on CUDA
         return [{"input_ids": rows[i: i + self.micro, :-1], "targets": rows[i: i + self.micro, 1:]}
                 for i in range(0, len(rows), self.micro)]
+
+
+def source_labels(names: list[str]) -> list[str]:
+    """Short names of data sources for per-source figures: the file or folder name ("domain.txt"),
+    the whole spec where two share one."""
+    short = [Path(n.removesuffix(":val")).name or n for n in names]
+    return [s if short.count(s) == 1 else n.removesuffix(":val") for s, n in zip(short, names)]
 
 
 def save_json(path: Path, obj) -> None:

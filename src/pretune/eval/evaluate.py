@@ -48,8 +48,21 @@ def lm_metrics(model: torch.nn.Module, windows: Iterable[np.ndarray], token_byte
         all_reduce_sum(sums, rt)  # each row is filled on one rank only: the sum is exact
     total_nll, byte_nll, nbytes, n_tokens = sums.sum(0).tolist()
     if n_tokens == 0:
-        return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0}
+        return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0, "bytes": 0}
     loss = total_nll / n_tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
             "bpb": byte_nll / math.log(2) / nbytes if nbytes else float("nan"),
-            "tokens": int(n_tokens)}
+            "tokens": int(n_tokens), "bytes": int(nbytes)}
+
+
+def combine_lm_metrics(parts: list[dict]) -> dict[str, float]:
+    """The figures of lm_metrics over the union of the parts' windows: loss per target token and
+    bits per byte, each weighted by what it is a mean over."""
+    if len(parts) == 1:
+        return parts[0]
+    tokens, nbytes = sum(p["tokens"] for p in parts), sum(p.get("bytes", 0) for p in parts)
+    if tokens == 0:
+        return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0, "bytes": 0}
+    loss = sum(p["loss"] * p["tokens"] for p in parts if p["tokens"]) / tokens
+    bpb = sum(p["bpb"] * p["bytes"] for p in parts if p.get("bytes")) / nbytes if nbytes else float("nan")
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb, "tokens": tokens, "bytes": nbytes}
