@@ -80,3 +80,20 @@ def test_an_early_stop_metric_the_run_does_not_report_is_refused_before_training
                  ["task=preference", "train.early_stop_metric=val_reward_accuracy"],
                  ["train.early_stop_metric=val_bpb"]):
         load_config(Config, None, args)
+
+
+def test_shard_tokens_and_a_too_small_bpe_vocabulary_are_refused_before_any_work():
+    from pretune.config import BPE_MIN_VOCAB
+    from pretune.data.tokenizer import train_bpe
+
+    for n in ("0", "-3"):  # 0 or less wrote empty shard files forever
+        with pytest.raises(ConfigError, match=f"data.shard_tokens={n} must be > 0"):
+            load_config(Config, None, [f"data.shard_tokens={n}"])
+    for n in (-5, 0, 10, BPE_MIN_VOCAB - 1):  # -5 crashed in the trainer; the rest gave 260 tokens silently
+        with pytest.raises(ConfigError, match=f"data.vocab_size={n} .* set data.vocab_size >= {BPE_MIN_VOCAB}"):
+            load_config(Config, None, [f"data.vocab_size={n}"])
+    load_config(Config, None, [f"data.vocab_size={BPE_MIN_VOCAB}"])
+    load_config(Config, None, ["data.tokenizer=char", "data.vocab_size=10"])  # not read by a char tokenizer
+    # the true minimum: the trainer gives this many tokens however small a size it is asked for
+    assert train_bpe(iter(["ab ab ab"] * 20), 10).vocab_size == BPE_MIN_VOCAB
+    assert train_bpe(iter(["ab ab ab"] * 20), BPE_MIN_VOCAB + 1).vocab_size == BPE_MIN_VOCAB + 1

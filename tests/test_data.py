@@ -154,3 +154,94 @@ def test_text2text_takes_sentence_lists_and_several_references(tmp_path):
     assert M.rouge(["the cat sat"], [["a dog ran", "the cat sat"]])["rouge_l"] == 1.0
     assert M.chrf(["the cat sat"], [["a dog ran", "the cat sat"]]) == M.chrf(["the cat sat"], ["the cat sat"])
     assert M.chrf(["x y", "the cat sat"], [["x y"], ["dog", "the cat sat"]]) == 100.0
+
+
+def _logs_of(spec, tok, **kw):
+    logs = []
+    store = load_source(str(spec), tok, log=logs.append, **kw)
+    return store, logs
+
+
+def test_gzipped_text_and_records_are_read_decompressed_and_cached_by_content(tmp_path):
+    import gzip
+
+    text = "hello gzip world\n" * 20
+    (tmp_path / "plain.txt").write_text(text)
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "r.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ab"}\n{"text": "ba"}\n'))
+    tok = build_tokenizer(DataConfig(train=[str(tmp_path / "a.txt.gz")], tokenizer="char"))
+    assert tok.vocab_size == 4 + len(set(text))  # trained on the text, not on compressed bytes
+    plain, _ = _logs_of(tmp_path / "plain.txt", tok)
+    packed, logs = _logs_of(tmp_path / "a.txt.gz", tok)
+    assert np.asarray(packed.spans[0].array).tolist() == np.asarray(plain.spans[0].array).tolist()
+    assert packed.stats["bytes"] == len(text)
+    records, _ = _logs_of(tmp_path / "r.jsonl.gz", tok)
+    assert records.n_tokens == 6  # two records of 2 characters, each with its EOS
+    assert any("tokenised" in m for m in logs)
+    assert not any("tokenised" in m for m in _logs_of(tmp_path / "a.txt.gz", tok)[1])
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress((text + "world\n").encode()))  # changed -> again
+    assert any("tokenised" in m for m in _logs_of(tmp_path / "a.txt.gz", tok)[1])
+
+    (tmp_path / "bad.txt.gz").write_bytes(b"not compressed at all\n")
+    with pytest.raises(DataError, match=r"bad.txt.gz: not a readable gzip file"):
+        load_source(str(tmp_path / "bad.txt.gz"), tok, log=lambda m: None)
+    (tmp_path / "u.txt.gz").write_bytes(gzip.compress(b"hello\n\xff"))
+    with pytest.raises(DataError, match=r"u.txt.gz: bytes at offset 6 of the decompressed text"):
+        load_source(str(tmp_path / "u.txt.gz"), tok, errors="strict", log=lambda m: None)
+
+
+def test_binary_and_unknown_compressed_formats_are_refused_but_odd_text_names_are_read(tmp_path):
+    import gzip
+
+    tok = train_char(["plain text"])
+    for name in ("data.json", "x.zip", "x.parquet", "model.safetensors", "a.npy", "x.bz2", "x.tar.gz",
+                 "x.json.gz", "x.raw.gz", "x.gz"):
+        (tmp_path / name).write_bytes(gzip.compress(b"plain text") if name.endswith(".gz") else b"{}")
+        with pytest.raises(DataError, match=rf"data.train: .*{name} is .*give \.txt, .*\.jsonl"):
+            load_source(str(tmp_path / name), tok, log=lambda m: None)
+    with pytest.raises(DataError, match=r"data.json is a JSON document"):  # a glob match too
+        load_source(str(tmp_path / "data.*"), tok, log=lambda m: None)
+    for name in ("input", "corpus.raw"):  # no suffix or an unusual one: plain text, as before
+        (tmp_path / name).write_text("plain text")
+        assert load_source(str(tmp_path / name), tok, log=lambda m: None).n_tokens == 11
+    # a directory passes over what it does not read (as before) and takes gzipped text
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "meta.json").write_text("{}")
+    (d / "a.txt.gz").write_bytes(gzip.compress(b"plain text"))
+    assert load_source(str(d), tok, log=lambda m: None).n_tokens == 11
+
+
+def test_a_bom_is_dropped_from_text_files_and_offsets_still_count_it(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbfab\n")
+    tok = train_char(["ab\n\ufeff"])
+    store = load_source(str(f), tok, log=lambda m: None)
+    assert np.asarray(store.spans[0].array).tolist() == tok.encode("ab\n") + [tok.eos_id]
+    g = tmp_path / "bad.md"
+    g.write_bytes(b"\xef\xbb\xbfab\n\xff")
+    with pytest.raises(DataError, match=r"bad.md: bytes at offset 6 are not valid UTF-8"):
+        load_source(str(g), tok, errors="strict", log=lambda m: None)
+
+
+def test_prepare_uses_the_tokenizer_pretrain_will_use_so_pretrain_reuses_its_shards(tmp_path, corpus, capsys):
+    from conftest import TINY, run_cli
+
+    from pretune.data.tokenizer import Tokenizer
+
+    parent = tmp_path / "parent"
+    steps = ["train.max_steps=1", "train.eval_every=0", "train.save_every=0"]
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={parent}", *TINY, *steps) == 0
+    n_parent = Tokenizer.load(parent).vocab_size
+    other = tmp_path / "other.txt"
+    other.write_text("the cat sat on the mat.\n" * 200)  # fewer characters: a char tokenizer of its own differs
+    capsys.readouterr()
+    assert run_cli("prepare", f"init_from={parent}", f"data.train={other}", *TINY) == 0
+    out = capsys.readouterr().out
+    assert f"tokenizer: {n_parent} tokens" in out and "tokenised" in out
+    assert run_cli("pretrain", f"init_from={parent}", f"data.train={other}", f"out_dir={tmp_path / 'cpt'}",
+                   *TINY, *steps) == 0
+    assert "tokenised" not in capsys.readouterr().out  # the shards prepare wrote
+    assert run_cli("prepare", f"resume={parent}") == 0  # a resumed run's own tokenizer
+    out = capsys.readouterr().out
+    assert f"tokenizer: {n_parent} tokens" in out and "tokenised" not in out

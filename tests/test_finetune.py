@@ -263,7 +263,9 @@ def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path, capsys):
     assert run_cli("finetune", *args, f"out_dir={tmp_path / 'whole'}") == 0
     assert run_cli("finetune", *args, f"out_dir={tmp_path / 'cut'}", "train.stop_after=6") == 0
     assert run_cli("finetune", f"resume={tmp_path / 'cut'}", "train.batch_size=0") == 2
-    assert "train.batch_size=0 (the run had 8)" in capsys.readouterr().err  # a change is pointed out
+    assert "train.batch_size=0" in capsys.readouterr().err  # a bad override stops it, the run untouched
+    assert run_cli("finetune", f"resume={tmp_path / 'cut'}", "method=lora") == 2
+    assert "method='lora' cannot change (the run has 'full')" in capsys.readouterr().err
     assert run_cli("finetune", f"resume={tmp_path / 'cut'}") == 0  # train.stop_after is not asked again
     whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == list(range(1, 13))

@@ -119,6 +119,19 @@ def test_unsupported_checkpoints_are_refused_by_name(tmp_path, config, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_by_every_verb(tmp_path, bpe, capsys):
+    from pretune.interop.hf import load_hf_model
+
+    hf_model("llama", vocab_size=200).save_pretrained(tmp_path / "hf")  # bpe has 300 tokens
+    save_hf_tokenizer(bpe, tmp_path / "hf")
+    with pytest.raises(UserError, match="300 tokens but the model only 200 embeddings"):
+        load_hf_model(tmp_path / "hf")
+    (tmp_path / "c.txt").write_text("some text " * 200)
+    assert run_cli("pretrain", f"init_from={tmp_path / 'hf'}", f"data.train={tmp_path / 'c.txt'}",
+                   f"out_dir={tmp_path / 'run'}", "train.max_steps=1") == 2
+    assert "200 embeddings" in capsys.readouterr().err
+
+
 def test_cli_errors_are_user_errors(tmp_path, capsys):
     assert run_cli("import", tmp_path / "absent", tmp_path / "out") == 2
     assert "neither a Hugging Face model directory nor a hub id" in capsys.readouterr().err

@@ -45,6 +45,36 @@ def test_stop_and_resume_gives_identical_losses(tmp_path, corpus):
     assert a[-1]["tokens"] == b[-1]["tokens"]
 
 
+def test_a_stop_between_log_steps_resumes_to_the_same_lines(tmp_path, corpus, capsys):
+    """Stopped at step 13 with lines every 4 steps: the interval 13 cut in two goes on in the resumed
+    run, a line cut short on disk is dropped, and the saved config neither resumes nor overwrites."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = [f"data.train={corpus}", "train.max_steps=20", *TINY, "train.log_every=4", "train.eval_every=10"]
+    assert run_cli("pretrain", *common, f"out_dir={full}") == 0
+    assert run_cli("pretrain", *common, f"out_dir={part}", "train.stop_after=13", "overwrite=true") == 0
+    assert read_metrics(part)[-1]["step"] == 13 and read_metrics(part)[-1]["interim"] is True
+    with open(part / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 14, "loss": 1.2')  # torn by a full disk
+    saved_config = (part / "config.yaml").read_text()
+    capsys.readouterr()
+    # the architecture cannot change on resume: refused before the run is touched
+    assert run_cli("pretrain", f"resume={part}", "model.n_layer=3") == 2
+    assert "model.n_layer=3 cannot change" in capsys.readouterr().err
+    assert (part / "config.yaml").read_text() == saved_config
+    # values are compared as resolved (3e-3 is the run's 0.003): no warning for an unchanged one
+    assert run_cli("pretrain", f"resume={part}", "train.stop_after=null", "optim.lr=3e-3") == 0
+    out = capsys.readouterr()
+    assert "dropped 1 unreadable line" in out.out and "warning: resume with" not in out.err
+    def steady(run):  # the lines without their timings
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "wall_s")} for r in read_metrics(run)]
+
+    assert steady(part) == steady(full) and [r["step"] for r in read_metrics(part)] == [4, 8, 10, 12, 16, 20]
+    import yaml
+
+    saved = yaml.safe_load((part / "config.yaml").read_text())
+    assert saved["resume"] is None and saved["overwrite"] is False and saved["out_dir"] == str(part)
+
+
 def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, corpus):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     common = [f"data.train={corpus}", "train.max_steps=300", "train.save_every=25", "train.eval_every=0", *TINY]
@@ -70,14 +100,15 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, corpus):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
-def test_init_from_with_replay_records_lineage(tmp_path, corpus):
+def test_init_from_with_replay_records_lineage(tmp_path, corpus, capsys):
     from conftest import make_corpus
 
     base, cpt = tmp_path / "base", tmp_path / "cpt"
     domain = make_corpus(tmp_path / "domain.txt", lines=500, seed=9)
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.max_steps=20", *TINY) == 0
     assert run_cli("pretrain", f"init_from={base}", f"data.train=[{domain},{corpus}]", "data.weights=[0.75,0.25]",
-                   f"out_dir={cpt}", "train.max_steps=10", *TINY) == 0
+                   f"out_dir={cpt}", "train.max_steps=10", *TINY, "model.n_layer=7") == 0
+    assert "model.n_layer=7 ignored: init_from=" in capsys.readouterr().out  # the parent's architecture
     lineage = json.loads((cpt / "lineage.json").read_text())
     assert lineage["stage"] == "cpt" and lineage["parent"] == str(base.resolve())
     assert lineage["parent_lineage"]["stage"] == "pretrain"
@@ -107,6 +138,10 @@ def test_existing_out_dir_is_refused_unless_overwrite(tmp_path, corpus, capsys):
     assert run_cli("pretrain", f"data.train={inner}", f"out_dir={out}", "overwrite=true", "train.max_steps=2",
                    *TINY) == 2
     assert "would delete" in capsys.readouterr().err and (out / "model").is_dir()
+    # a mistyped input stops the run before the one it would replace is deleted
+    assert run_cli("pretrain", f"data.train={tmp_path / 'typo.txt'}", f"out_dir={out}", "overwrite=true",
+                   "train.max_steps=2", *TINY) == 2
+    assert "typo.txt does not exist" in capsys.readouterr().err and (out / "model").is_dir()
     # nor a directory that no run wrote
     other = tmp_path / "notes"
     other.mkdir()

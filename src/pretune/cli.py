@@ -87,41 +87,77 @@ def _run_config(argv: list[str]):
         if not saved.is_file():
             raise ConfigError(f"resume={resume}: no config.yaml there; is it a run directory?")
         base = read_yaml(saved)
-        _warn_resume_changes(base, given, resume)
+        before = dict(base)
         base.update(init_from=None, resume=str(resume), out_dir=str(resume), overwrite=False)
         base.setdefault("train", {})["stop_after"] = None  # a stop asked of the first part is not asked again
         overrides = [o for o in overrides if not o.startswith("out_dir=")]
+        cfg = load_config(Config, yaml_path, overrides, base=base)
+        _check_resume_changes(before, cfg, given, resume)
+        return cfg
     return load_config(Config, yaml_path, overrides, base=base)
 
 
 # Keys a resumed run may change and still give the losses of a run that never stopped.
-RESUME_SAFE = ("train.max_steps", "train.eval_every", "train.log_every", "train.save_every", "train.keep_last",
+RESUME_SAFE = ("train.eval_every", "train.log_every", "train.save_every", "train.keep_last",
                "train.progress", "train.threads", "train.stop_after", "train.eval_tokens", "track")
+# Keys a resumed run cannot change: its checkpoint holds a model (and optimiser) built with them.
+RESUME_FIXED = ("model.", "method", "task", "lora.rank", "lora.targets", "finetune.classifier", "data.tokenizer",
+                "data.vocab_size", "data.labels", "dist.strategy")
+RESUME_FIXED_EXCEPT = ("model.dropout", "model.attn_dropout")
 
 
-def _warn_resume_changes(saved: dict, given: dict, resume: str) -> None:
-    """Say which overrides change a resumed run (it then no longer matches one that never stopped)."""
-    from pretune.config_io import flat_keys
+def _check_resume_changes(saved: dict, cfg, given: dict, resume: str) -> None:
+    """Refuse overrides a resumed run cannot take (the architecture, the method: before anything in
+    the run is touched), and say which change it so it no longer matches one that never stopped.
+    Values are compared as the config resolves them (optim.lr=3e-4 is the run's 0.0003)."""
+    from pretune.config_io import flat_keys, to_dict
+    from pretune.errors import ConfigError
 
-    before = flat_keys(saved)
-    for key, value in flat_keys(given).items():
-        if key == "out_dir" and str(value) != str(resume):
-            print(f"warning: out_dir={value} is ignored: a resumed run continues in {resume}", file=sys.stderr)
-        elif key not in ("resume", "out_dir") and not key.startswith(RESUME_SAFE) and before.get(key) != value:
-            print(f"warning: resume with {key}={value} (the run had {before.get(key)!r}): the resumed run "
-                  "will not give the losses of one that never stopped", file=sys.stderr)
+    before, now = flat_keys(saved), flat_keys(to_dict(cfg))
+    changed = [k for k in flat_keys(given) if k not in ("resume", "out_dir") and before.get(k) != now.get(k)]
+    fixed = [k for k in changed if k.startswith(RESUME_FIXED) and not k.startswith(RESUME_FIXED_EXCEPT)]
+    if fixed:
+        raise ConfigError([f"resume={resume}: {k}={now.get(k)!r} cannot change (the run has {before.get(k)!r}): "
+                           f"its checkpoint holds a model built with it; start a new run instead" for k in fixed])
+    if "out_dir" in flat_keys(given) and str(given["out_dir"]) != str(resume):
+        print(f"warning: out_dir={given['out_dir']} is ignored: a resumed run continues in {resume}",
+              file=sys.stderr)
+    for key in changed:
+        if not key.startswith(RESUME_SAFE):
+            print(f"warning: resume with {key}={now.get(key)!r} (the run had {before.get(key)!r}): the resumed "
+                  "run will not give the losses of one that never stopped", file=sys.stderr)
 
 
 def cmd_prepare(argv):
-    from pretune.data.corpus import build_tokenizer, load_corpus
+    from pretune.data.corpus import load_corpus
 
     cfg = _run_config(argv)
-    tok = build_tokenizer(cfg.data)
+    tok = _prepare_tokenizer(cfg)
     corpus = load_corpus(cfg.data, tok, cfg.train.seq_len or 1)
     for split, stores in (("train", corpus.train), ("val", corpus.val)):
         for s in stores:
             print(f"{split}: {s.name}: {s.n_tokens:,} tokens")
     print(f"tokenizer: {tok.vocab_size} tokens")
+
+
+def _prepare_tokenizer(cfg):
+    """The tokenizer `pretune pretrain` will use with this config, picked as stages.run_pretrain picks
+    it (the resumed run's own, the init_from parent's, or data.tokenizer), so the shards prepared here
+    are the ones pretrain finds in the cache."""
+    from pretune.data.corpus import build_tokenizer
+    from pretune.data.tokenizer import Tokenizer
+    from pretune.errors import ConfigError
+
+    if cfg.resume:
+        if not (Path(cfg.resume) / "tokenizer.json").is_file():
+            raise ConfigError(f"resume={cfg.resume}: no tokenizer.json there; the run stopped before it "
+                              "saved one, so start it again instead of resuming")
+        return Tokenizer.load(cfg.resume)
+    if cfg.init_from:
+        from pretune.stages import parent_tokenizer
+
+        return parent_tokenizer(cfg.init_from)
+    return build_tokenizer(cfg.data)
 
 
 def cmd_pretrain(argv):

@@ -35,7 +35,8 @@ class DataConfig:
     tokenizer: str = "bpe"
     """'char', 'bpe' (byte-level BPE trained on the corpus) or a path to a tokenizer.json."""
     vocab_size: int = 4096
-    """Vocabulary size for a BPE tokenizer trained here."""
+    """Vocabulary size for a BPE tokenizer trained here (at least 260: the 256 byte tokens and the 4
+    special tokens)."""
     text_field: str = "text"
     """Field holding the text in JSONL/CSV records."""
     encoding_errors: str = "replace"
@@ -44,7 +45,7 @@ class DataConfig:
     cache_dir: str | None = None
     """Where token shards are cached by content hash; default $PRETUNE_CACHE or ~/.cache/pretune."""
     shard_tokens: int = 1 << 27
-    """Tokens per shard file."""
+    """Tokens per shard file (> 0)."""
     test: list[str] = field(default_factory=list)
     """Fine-tuning: test records, evaluated once with the final (or best) model."""
     label_field: str = "label"
@@ -347,6 +348,11 @@ def validate_run(cfg: Config) -> list[str]:
     positive("lora.rank", cfg.lora.rank)
     positive("lora.alpha", cfg.lora.alpha)
     positive("data.max_examples", d.max_examples)
+    positive("data.shard_tokens", d.shard_tokens)
+    if d.tokenizer == "bpe" and d.vocab_size < BPE_MIN_VOCAB:
+        p.append(f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: byte-level BPE needs "
+                 f"at least {BPE_MIN_VOCAB} (256 byte tokens and 4 special tokens); set "
+                 f"data.vocab_size >= {BPE_MIN_VOCAB}")
     if f.max_len < 2:
         p.append(f"finetune.max_len={f.max_len}: an example needs at least 2 tokens (a prompt token and a target)")
     if not 0 <= cfg.lora.dropout < 1:
@@ -389,6 +395,9 @@ def validate_run(cfg: Config) -> list[str]:
 
 
 TASKS = ("classification", "instruction", "text2text", "preference")
+# A byte-level BPE vocabulary holds every byte and data.tokenizer.SPECIALS (BOS, EOS, PAD, UNK); a smaller
+# data.vocab_size is silently raised to this (not imported here: config stays free of `tokenizers`).
+BPE_MIN_VOCAB = 256 + 4
 
 
 def eval_figures(cfg: Config) -> tuple[str, ...]:

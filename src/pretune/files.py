@@ -9,6 +9,32 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+_UMASK: int | None = None
+
+
+def umask() -> int:
+    """The process's umask, read once (Linux's /proc tells it without changing it; elsewhere it is
+    set and put back at once)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:
+                _UMASK = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            old = os.umask(0o022)
+            os.umask(old)
+            _UMASK = old
+    return _UMASK
+
+
+def _chmod_as_created(path: Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or directory (0700) the mode a plain open()/mkdir() would have:
+    0666/0777 less the umask, so other users read a run as they read any file the user writes."""
+    try:
+        os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+    except OSError:
+        pass  # a file system without modes (some network or FAT mounts) keeps its own
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -29,6 +55,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        _chmod_as_created(Path(tmp))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -51,6 +78,7 @@ def atomic_dir(final: str | Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        _chmod_as_created(tmp, directory=True)
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():

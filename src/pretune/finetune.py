@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from pretune.config import Config
-from pretune.config_io import save_config
 from pretune.data import tasks as T
 from pretune.data.corpus import build_tokenizer
 from pretune.data.shards import BatchSampler, load_source
@@ -33,7 +32,8 @@ from pretune.model.heads import ClassifierModel
 from pretune.model.io import load_model, save_model_dir
 from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merged_state
 from pretune.serve.engine import generate_all
-from pretune.stages import inputs_of, open_run, parent_tokenizer
+from pretune.stages import (ignored_model_keys, inputs_of, lineage_parent, open_run, parent_tokenizer,
+                            save_run_config)
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.loop import train
@@ -105,12 +105,17 @@ def starting_model(cfg: Config) -> str | None:
     starting weights are the L2-SP anchor and the DPO reference."""
     if cfg.init_from or not cfg.resume:
         return cfg.init_from
-    lineage = Path(cfg.resume) / "lineage.json"
-    parent = json.loads(lineage.read_text()).get("parent") if lineage.is_file() else None
+    parent = lineage_parent(cfg.resume)
     if parent and not Path(parent).exists():
         raise ConfigError(f"resume={cfg.resume}: this run started from {parent}, which is gone; resuming "
                           f"needs those weights again (they shape the model and anchor L2-SP and DPO)")
     return parent
+
+
+def _base_path(cfg: Config) -> str | None:
+    """The adapter's base model, resolved: init_from, or a resumed run's parent (its lineage)."""
+    parent = starting_model(cfg)
+    return str(Path(parent).resolve()) if parent else None
 
 
 def build_task_model(cfg: Config, tok: Tokenizer, n_labels: int) -> torch.nn.Module:
@@ -158,7 +163,7 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
             save_file(lora_state_dict(lm), str(adapter / "adapter.safetensors"))
             atomic_write_json(adapter / "lora.json", {
                 "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                "targets": list(cfg.lora.targets), "base": str(Path(cfg.init_from).resolve()) if cfg.init_from else None})
+                "targets": list(cfg.lora.targets), "base": _base_path(cfg)})
             task_files(model, adapter)
             if cfg.lora.save == "adapter":
                 return
@@ -316,6 +321,10 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
     stats = T.TaskStats()
     model = build_task_model(cfg, tok, len(labels or []))
     lm = model.lm if isinstance(model, ClassifierModel) else model
+    ignored = ignored_model_keys(cfg.model, lm.cfg) if starting_model(cfg) else []
+    if ignored and rt.is_main:
+        log(f"warning: {', '.join(ignored)} ignored: fine-tuning keeps the architecture of "
+            f"{starting_model(cfg)} (only model.dropout and model.attn_dropout apply)")
     train_ex = T.encode(train_recs, cfg, tok, labels, stats)
     truncated_train = stats.truncated
     val_ex, test_ex = T.encode(val_recs, cfg, tok, labels, stats), T.encode(test_recs, cfg, tok, labels, stats)
@@ -336,7 +345,7 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
     objective = _objective(cfg, model)
     device = rt.device
     if rt.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_run_config(cfg, run_dir)
         tok.save(run_dir)
         if not cfg.resume:
             ck.write_lineage(run_dir, "finetune", cfg.init_from, task=cfg.task, method=cfg.method,
@@ -349,7 +358,7 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
     extra = {"stage": "finetune", "task": cfg.task, "method": cfg.method, "train_examples": len(train_ex),
              "skipped_records": stats.skipped, "truncated_examples": truncated_train}
     summary = train(model, cfg, rt, run_dir, data, objective, evaluate if val_ex else None, tok, log, extra,
-                    save_final_factory(cfg, tok, labels))
+                    save_final_factory(cfg, tok, labels), scored_after=True)
     model = dist.final_model(model)  # under FSDP: rank 0's plain copy with the gathered weights
     if summary["status"] in ("completed", "early_stopped") and rt.is_main:
         final, per_example = {}, {}
@@ -370,6 +379,7 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
         final.update({k[len(plain) + 1:]: v for k, v in final.items() if k.startswith(plain + "_")})
         summary.update(final)
         atomic_write_json(run_dir / "summary.json", summary)
+    ck.unlock_run_dir(run_dir)
     dist.teardown()
     return summary
 
@@ -474,7 +484,7 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
         log(f"warning: finetune.cv={len(folds)} validates on folds of data.train; data.val is not used")
     if not cfg.resume:
         ck.prepare_out_dir(root, cfg.overwrite, False, keep=inputs_of(cfg))
-        save_config(cfg, root / "config.yaml")
+        save_run_config(cfg, root)
         tok.save(root)
         ck.write_lineage(root, "finetune", parent, task=cfg.task, method=cfg.method, cv=len(folds))
     results = []

@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 from pretune.config import Config
-from pretune.config_io import save_config
 from pretune.data import tasks as T
 from pretune.errors import ConfigError
 from pretune.files import atomic_write_json
 from pretune.finetune import _records, evaluate_task, write_predictions
 from pretune.model.io import load_model
-from pretune.stages import open_run, parent_tokenizer
+from pretune.stages import open_run, parent_tokenizer, save_run_config
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_memory_bytes, reset_peak_memory
@@ -57,7 +56,7 @@ def run_prompting(cfg: Config, shots: int, log=print) -> dict:
     train_recs, _, test_recs, labels, stats = _records(cfg)
     demos = random.Random(cfg.seed).sample(train_recs, min(shots, len(train_recs)))
     examples = T.encode([with_demonstrations(r, demos, cfg.task) for r in test_recs], cfg, tok, labels, stats)
-    save_config(cfg, run_dir / "config.yaml")
+    save_run_config(cfg, run_dir)
     tok.save(run_dir)
     ck.write_lineage(run_dir, "prompting", cfg.init_from, task=cfg.task, shots=len(demos))
     reset_peak_memory(rt.device)
@@ -87,5 +86,6 @@ def run_prompting(cfg: Config, shots: int, log=print) -> dict:
     atomic_write_json(Path(run_dir) / "summary.json", summary)
     log(f"prompting ({len(demos)} shots): " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                          if isinstance(v, float)))
+    ck.unlock_run_dir(run_dir)
     dist.teardown()
     return summary

@@ -28,9 +28,49 @@ def open_run(cfg: Config, rt: dist.Runtime) -> Path:
     """The run directory (checked on rank 0 first, so no process writes into a refused one)."""
     run_dir = Path(cfg.resume or cfg.out_dir)
     if rt.is_main:
+        if cfg.overwrite and not cfg.resume and run_dir.exists():
+            check_inputs(cfg)  # a mistyped path must not cost the run it would have replaced
         ck.prepare_out_dir(run_dir, cfg.overwrite, bool(cfg.resume), keep=inputs_of(cfg))
+        ck.lock_run_dir(run_dir)  # one process per run: a second resume of a live run is refused
     dist.barrier(rt)
     return run_dir
+
+
+def save_run_config(cfg: Config, run_dir: Path) -> None:
+    """config.yaml: the resolved config that ran, safe to run again. Neither resume nor overwrite is
+    saved (a rerun asks for them itself, so it never replaces or continues a run unasked), and a
+    resumed run keeps the parent (init_from) it was first saved with."""
+    parent = cfg.init_from
+    if cfg.resume and not parent:
+        from pretune.config_io import read_yaml
+
+        saved = run_dir / "config.yaml"
+        parent = (read_yaml(saved) if saved.is_file() else {}).get("init_from") or lineage_parent(run_dir)
+    save_config(dataclasses.replace(cfg, resume=None, overwrite=False, init_from=parent), run_dir / "config.yaml")
+
+
+def check_inputs(cfg: Config) -> None:
+    """Stop (DataError, ConfigError) when a path the run reads is not there: its parent model, its data
+    files (each a file, directory or glob with a match), a tokenizer file."""
+    from pretune.data.sources import expand_source
+
+    d = cfg.data
+    for key, specs in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test),
+                       ("finetune.replay", cfg.finetune.replay)):
+        for spec in specs:
+            expand_source(spec, key)
+    for key, path in (("init_from", cfg.init_from),
+                      ("data.tokenizer", None if d.tokenizer in ("char", "bpe") else d.tokenizer)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{key}={path} does not exist")
+
+
+def lineage_parent(run_dir: str | Path) -> str | None:
+    """The model a run started from, as its lineage.json records it (None: from scratch, or no lineage)."""
+    import json
+
+    lineage = Path(run_dir) / "lineage.json"
+    return json.loads(lineage.read_text()).get("parent") if lineage.is_file() else None
 
 
 def inputs_of(cfg: Config) -> tuple:
@@ -73,18 +113,36 @@ def parent_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.load(tokenizer_dir(path))
 
 
-def build_model(cfg: Config, tok: Tokenizer) -> GPT:
+def build_model(cfg: Config, tok: Tokenizer, log=print) -> GPT:
     """The parent's weights for init_from; otherwise a fresh, seeded model (a resumed run then loads
     its checkpoint in train(); its config.yaml already holds the resolved architecture)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         model, _ = load_model(cfg.init_from, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ConfigError(f"init_from={cfg.init_from}: its tokenizer has {tok.vocab_size} tokens but the "
+                              f"model only {model.cfg.vocab_size} embeddings; use the tokenizer it was trained with")
+        ignored = ignored_model_keys(cfg.model, model.cfg)
+        if ignored:
+            log(f"warning: {', '.join(ignored)} ignored: init_from={cfg.init_from} fixes the architecture "
+                f"(only model.dropout and model.attn_dropout apply)")
         return model
     arch = resolve_model_config(cfg.model, tok.vocab_size)
     if arch.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size} tokens; leave model.vocab_size unset")
     return GPT(arch)
+
+
+def ignored_model_keys(asked, used) -> list[str]:
+    """`model.KEY=VALUE` for the architecture keys set away from their defaults and from the model
+    actually used (an init_from model's own): the dropouts apply, everything else is the parent's."""
+    from pretune.model.config import ModelConfig
+
+    default = ModelConfig()
+    return [f"model.{f.name}={getattr(asked, f.name)!r}" for f in dataclasses.fields(asked)
+            if f.name not in ("dropout", "attn_dropout") and getattr(asked, f.name) != getattr(default, f.name)
+            and getattr(asked, f.name) != getattr(used, f.name, None)]
 
 
 def run_stage(run_dir: Path, cfg: Config) -> str:
@@ -111,7 +169,7 @@ def run_pretrain(cfg: Config, log=print) -> dict:
         tok = parent_tokenizer(cfg.init_from)
     else:
         tok = build_tokenizer(cfg.data, log)
-    model = build_model(cfg, tok)
+    model = build_model(cfg, tok, log)
     stage = run_stage(run_dir, cfg)
     cfg = dataclasses.replace(cfg, model=model.cfg)
     seq_len = cfg.train.seq_len or model.cfg.max_seq_len
@@ -124,7 +182,7 @@ def run_pretrain(cfg: Config, log=print) -> dict:
                           f"least {len(corpus.val) * seq_len}, or set train.eval_every=0")
     data = PretrainData(corpus, seq_len, cfg.train.batch_size, cfg.train.micro_batch_size, cfg.seed, rt.world)
     if rt.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_run_config(cfg, run_dir)
         tok.save(run_dir)
         if not cfg.resume:
             ck.write_lineage(run_dir, stage, cfg.init_from,
@@ -150,4 +208,5 @@ def run_pretrain(cfg: Config, log=print) -> dict:
         return train(model, cfg, rt, run_dir, data, LMObjective(), evaluate, tok, log,
                      {"stage": stage})
     finally:
+        ck.unlock_run_dir(run_dir)
         dist.teardown()

@@ -1,4 +1,9 @@
-"""Reading text sources: files, globs, directories; .txt/.md, .jsonl, .csv/.tsv.
+"""Reading text sources: files, globs, directories; .txt/.md, .jsonl, .csv/.tsv, each maybe gzipped.
+
+A gzipped file (`name.txt.gz`, `name.jsonl.gz`) is read as the format of the suffix before `.gz`.
+A file with another suffix, or none (`input`, `wiki.test.raw`), is read as plain text, except the
+formats that are clearly not (archives, other compressions, .json, tensors, arrays), which are refused
+with the supported list.
 
 Text is streamed in chunks, so memory does not grow with the corpus. Bytes that are not UTF-8 are
 replaced with U+FFFD and counted (data.encoding_errors=replace, the default) or stop the run with the
@@ -10,10 +15,12 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
+import gzip
 import hashlib
 import io
 import json
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,17 @@ from pretune.errors import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".csv", ".tsv"}
+GZIP_SUFFIX = ".gz"
+# Suffixes that are not text read as it would be: refused rather than trained on as garbage.
+REFUSED_SUFFIXES = {".json": "a JSON document (write one object per line as .jsonl)",
+                    ".zip": "a zip archive", ".tar": "a tar archive", ".tgz": "a tar archive",
+                    ".bz2": "bzip2-compressed", ".xz": "xz-compressed", ".zst": "zstd-compressed",
+                    ".7z": "a 7-zip archive", ".parquet": "Parquet", ".arrow": "Arrow",
+                    ".bin": "binary", ".pt": "a PyTorch file", ".pth": "a PyTorch file",
+                    ".safetensors": "a safetensors file", ".npy": "a NumPy array", ".npz": "NumPy arrays",
+                    ".pkl": "a pickle"}
+SUPPORTED = ".txt, .md, .text, .jsonl, .csv, .tsv (each also gzipped, as name.txt.gz), or plain text " \
+            "under another name"
 CHUNK_BYTES = 1 << 20
 
 
@@ -30,37 +48,78 @@ class DataError(UserError, ValueError):
 
 
 def expand_source(spec: str, key: str = "data.train") -> list[Path]:
-    """A file, a glob or a directory (searched recursively) -> sorted list of files."""
+    """A file, a glob or a directory (searched recursively) -> sorted list of files.
+
+    A named file or a glob match in a refused format (see REFUSED_SUFFIXES) stops the run naming it.
+    A directory takes only its files of a known format (.txt, .md, .text, .jsonl, .csv, .tsv, gzipped
+    or not) and passes over the rest (a README, a LICENSE, metadata), as it always has."""
     p = Path(spec).expanduser()
     if p.is_file():
-        return [p]
+        return [_readable(p, key)]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in
-                       TEXT_SUFFIXES | RECORD_SUFFIXES)
+        every = [f for f in p.rglob("*") if f.is_file()]
+        files = sorted(f for f in every if _format(f) in TEXT_SUFFIXES | RECORD_SUFFIXES)
         if not files:
-            raise DataError(f"{key}: directory {spec} holds no .txt, .md, .jsonl, .csv or .tsv file")
+            raise DataError(f"{key}: directory {spec} holds no file in a known format ({len(every)} other "
+                            f"file(s) passed over); a directory takes {SUPPORTED.split(', or')[0]}")
         return files
     matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
     if matches:
-        return matches
+        return [_readable(m, key) for m in matches]
     raise DataError(f"{key}: {spec} does not exist (no file, directory or glob match)")
 
 
-def read_as(path: Path) -> str:
-    """How a file's text is read: as records (".jsonl", ".csv", ".tsv") or as one document ("text")."""
+def _compressed(path: Path) -> bool:
+    return path.suffix.lower() == GZIP_SUFFIX
+
+
+def _format(path: Path) -> str:
+    """The suffix that says how a file is read: its own, or for name.txt.gz the one before .gz."""
+    return Path(path.stem).suffix.lower() if _compressed(path) else path.suffix.lower()
+
+
+def _readable(path: Path, key: str) -> Path:
+    """`path` itself, or a DataError naming it and the supported formats when it is refused: a
+    REFUSED_SUFFIXES format, or a gzipped file whose inner name does not say it is a known format
+    (name.gz, name.raw.gz: what is inside could be anything)."""
     suffix = path.suffix.lower()
+    if _compressed(path) and _format(path) not in TEXT_SUFFIXES | RECORD_SUFFIXES:
+        inner = REFUSED_SUFFIXES.get(_format(path))
+        what = (f"{inner}, gzipped" if inner else
+                "gzipped, and its name does not say what is inside (rename it name.txt.gz or name.jsonl.gz)")
+        raise DataError(f"{key}: {path} is {what}; give {SUPPORTED}")
+    if suffix in REFUSED_SUFFIXES:
+        raise DataError(f"{key}: {path} is {REFUSED_SUFFIXES[suffix]}, not text; give {SUPPORTED}")
+    return path
+
+
+def read_as(path: Path) -> str:
+    """How a file's text is read: as records (".jsonl", ".csv", ".tsv") or as one document ("text").
+    A gzipped file is read as the format before .gz."""
+    suffix = _format(path)
     return suffix if suffix in RECORD_SUFFIXES else "text"
 
 
+def _open(path: Path):
+    """The file's bytes: decompressed on the fly for name.*.gz."""
+    return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
+
+
+def _bad_gzip(path: Path, e: Exception) -> DataError:
+    return DataError(f"{path}: not a readable gzip file ({e}); fix or recompress it, or drop the .gz suffix "
+                     "if it is not compressed")
+
+
 def hash_files(files: list[Path]) -> str:
-    """Hash of a list of files' contents and of how each is read (the same bytes read as JSONL and as
-    text are different corpora); names are not part of it, order is."""
+    """Hash of a list of files' contents (as stored: a gzipped file's compressed bytes) and of how each
+    is read (the same bytes read as JSONL and as text are different corpora, and gzipped or not);
+    names are not part of it, order is."""
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-        h.update(b"\x00file\x00" + read_as(f).encode())
+        h.update(b"\x00file\x00" + read_as(f).encode() + (b"+gzip" if _compressed(f) else b""))
     return h.hexdigest()
 
 
@@ -85,25 +144,37 @@ codecs.register_error("pretune-count", _count_and_replace)
 
 
 def _decode_stream(path: Path, errors: str, stats: ReadStats) -> Iterator[str]:
-    """Yield text chunks of about CHUNK_BYTES that end at a line break where possible."""
+    """Yield text chunks of about CHUNK_BYTES that end at a line break where possible.
+
+    A leading byte order mark (U+FEFF) is dropped, as for record files; byte offsets in errors still
+    count it (they are offsets in the file, or in the decompressed text of a gzipped one)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict" if errors == "strict" else "pretune-count")
+    where = " of the decompressed text" if _compressed(path) else ""
     offset = 0
     pending = ""
-    with open(path, "rb") as fh:
+    start = True  # no text decoded yet: a BOM would be here
+    with _open(path) as fh:
         while True:
-            block = fh.read(CHUNK_BYTES)
+            try:
+                block = fh.read(CHUNK_BYTES)
+            except (OSError, EOFError, zlib.error) as e:
+                if not _compressed(path):
+                    raise
+                raise _bad_gzip(path, e) from None
             final = not block
             carried = len(decoder.getstate()[0])
             before = _replaced[0]
             try:
                 text = decoder.decode(block, final)
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: bytes at offset {offset - carried + e.start} are not valid "
+                raise DataError(f"{path}: bytes at offset {offset - carried + e.start}{where} are not valid "
                                 f"UTF-8 ({e.reason}); fix the file or set data.encoding_errors=replace"
                                 ) from None
             stats.replaced += _replaced[0] - before
             offset += len(block)
             stats.bytes += len(block)
+            if start and text:
+                text, start = text.removeprefix("\ufeff"), False
             pending += text
             if final:
                 if pending:
@@ -150,13 +221,13 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
     on with the next record (the callback may raise to stop). JSONL lines end at a line feed (or CR LF)
     only: U+2028, U+2029 and U+0085 are valid inside a JSON string.
 
-    A file named neither .csv nor .tsv (such as SMSSpamCollection) is read as TSV when its header
-    line holds a tab, else as CSV. TSV has no quoting (IANA text/tab-separated-values, as GLUE and
-    the SMS Spam Collection write it): a field that starts with a quote keeps it, and cannot swallow
-    the lines that follow."""
+    A gzipped file is read as the format before .gz. A file named neither .csv nor .tsv (such as
+    SMSSpamCollection) is read as TSV when its header line holds a tab, else as CSV. TSV has no
+    quoting (IANA text/tab-separated-values, as GLUE and the SMS Spam Collection write it): a field
+    that starts with a quote keeps it, and cannot swallow the lines that follow."""
     stats = stats if stats is not None else ReadStats()
     text = _read_text(path, errors, stats)
-    rows = _jsonl_rows(path, text) if path.suffix.lower() == ".jsonl" else _table_rows(path, text)
+    rows = _jsonl_rows(path, text) if _format(path) == ".jsonl" else _table_rows(path, text)
     for line, row in rows:
         if isinstance(row, DataError):
             if on_error is None:
@@ -167,16 +238,23 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
 
 
 def _read_text(path: Path, errors: str, stats: ReadStats) -> str:
-    """A whole record file as text, without a leading BOM; bad UTF-8 as data.encoding_errors says."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
+    """A whole record file as text (decompressed if gzipped), without a leading BOM; bad UTF-8 as
+    data.encoding_errors says."""
+    try:
+        with _open(path) as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as e:
+        if not _compressed(path):
+            raise
+        raise _bad_gzip(path, e) from None
     stats.bytes += len(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         if errors == "strict":
             line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: bytes at offset {e.start} are not valid UTF-8; fix the "
+            where = " of the decompressed text" if _compressed(path) else ""
+            raise DataError(f"{path}:{line}: bytes at offset {e.start}{where} are not valid UTF-8; fix the "
                             "file or set data.encoding_errors=replace") from None
         before = _replaced[0]
         text = raw.decode("utf-8", errors="pretune-count")
@@ -205,7 +283,7 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict | DataError]]
 def _table_rows(path: Path, text: str) -> Iterator[tuple[int, dict | DataError]]:
     """(line, row) per CSV/TSV row, or (line, DataError) for a row with more fields than the header."""
     csv.field_size_limit(sys.maxsize)
-    suffix = path.suffix.lower()
+    suffix = _format(path)
     tabs = suffix == ".tsv" or (suffix != ".csv" and "\t" in text.partition("\n")[0])
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",",
                             quoting=csv.QUOTE_NONE if tabs else csv.QUOTE_MINIMAL)

@@ -364,9 +364,18 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", **overri
     cfg = hf_to_model_config(read_hf_config(d), overrides.pop("max_seq_len", None))
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    tok = load_hf_tokenizer(d)
+    check_vocab(tok, cfg.vocab_size, d)
     model = GPT(cfg)
     load_model_state(model, convert_hf_state(read_hf_state(d), cfg, torch.float32))
-    return model.to(device), load_hf_tokenizer(d)
+    return model.to(device), tok
+
+
+def check_vocab(tok, n_embeddings: int, where) -> None:
+    """Refuse a tokenizer with ids past the model's embeddings (they would fail in the first forward)."""
+    if tok is not None and tok.vocab_size > n_embeddings:
+        raise InteropError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{n_embeddings} embeddings; use the tokenizer the model was trained with")
 
 
 def _module_from_state(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -402,9 +411,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str = "float32", max_seq_
     cfg = hf_to_model_config(hf, max_seq_len, log)
     sd = convert_hf_state(read_hf_state(d), cfg, want)
     tok = load_hf_tokenizer(d, log)
-    if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise InteropError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
-                           f"{cfg.vocab_size} embeddings")
+    check_vocab(tok, cfg.vocab_size, d)
     save_model_dir(_module_from_state(cfg, sd), out, tok,
                    extra_config={"hf_source": str(src), "hf_model_type": hf["model_type"]})
     if (d / "generation_config.json").is_file():

@@ -7,6 +7,7 @@ directory.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -35,7 +36,15 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Load weights; a tied alias may be absent (it is filled through the tensor it shares)."""
+    """Load weights; a tied alias may be absent (it is filled through the tensor it shares). Weights of
+    another shape (a run resumed with other model.* settings) raise ModelDirError naming the first."""
+    own = model.state_dict()
+    for name, tensor in sd.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise ModelDirError(
+                f"weights do not fit the model: {name} has shape {tuple(tensor.shape)} in the saved weights "
+                f"but {tuple(own[name].shape)} in the model; a run's architecture cannot change (when "
+                "resuming, leave model.* as the run's config.yaml has them, or start a new run)")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if m not in _aliases(model)]
     if strict and (missing or unexpected):
@@ -84,11 +93,22 @@ def find_model_dir(path: str | Path) -> Path:
         return p / "adapter"
     if (p / "lora.json").is_file() and (p / "adapter.safetensors").is_file():
         return p
-    ckpts = sorted(d for d in (p / "checkpoints").glob("step-*") if (d / "model.safetensors").is_file())
+    ckpts = sorted((d for d in (p / "checkpoints").glob("step-*")
+                    if checkpoint_step(d) is not None and (d / "model.safetensors").is_file()), key=checkpoint_step)
     if ckpts:
         return ckpts[-1]
     raise ModelDirError(f"{p} holds no model (expected model/config.json and model/model.safetensors, "
                       "or a checkpoint)")
+
+
+_STEP = re.compile(r"step-(\d+)")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint directory named step-N (N of any width), else None. Checkpoints are
+    ordered by it: their names sort as text only up to step 999999."""
+    m = _STEP.fullmatch(Path(path).name)
+    return int(m[1]) if m else None
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:

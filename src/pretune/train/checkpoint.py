@@ -7,16 +7,23 @@ place: a crash leaves either the whole checkpoint or none of it, never half of o
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pretune.errors import UserError
 from pretune.files import atomic_dir, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
-from pretune.model.io import load_model_state, model_state
+from pretune.model.io import checkpoint_step, load_model_state, model_state
 
 CKPT_PREFIX = "step-"
 
@@ -26,19 +33,47 @@ class RunDirError(UserError, RuntimeError):
 
 
 # Files by which overwrite=true knows a directory as pretune's (a run, a cross-validation root, the
-# demo's): it never deletes a directory that holds none of them.
-RUN_MARKERS = ("config.yaml", "summary.json", "lineage.json", "demo-study.yaml", "world/world.json")
+# demo's): names no other program writes together. It never deletes a directory that holds none of
+# them (config.yaml alone is a name many projects use).
+RUN_MARKERS = ("lineage.json", "metrics.jsonl", "checkpoints/step-*/state.json", "demo-study.yaml",
+               "world/world.json")
+# ...or that holds config.yaml and tokenizer.json alone (a run stopped before it wrote lineage.json)
+RUN_FIRST_FILES = ("config.yaml", "tokenizer.json")
+
+# Every name a run, a cross-validation root or the demo writes at the top of its directory. A
+# directory that holds anything else is not replaced: that entry would be lost with it.
+RUN_ENTRIES = frozenset({
+    "config.yaml", "lineage.json", "metrics.jsonl", "summary.json", "predictions.jsonl",  # every run
+    "tokenizer.json", "tokenizer_config.json",  # Tokenizer.save
+    "model", "adapter", "best", "checkpoints",  # the final model, a LoRA adapter, early stopping's best
+    "tensorboard", "mlflow_run_id",  # train/tracking.py
+    ".lock",  # lock_run_dir
+    "demo-study.yaml", "world", "study",  # pretune demo
+})
+_FOLD = re.compile(r"fold-\d+")  # finetune.cv's folds, each a run
+# files and directories on their way in or out (files.atomic_write_bytes, files.atomic_dir, rotation)
+# (tempfile's 8 random characters, or a pid)
+_TEMP = re.compile(r"\.(?P<name>.+?)\.(tmp-[a-z0-9_]{8}|old-\d+|trash-\d+|[a-z0-9_]{8})")
+_CKPT_DEBRIS = re.compile(rf"\.{CKPT_PREFIX}\d+\.(tmp-[a-z0-9_]{{8}}|old-\d+|trash-\d+)")
+LOCK_FILE = ".lock"
 
 
 def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tuple = ()) -> Path:
     """Create out_dir, refusing one that holds another run unless told to overwrite or resume.
 
-    overwrite=true replaces only a directory that pretune wrote (RUN_MARKERS), and never one that
-    holds a path in `keep` (the parent model, the data): those would be lost with it."""
+    overwrite=true replaces only a directory that pretune wrote (RUN_MARKERS) and that holds nothing
+    else (RUN_ENTRIES), and never one that holds a path in `keep` (the parent model, the data): those
+    would be lost with it. Resuming takes the run's lock (lock_run_dir), then clears the debris a
+    killed run left (sweep_debris). Call it on one process (rank 0)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{'resume' if resume else 'out_dir'}={out} is a file, not a directory; "
+                          f"{'give the run directory' if resume else 'choose another out_dir'}")
     if resume:
         if not (out / "config.yaml").is_file():
             raise RunDirError(f"resume={out}: no run there (no config.yaml); check the path")
+        lock_run_dir(out)  # before sweeping: a live run's temporary checkpoint is not debris
+        sweep_debris(out)
         return out
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -49,13 +84,45 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tu
         if inside:
             raise RunDirError(f"overwrite=true would delete {', '.join(inside)} with out_dir {out}; "
                               "choose another out_dir")
-        if not any((out / m).exists() for m in RUN_MARKERS):
-            raise RunDirError(f"out_dir {out} holds files that no pretune run wrote (none of "
-                              f"{', '.join(RUN_MARKERS)}); overwrite=true replaces only runs. Choose another "
-                              "out_dir, or empty it yourself")
+        foreign = foreign_entries(out)
+        if not written_by_pretune(out):
+            raise RunDirError(f"out_dir {out} holds files that no pretune run wrote ("
+                              f"{_names(foreign or sorted(e.name for e in out.iterdir()))}; none of "
+                              f"{', '.join(RUN_MARKERS)} is there): overwrite=true replaces only runs. Choose "
+                              "another out_dir, or empty it yourself")
+        if foreign:
+            raise RunDirError(f"out_dir {out} holds a run but also {_names(foreign)}, which no pretune run "
+                              "writes: overwrite=true would delete them with it. Remove or move them, or "
+                              "choose another out_dir")
+        _refuse_if_locked(out)
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"out_dir {out} cannot be created ({e.strerror or e}); choose another out_dir") from None
     return out
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def written_by_pretune(directory: Path) -> bool:
+    """Whether `directory` holds a file by which pretune knows its own runs (RUN_MARKERS)."""
+    if any(next(directory.glob(m), None) is not None for m in RUN_MARKERS):
+        return True
+    return all((directory / f).is_file() for f in RUN_FIRST_FILES)
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """The names at the top of `directory` that no pretune run writes (sorted)."""
+    def ours(name: str) -> bool:
+        if name in RUN_ENTRIES or _FOLD.fullmatch(name):
+            return True
+        temp = _TEMP.fullmatch(name)
+        return bool(temp) and (temp["name"] in RUN_ENTRIES or bool(_FOLD.fullmatch(temp["name"])))
+
+    return sorted(e.name for e in directory.iterdir() if not ours(e.name))
 
 
 def _within(path: Path, directory: Path) -> bool:
@@ -65,17 +132,143 @@ def _within(path: Path, directory: Path) -> bool:
     return plain.resolve().is_relative_to(directory.resolve())
 
 
+def sweep_debris(run_dir: str | Path) -> list[Path]:
+    """Remove what a killed run leaves behind and nothing reads: checkpoints being written
+    (checkpoints/.step-N.tmp-*), replaced or rotated out (.old-*, .trash-*), an old checkpoint that
+    rotation was deleting (no state.json), and the run's own temporary files and directories
+    (.model.tmp-*, .summary.json.XXXXXXXX, best/.model.safetensors.XXXXXXXX). Hold the run's lock
+    first (lock_run_dir): a live run's temporary files look the same. Returns what was removed."""
+    run_dir = Path(run_dir)
+    gone = []
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for d in root.iterdir():
+            torn = d.is_dir() and checkpoint_step(d) is not None and not (d / "state.json").is_file()
+            if _CKPT_DEBRIS.fullmatch(d.name) or torn:
+                gone.append(d)
+    for e in run_dir.iterdir() if run_dir.is_dir() else ():
+        temp = _TEMP.fullmatch(e.name)
+        if temp and temp["name"] in RUN_ENTRIES:
+            gone.append(e)
+    best = run_dir / "best"  # early stopping's model.safetensors, written in place
+    gone += [f for f in best.glob(".model.safetensors.*")] if best.is_dir() else []
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints (step-N with state.json), oldest first by step."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith(CKPT_PREFIX)
-                  and (d / "state.json").is_file())
+    found = [d for d in root.iterdir() if d.is_dir() and checkpoint_step(d) is not None
+             and (d / "state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
+
+
+def rotate_checkpoints(run_dir: Path, keep_last: int, protect: set[int] | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints (and those in `protect`). Each is renamed to
+    a hidden name first, so a kill part-way leaves debris that sweep_debris clears, never a
+    checkpoint with files missing."""
+    protect = protect or set()
+    old = [d for d in checkpoint_dirs(run_dir) if checkpoint_step(d) not in protect]
+    for d in old[:-keep_last] if keep_last > 0 else []:
+        trash = d.with_name(f".{d.name}.trash-{os.getpid()}")
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            d.rename(trash)
+        except OSError:
+            continue  # left for the next rotation
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the run's lock
+
+_LOCKS: dict[str, object] = {}  # resolved run directory -> its open lock file (kept open: closing unlocks)
+
+
+def lock_run_dir(run_dir: str | Path) -> Path:
+    """Take run_dir/.lock (flock, exclusive) for the rest of the process, or until unlock_run_dir, so
+    that a second pretune process resuming or replacing the run is refused instead of writing into it.
+    The file holds the holder's pid. Taking it again in the same process does nothing; where there is
+    no fcntl (Windows) or the file system has no locks, nothing is locked. Call it on rank 0 alone."""
+    run_dir = Path(run_dir)
+    path, key = run_dir / LOCK_FILE, str(run_dir.resolve())
+    if fcntl is None or (key in _LOCKS and _same_file(_LOCKS[key], path)):
+        return path
+    unlock_run_dir(run_dir)  # a lock on a file since deleted (the directory was removed and made again)
+    try:
+        fh = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="ascii")  # noqa: SIM115 (stays open)
+    except OSError as e:
+        raise RunDirError(f"cannot write {path} ({e.strerror or e}); check that {run_dir} is a directory "
+                          "you can write to") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _pid_in(fh)
+        fh.close()
+        raise RunDirError(_busy(run_dir, holder)) from None
+    except OSError:  # no locks on this file system (some network mounts): go on unlocked
+        fh.close()
+        return path
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _LOCKS[key] = fh
+    return path
+
+
+def _same_file(fh, path: Path) -> bool:
+    """Whether the open file `fh` is still the file at `path`."""
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+    except (OSError, ValueError):
+        return False
+
+
+def unlock_run_dir(run_dir: str | Path) -> None:
+    """Let go of the lock lock_run_dir took (at the end of a run, in a process that runs several)."""
+    fh = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fh is not None:
+        fh.close()
+
+
+def _refuse_if_locked(run_dir: Path) -> None:
+    """Raise RunDirError when another process holds run_dir's lock (a live run); let go of ours."""
+    unlock_run_dir(run_dir)
+    if fcntl is None or not (run_dir / LOCK_FILE).is_file():
+        return
+    with open(run_dir / LOCK_FILE, "r", encoding="ascii") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(_busy(run_dir, _pid_in(fh))) from None
+        except OSError:
+            return
+
+
+def _pid_in(fh) -> str:
+    try:
+        fh.seek(0)
+        return fh.read().strip() or "unknown"
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _busy(run_dir: Path, pid: str) -> str:
+    return (f"another pretune process is using {run_dir} (pid {pid}); wait for it or choose another "
+            "out_dir")
 
 
 def rng_state() -> dict:
@@ -114,10 +307,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step, saved_at=time.time()), indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
-    protect = protect or set()
-    old = [d for d in checkpoint_dirs(run_dir) if int(d.name[len(CKPT_PREFIX):]) not in protect]
-    for d in old[:-keep_last]:
-        shutil.rmtree(d, ignore_errors=True)
+    rotate_checkpoints(run_dir, keep_last, protect)
     return final
 
 
@@ -125,24 +315,51 @@ def load_checkpoint(ckpt: Path, model, optimizer, device, rank: int = 0) -> dict
     """Restore weights, optimiser and this rank's random state; return the loop state.
 
     Either format loads into a plain, DDP or FSDP model: a sharded (DCP) checkpoint reshards to
-    any number of processes, and a safetensors one is spread over the shards of an FSDP model."""
+    any number of processes, and a safetensors one is spread over the shards of an FSDP model. A
+    checkpoint whose files cannot be read raises RunDirError naming it (see _read)."""
     from pretune.train.dist import is_sharded
 
+    ckpt = Path(ckpt)
+    state = _read(ckpt, lambda: json.loads((ckpt / "state.json").read_text()))
     if (ckpt / DCP_DIR).is_dir():
         _load_dcp(ckpt, model, optimizer)
         names = sorted(ckpt.glob("rng-*.pt"))
         mine = ckpt / f"rng-{rank:05d}.pt"
-        set_rng_state(torch.load(mine if mine.is_file() else names[0], weights_only=False))
+        set_rng_state(_read(ckpt, lambda: torch.load(mine if mine.is_file() else names[0], weights_only=False)))
     else:
         if is_sharded(model):
             _load_full_into_sharded(ckpt, model, optimizer)
         else:
-            load_model_state(model, load_file(str(ckpt / "model.safetensors"), device=str(device)))
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        rng = torch.load(ckpt / "rng.pt", weights_only=False)
+            weights = _read(ckpt, lambda: load_file(str(ckpt / "model.safetensors"), device=str(device)))
+            saved = _read(ckpt, lambda: torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+            load_model_state(model, weights)
+            optimizer.load_state_dict(saved)
+        rng = _read(ckpt, lambda: torch.load(ckpt / "rng.pt", weights_only=False))
         ranks = rng.get("ranks") or [rng]
         set_rng_state(ranks[rank] if rank < len(ranks) else rng)
-    return json.loads((ckpt / "state.json").read_text())
+    return state
+
+
+def _read(ckpt: Path, read):
+    """read(), with a checkpoint file that is missing, cut short or damaged (a full disk, a copy
+    interrupted) turned into a RunDirError that names the checkpoint and the one before it. It does not
+    fall back by itself: the user decides to lose the steps since the previous checkpoint."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return read()
+    except (UserError, torch.OutOfMemoryError):
+        raise
+    except (SafetensorError, OSError, EOFError, pickle.UnpicklingError, ValueError, RuntimeError, IndexError,
+            KeyError) as e:
+        step = checkpoint_step(ckpt) or 0
+        earlier = [d for d in checkpoint_dirs(ckpt.parent.parent) if checkpoint_step(d) < step]
+        then = (f"remove it (rm -r {ckpt}) to resume from the previous checkpoint, {earlier[-1]}" if earlier else
+                "it is the run's only checkpoint: start the run again with overwrite=true")
+        raise RunDirError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {e}); it is damaged or "
+                          f"incomplete. To go on, {then}") from None
 
 
 # ----------------------------------------------------------------------------- sharded (FSDP)
@@ -183,10 +400,7 @@ def save_checkpoint_sharded(run_dir: Path, step: int, model, optimizer, state: d
                 tokenizer.save(tmp)
     barrier(rt)
     if rt.is_main:
-        protect = protect or set()
-        old = [d for d in checkpoint_dirs(run_dir) if int(d.name[len(CKPT_PREFIX):]) not in protect]
-        for d in old[:-keep_last]:
-            shutil.rmtree(d, ignore_errors=True)
+        rotate_checkpoints(run_dir, keep_last, protect)
     return final
 
 
@@ -208,8 +422,8 @@ def _load_full_into_sharded(ckpt: Path, model, optimizer) -> None:
     tensors and keeps its shards; the optimiser's positional state is keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    sd = load_file(str(ckpt / "model.safetensors"))
-    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    sd = _read(ckpt, lambda: load_file(str(ckpt / "model.safetensors")))
+    saved = _read(ckpt, lambda: torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     names = {id(p): n for n, p in model.named_parameters()}
     by_index: dict[int, str] = {}
     for live, old in zip(optimizer.param_groups, saved["param_groups"]):

@@ -93,13 +93,24 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         self.trackers = open_trackers(cfg, path.parent, enabled) if cfg is not None else []
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run will log those steps again)."""
+    def truncate_after(self, step: int) -> int:
+        """Drop lines logged after `step` (a resumed run logs those steps again), an interim line at
+        `step` itself (its interval goes on in the resumed run), and lines that do not parse (a write
+        cut short by a full disk or a kill). Returns how many unreadable lines were dropped."""
         if not (self.enabled and self.path.is_file()):
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+            return 0
+        keep, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn += bool(line.strip())
+                continue
+            if isinstance(record, dict) and (record.get("step", 0) < step or (
+                    record.get("step", 0) == step and not record.get("interim"))):
+                keep.append(line)
         ck.atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+        return torn
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -125,11 +136,13 @@ def _round(x):
 def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data: StepData, objective,
           evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer=None,
           log: Callable[[str], None] = print, summary_extra: dict | None = None,
-          save_final: Callable[[torch.nn.Module, Path], None] | None = None) -> dict:
+          save_final: Callable[[torch.nn.Module, Path], None] | None = None, scored_after: bool = False) -> dict:
     """Run (or resume) the optimisation; write metrics.jsonl, checkpoints, model/ and summary.json.
 
     With train.early_stop_metric the best weights by that figure are kept in best/ and become the
     final model; train.patience stops the run after that many evaluations without improvement.
+    With `scored_after` the caller scores the final model and writes the finished summary itself:
+    until then summary.json says "scoring", so a run killed in between is not taken for finished.
     """
     t_cfg = cfg.train
     device = rt.device
@@ -151,9 +164,11 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                                  f"with overwrite=true")
         state.update(ck.load_checkpoint(last, model, optimizer, device, rt.rank))
         start = state["step"]
-        metrics.truncate_after(start)
+        torn = metrics.truncate_after(start)
         if rt.is_main:
             log(f"resumed from {last} at step {start}")
+            if torn:
+                log(f"warning: dropped {torn} unreadable line(s) of {metrics.path} (a write cut short)")
     else:
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout stream; the weights were seeded before
 
@@ -178,6 +193,11 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
     interval_steps = 0
+    # the logging interval a checkpoint cut in two goes on: the resumed run logs the same losses
+    carried = state.pop("interval", None) or {"loss": 0.0, "steps": 0}
+    if rt.is_main:  # the saved loss is the sum over ranks already
+        interval_loss += carried["loss"]
+    interval_steps = carried["steps"]
     interval_tokens = 0
     # target tokens and tokens not yet added to state (device tensors when distributed)
     pending_targets, pending_tokens = 0.0, 0
@@ -258,6 +278,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 check_finite(s)
 
             is_last = s == stop
+            # a stop part-way (train.stop_after) logs where it stands; the interval goes on on resume
+            interim = is_last and s % t_cfg.log_every != 0 and s != max_steps
             do_log = s % t_cfg.log_every == 0 or is_last
             do_eval = evaluate is not None and t_cfg.eval_every and (s % t_cfg.eval_every == 0 or s == max_steps)
             do_save = t_cfg.save_every and (s % t_cfg.save_every == 0 or is_last)
@@ -274,12 +296,16 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                           "flops": state["flops"], "wall_s": wall_before + time.perf_counter() - t_run}
                 if peak:
                     record["mfu"] = fpt["total"] * tps / (peak * rt.world)
-                interval_loss.zero_()
-                interval_steps, interval_tokens = 0, 0
+                if interim:
+                    record["interim"] = True
+                else:
+                    interval_loss.zero_()
+                    interval_steps = 0
+                interval_tokens = 0
             if do_eval:
                 t_eval = time.perf_counter()
                 state["eval"] = evaluate(model)
-                if do_log:
+                if do_log and not interim:
                     record.update(state["eval"])
                 else:
                     metrics.write({"step": s, **{k: _round(v) for k, v in state["eval"].items()}})
@@ -305,6 +331,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             if do_save:
                 state["wall_s"] = wall_before + time.perf_counter() - t_run
                 state["energy_j"] = energy_before + run_joules()  # a collective
+                state["interval"] = {"loss": float(all_reduce_sum(interval_loss.clone(), rt)),
+                                     "steps": interval_steps}
                 if sharded_ckpt:  # every rank writes its shards (DCP)
                     last_good_ckpt = ck.save_checkpoint_sharded(run_dir, s, model, optimizer, state,
                                                                 t_cfg.keep_last, rt, tokenizer)
@@ -365,7 +393,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     if rt.is_main:
         if status != "stopped":
             (save_final or (lambda m, d: save_model_dir(m, d, tokenizer)))(final, run_dir / "model")
-        ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in summary.items()})
+        on_disk = dict(summary, status="scoring") if scored_after and status != "stopped" else summary
+        ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in on_disk.items()})
     metrics.close(summary)
     if final is not None and final is not model:
         # FSDP: rank 0's gathered copy was built on the CPU, with the shards and the optimiser state

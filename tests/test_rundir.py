@@ -1,0 +1,232 @@
+"""The run directory without training: what overwrite=true may delete, checkpoint order, file modes,
+debris a kill leaves, the run's lock, and damaged or mismatched checkpoints as user errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretune import files
+from pretune.model.config import ModelConfig
+from pretune.model.gpt import GPT
+from pretune.model.io import ModelDirError, find_model_dir, load_model_state
+from pretune.train import checkpoint as ck
+from pretune.train.checkpoint import RunDirError
+
+
+def tiny(**kw) -> GPT:
+    return GPT(ModelConfig(preset="tiny", vocab_size=40, **kw))
+
+
+def fake_checkpoint(run, step: int, weights: bool = False):
+    d = run / "checkpoints" / f"step-{step:06d}"
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps({"step": step}))
+    if weights:
+        (d / "model.safetensors").write_bytes(b"")
+    return d
+
+
+def a_run(run):
+    """The files a finished pretrain run holds (written directly)."""
+    for name in ("config.yaml", "lineage.json", "metrics.jsonl", "summary.json", "tokenizer.json",
+                 "tokenizer_config.json", "mlflow_run_id", ".lock"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("{}")
+    for d in ("model", "best", "tensorboard", "adapter", "fold-0"):
+        (run / d).mkdir()
+        (run / d / "x").write_text("x")
+    fake_checkpoint(run, 10)
+    (run / ".summary.json.ab12cd34").write_text("")  # a write cut short by a kill
+    return run
+
+
+# ----------------------------------------------------------------------------- 1. overwrite=true
+
+
+def test_overwrite_never_deletes_a_project_that_has_a_config_yaml(tmp_path):
+    project = tmp_path / "myproject"
+    (project / "src").mkdir(parents=True)
+    (project / "config.yaml").write_text("lr: 1\n")
+    (project / "src" / "main.py").write_text("print()\n")
+    (project / "thesis.tex").write_text("\\begin{document}\n")
+    with pytest.raises(RunDirError, match="no pretune run wrote.*(src|thesis.tex)"):
+        ck.prepare_out_dir(project, overwrite=True, resume=False)
+    assert (project / "thesis.tex").is_file() and (project / "src" / "main.py").is_file()
+
+
+def test_overwrite_refuses_a_run_that_holds_other_files_and_replaces_a_clean_one(tmp_path):
+    run = a_run(tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    (run / "data").mkdir()
+    with pytest.raises(RunDirError, match=r"also data, notes.txt.*Remove or move them"):
+        ck.prepare_out_dir(run, overwrite=True, resume=False)
+    assert (run / "notes.txt").is_file() and (run / "model" / "x").is_file()
+    (run / "notes.txt").unlink()
+    (run / "data").rmdir()
+    assert ck.prepare_out_dir(run, overwrite=True, resume=False) == run
+    assert run.is_dir() and not any(run.iterdir())
+
+
+def test_out_dir_or_resume_that_is_a_file_is_a_run_dir_error(tmp_path):
+    f = tmp_path / "results.txt"
+    f.write_text("x")
+    for resume in (False, True):
+        with pytest.raises(RunDirError, match="is a file, not a directory"):
+            ck.prepare_out_dir(f, overwrite=True, resume=resume)
+    with pytest.raises(RunDirError, match="cannot be created"):
+        ck.prepare_out_dir(f / "run", overwrite=False, resume=False)
+    assert f.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------- 2. checkpoint order
+
+
+def test_checkpoints_are_ordered_by_step_past_a_million(tmp_path):
+    run = tmp_path / "run"
+    for step in (999_998, 999_999, 1_000_000):
+        fake_checkpoint(run, step, weights=True)
+    assert [d.name for d in ck.checkpoint_dirs(run)] == ["step-999998", "step-999999", "step-1000000"]
+    assert ck.latest_checkpoint(run).name == "step-1000000"
+    assert find_model_dir(run).name == "step-1000000"
+    # rotation keeps the newest two: the checkpoint just written is not the one deleted
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    ck.save_checkpoint(run, 1_000_001, model, opt, {}, keep_last=2)
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step-1000000", "step-1000001"]
+
+
+# ----------------------------------------------------------------------------- 3. file modes
+
+
+def test_run_files_and_directories_follow_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_UMASK", None, raising=False)  # read it again
+    old = os.umask(0o022)
+    try:
+        files.atomic_write_bytes(tmp_path / "summary.json", b"{}")
+        with files.atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- 4. debris
+
+
+def test_resume_sweeps_what_a_kill_left_and_rotation_never_leaves_half_a_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    ck.save_checkpoint(run, 10, model, opt, {}, keep_last=2)
+    ck.save_checkpoint(run, 20, model, opt, {}, keep_last=2)
+
+    def killed_midway(path, ignore_errors=False):  # rmtree that dies after deleting the weights
+        (path / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(run, 30, model, opt, {}, keep_last=2)
+    monkeypatch.undo()
+    # the checkpoint being deleted is out of sight: resume never picks one without its weights
+    assert [d.name for d in ck.checkpoint_dirs(run)] == ["step-000020", "step-000030"]
+    (run / "config.yaml").write_text("{}")
+    tmp_ckpt = run / "checkpoints" / ".step-000058.tmp-k2j3h4g5"
+    tmp_ckpt.mkdir()
+    (tmp_ckpt / "model.safetensors").write_bytes(b"0" * 1000)
+    torn = run / "checkpoints" / "step-000005"  # rotation by an older pretune, killed in place
+    torn.mkdir()
+    (torn / "optimizer.pt").write_bytes(b"0")
+    (run / ".model.tmp-abcdefgh").mkdir()
+    (run / ".summary.json.ab12cd34").write_text("")
+    ck.prepare_out_dir(run, overwrite=False, resume=True)
+    ck.unlock_run_dir(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml"]
+
+
+# ----------------------------------------------------------------------------- 5. the lock
+
+
+HOLD = """
+import sys, time
+from pretune.train.checkpoint import lock_run_dir
+lock_run_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="runs are not locked without fcntl")
+def test_a_second_process_is_refused_a_live_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    (run / "lineage.json").write_text("{}")
+    live = run / "checkpoints" / ".step-000058.tmp-k2j3h4g5"  # the live run is writing it
+    live.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = rf"another pretune process is using {run} \(pid {holder.pid}\); wait for it or choose another"
+        with pytest.raises(RunDirError, match=busy):
+            ck.lock_run_dir(run)
+        with pytest.raises(RunDirError, match=busy):
+            ck.prepare_out_dir(run, overwrite=False, resume=True)
+        with pytest.raises(RunDirError, match=busy):
+            ck.prepare_out_dir(run, overwrite=True, resume=False)
+        assert live.is_dir() and (run / "lineage.json").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 10
+    while True:  # the kernel lets go of a killed process's lock
+        try:
+            ck.lock_run_dir(run)
+            break
+        except RunDirError:
+            assert time.time() < deadline
+            time.sleep(0.05)
+    assert ck.lock_run_dir(run) == run / ".lock"  # again in the same process: nothing to do
+    assert (run / ".lock").read_text().strip() == str(os.getpid())
+    ck.unlock_run_dir(run)
+
+
+# ----------------------------------------------------------------------------- 6, 7. loading
+
+
+def test_weights_of_another_width_name_the_tensor_and_both_shapes():
+    small, wide = tiny(d_model=64), tiny(d_model=96, d_ff=256)
+    with pytest.raises(ModelDirError, match=r"tok_emb.weight has shape \(40, 64\) in the saved weights but "
+                                            r"\(40, 96\) in the model; a run's architecture cannot change"):
+        load_model_state(wide, small.state_dict())
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_go_back_to(tmp_path):
+    run = tmp_path / "run"
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (10, 20):
+        ck.save_checkpoint(run, step, model, opt, {"tokens": step}, keep_last=2)
+    last = ck.latest_checkpoint(run)
+    data = (last / "model.safetensors").read_bytes()
+    (last / "model.safetensors").write_bytes(data[:100])  # a copy cut short
+    with pytest.raises(RunDirError, match=r"checkpoint .*step-000020 cannot be read .*remove it .*step-000010"):
+        ck.load_checkpoint(last, tiny(), opt, "cpu")
+    (last / "model.safetensors").write_bytes(data)
+    (last / "optimizer.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(RunDirError, match="step-000020 cannot be read"):
+        ck.load_checkpoint(last, tiny(), opt, "cpu")
+    only = tmp_path / "only"
+    ck.save_checkpoint(only, 5, model, opt, {}, keep_last=2)
+    (only / "checkpoints" / "step-000005" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RunDirError, match="only checkpoint: start the run again with overwrite=true"):
+        ck.load_checkpoint(ck.latest_checkpoint(only), tiny(), opt, "cpu")
+    assert ck.load_checkpoint(ck.latest_checkpoint(run).with_name("step-000010"), tiny(), opt, "cpu")["tokens"] == 10
