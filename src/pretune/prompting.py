@@ -18,7 +18,8 @@ from pretune.config import Config
 from pretune.data import tasks as T
 from pretune.errors import ConfigError
 from pretune.files import atomic_write_json
-from pretune.finetune import _records, evaluate_task, write_predictions
+from pretune.eval.scoring import evaluate_task, write_predictions
+from pretune.finetune import _records
 from pretune.model.io import load_model
 from pretune.stages import open_run, parent_tokenizer, save_run_config
 from pretune.train import checkpoint as ck

@@ -5,7 +5,7 @@ pretune carries its task in model/task.json: the task, the label names in the or
 trained on, and whether it classifies with a head or by scoring label words (verbalizer); with no
 `task=` given, that task is evaluated. Records are read with the same field names and template as
 `pretune finetune` reads them (data.text_field, data.label_field, ...), and scored by the same code
-as the evaluations during fine-tuning (finetune.evaluate_task), so the figures agree.
+as the evaluations during fine-tuning (eval.scoring.evaluate_task), so the figures agree.
 
 Preference data is scored by the model's own margin, log p(chosen) - log p(rejected): the share of
 pairs it prefers the chosen response (pref_accuracy) and the mean margin; with `reference=MODEL`
@@ -65,7 +65,7 @@ class _PolicyMargins:
 def evaluate_on_task(model_path: str, e, device, info: dict | None = None) -> dict:
     """Task figures of the model at `model_path` on e.data.val (an EvaluateConfig `e`); `info` is
     its task.json when the caller has read it already."""
-    from pretune.finetune import evaluate_task, write_predictions
+    from pretune.eval.scoring import evaluate_task, write_predictions
 
     info = read_task_info(model_path) if info is None else info
     task = e.task or info.get("task")
