@@ -102,7 +102,7 @@ RESUME_SAFE = ("train.eval_every", "train.log_every", "train.save_every", "train
                "train.progress", "train.threads", "train.stop_after", "train.eval_tokens", "track")
 # Keys a resumed run cannot change: its checkpoint holds a model (and optimiser) built with them.
 RESUME_FIXED = ("model.", "method", "task", "lora.rank", "lora.targets", "finetune.classifier", "data.tokenizer",
-                "data.vocab_size", "data.labels", "dist.strategy")
+                "data.vocab_size", "data.labels")
 RESUME_FIXED_EXCEPT = ("model.dropout", "model.attn_dropout")
 
 
