@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("jinja2", reason="chat templates need jinja2 (the hf or eval extra)")
 
 from pretune.data.templates import (DEFAULT_CHAT_TEMPLATE, ChatMessageError, ChatTemplateError,  # noqa: E402
-                                    render_chat, render_prompt_response, render_turns)
+                                    render_chat, render_prompt_response, render_turns, stop_ids)
 from pretune.data.tokenizer import train_char  # noqa: E402
 from pretune.errors import UserError  # noqa: E402
 
@@ -128,3 +128,16 @@ def test_every_turn_needs_a_template_that_keeps_earlier_turns(tok):
     with pytest.raises(ChatTemplateError, match=r"messages\[2\].*finetune.turns=last"):
         render_turns(CONVERSATION, tok)
     assert render_prompt_response(CONVERSATION, tok)[1] == "Blue.\n"  # the last turn alone still works
+
+
+def test_generation_stops_at_the_templates_end_of_turn_token():
+    from pretune.data.tokenizer import train_bpe
+
+    tok = train_bpe(iter(["some text to learn from " * 20]), vocab_size=300)
+    tok.chat_template = None
+    assert stop_ids(tok) == {tok.eos_id}  # pretune's default ends a turn with EOS itself
+    tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHATML
+    assert stop_ids(tok) == {tok.eos_id, tok.tok.token_to_id("<|im_end|>")}
+    tok.chat_template = "{{ raise_exception('no') }}"
+    assert stop_ids(tok) == {tok.eos_id}

@@ -187,8 +187,9 @@ def _model_arg(model: str | None, verb: str) -> str:
 
 def cmd_generate(argv):
     from pretune.config import load_config
-    from pretune.eval.options import GenerateConfig
+    from pretune.data.templates import stop_ids
     from pretune.eval.generate import PREFIX_TOKENS, TextStream, stream_tokens
+    from pretune.eval.options import GenerateConfig
     from pretune.model.io import load_model
     from pretune.train.dist import pick_device
 
@@ -206,7 +207,7 @@ def cmd_generate(argv):
         sys.stdout.write(g.prompt)
         text = TextStream(tok, [], prefix=prompt[-PREFIX_TOKENS:])  # whole characters, leading spaces kept
         for t in stream_tokens(model, prompt, g.max_new_tokens, g.temperature, g.top_k, g.top_p, seed,
-                               stop_ids={tok.eos_id}):
+                               stop_ids=stop_ids(tok)):
             sys.stdout.write(text.push(t)[0])
             sys.stdout.flush()
         sys.stdout.write(text.flush() + "\n" + ("-" * 40 + "\n" if i + 1 < g.num_samples else ""))

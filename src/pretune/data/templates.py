@@ -247,3 +247,21 @@ def render_turns(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         done = len(before) + len(turn)
     pieces += [(prompt[done:], False), (response, True)]
     return [(text, trained) for text, trained in pieces if text or trained]
+
+
+def stop_ids(tokenizer) -> set[int]:
+    """The token ids that end a generated answer: EOS, and the special tokens the chat template writes
+    to end an assistant turn (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Gemma's <end_of_turn>) where
+    the tokenizer's EOS is another token, as transformers' generation_config lists them."""
+    ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    tok = getattr(tokenizer, "tok", None)
+    if tok is None or not getattr(tokenizer, "chat_template", None):
+        return ids
+    try:
+        turn = render_prompt_response([{"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": RESPONSE_MARK}], tokenizer)[1]
+    except (ChatTemplateError, ChatMessageError):
+        return ids
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    after = turn.split(RESPONSE_MARK, 1)[-1]
+    return ids | {i for i in tokenizer.encode(after) if i in special and i not in (tokenizer.bos_id,)}

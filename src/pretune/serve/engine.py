@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pretune.data.templates import stop_ids
 from pretune.eval.generate import PREFIX_TOKENS, TextStream, filter_logits
 from pretune.model.gpt import GPT, KVCache
 
@@ -123,7 +124,7 @@ class Engine:
         self.pos = 0
         self.rows: list[_Row] = []
         self.waiting: deque[Job] = deque()
-        self.stop_ids = {i for i in (tokenizer.eos_id,) if i is not None}
+        self.stop_ids = stop_ids(tokenizer)  # EOS, and a chat template's end-of-turn token
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.throttle_s = 0.0  # a pause after each step; tests use it to make generation slow
         self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "max_active": 0, "completed": 0,
