@@ -113,13 +113,13 @@ def _check_resume_changes(saved: dict, cfg, given: dict, resume: str) -> None:
     from pretune.config_io import flat_keys, to_dict
     from pretune.errors import ConfigError
 
-    before, now = flat_keys(saved), flat_keys(to_dict(cfg))
-    changed = [k for k in flat_keys(given) if k not in ("resume", "out_dir") and before.get(k) != now.get(k)]
+    before, now, asked = flat_keys(saved), flat_keys(to_dict(cfg)), flat_keys(given)
+    changed = [k for k in asked if k not in ("resume", "out_dir") and before.get(k) != now.get(k)]
     fixed = [k for k in changed if k.startswith(RESUME_FIXED) and not k.startswith(RESUME_FIXED_EXCEPT)]
     if fixed:
         raise ConfigError([f"resume={resume}: {k}={now.get(k)!r} cannot change (the run has {before.get(k)!r}): "
                            f"its checkpoint holds a model built with it; start a new run instead" for k in fixed])
-    if "out_dir" in flat_keys(given) and str(given["out_dir"]) != str(resume):
+    if "out_dir" in asked and str(given["out_dir"]) != str(resume):
         print(f"warning: out_dir={given['out_dir']} is ignored: a resumed run continues in {resume}",
               file=sys.stderr)
     for key in changed:

@@ -49,19 +49,28 @@ def save_run_config(cfg: Config, run_dir: Path) -> None:
     save_config(dataclasses.replace(cfg, resume=None, overwrite=False, init_from=parent), run_dir / "config.yaml")
 
 
+SOURCE_KEYS = ("data.train", "data.val", "data.test", "finetune.replay")
+"""Keys whose values are data sources: files, directories or globs (data.sources.expand_source)."""
+
+
+def _inputs(cfg: Config) -> list[tuple[str, str]]:
+    """(key, path) of everything a run reads: its parent model, its data sources, a tokenizer file."""
+    d = cfg.data
+    sources = [(key, spec) for key, specs in zip(SOURCE_KEYS, (d.train, d.val, d.test, cfg.finetune.replay))
+               for spec in specs]
+    tokenizer = [] if d.tokenizer in ("char", "bpe") else [("data.tokenizer", d.tokenizer)]
+    return [(k, p) for k, p in [("init_from", cfg.init_from), *sources, *tokenizer] if p]
+
+
 def check_inputs(cfg: Config) -> None:
-    """Stop (DataError, ConfigError) when a path the run reads is not there: its parent model, its data
-    files (each a file, directory or glob with a match), a tokenizer file."""
+    """Stop (DataError, ConfigError) when a path the run reads is not there (a data source: no file,
+    directory or glob match)."""
     from pretune.data.sources import expand_source
 
-    d = cfg.data
-    for key, specs in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test),
-                       ("finetune.replay", cfg.finetune.replay)):
-        for spec in specs:
-            expand_source(spec, key)
-    for key, path in (("init_from", cfg.init_from),
-                      ("data.tokenizer", None if d.tokenizer in ("char", "bpe") else d.tokenizer)):
-        if path and not Path(path).exists():
+    for key, path in _inputs(cfg):
+        if key in SOURCE_KEYS:
+            expand_source(path, key)
+        elif not Path(path).exists():
             raise ConfigError(f"{key}={path} does not exist")
 
 
@@ -75,9 +84,7 @@ def lineage_parent(run_dir: str | Path) -> str | None:
 
 def inputs_of(cfg: Config) -> tuple:
     """The paths a run reads (its parent model, its data), which replacing its out_dir must not delete."""
-    d = cfg.data
-    tokenizer = [d.tokenizer] if d.tokenizer not in ("char", "bpe") else []
-    return tuple(p for p in [cfg.init_from, *d.train, *d.val, *d.test, *cfg.finetune.replay, *tokenizer] if p)
+    return tuple(path for _, path in _inputs(cfg))
 
 
 def tokenizer_dir(path: str | Path) -> Path:

@@ -186,17 +186,19 @@ def _last_turn(response: str, tok: Tokenizer) -> list[int]:
     return ids if tok.eos_id in ids else ids + [tok.eos_id]
 
 
-def all_turns_ids(messages: list[dict], tok: Tokenizer, where: str = "") -> tuple[list[tuple], list[int]]:
+def all_turns_ids(messages: list[dict], tok: Tokenizer,
+                  where: str = "") -> tuple[list[tuple], list[int], list[int]]:
     """For the loss on every assistant turn: the history before the last response as (id, mask)
-    pairs, earlier assistant turns masked in up to their EOS, and the last response's ids as
-    `prompt_response_ids` gives them. Each piece is tokenised on its own, as torchtune tokenises
-    each message, so the ids can differ from one encoding of the whole text at the seams."""
+    pairs, earlier assistant turns masked in up to their EOS; the last response's ids; and the prompt
+    ids, both as `prompt_response_ids` gives them. Each history piece is tokenised on its own, as
+    torchtune tokenises each message, so its ids can differ from the prompt's at the seams."""
     pieces = _chat_error(where, render_turns, messages, tok)
     history = []
     for text, trained in pieces[:-1]:
         turn, layout = _cut_after_eos(tok.encode(text), tok.eos_id) if trained else ([], tok.encode(text))
         history += [(t, 1) for t in turn] + [(t, 0) for t in layout]
-    return history, _last_turn(pieces[-1][0], tok)
+    prompt = tok.encode("".join(text for text, _ in pieces[:-1]))  # the pieces join to the prompt
+    return history, _last_turn(pieces[-1][0], tok), prompt
 
 
 def _answer_ids(r: dict, key: str, tok: Tokenizer) -> tuple[list[int], list[int]]:
@@ -226,16 +228,18 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
                         ft.max_len, ft.truncation, stats)
             examples.append({"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p})
         elif task in ("instruction", "text2text"):
-            ids = prompt_response_ids(r["messages"], tok, _where(r))
             # the history with its mask: earlier assistant turns carry loss with finetune.turns=all
-            history = (all_turns_ids(r["messages"], tok, _where(r))[0] if ft.turns == "all"
-                       else [(t, 0) for t in ids[0]])
-            history, a_ids = _fit(history, ids[1], ft.max_len, ft.truncation, stats)
+            if ft.turns == "all":
+                history, a_ids, prompt = all_turns_ids(r["messages"], tok, _where(r))
+            else:
+                prompt, a_ids = prompt_response_ids(r["messages"], tok, _where(r))
+                history = [(t, 0) for t in prompt]
+            history, a_ids = _fit(history, a_ids, ft.max_len, ft.truncation, stats)
             p_ids = [t for t, _ in history]
             mask = [int(ft.prompt_loss) or m for _, m in history] + [1] * len(a_ids)
             # generation starts from the whole prompt, cut only to the model's context when it is
             # generated (serve.engine.generate_all): never by the length of the reference answer
-            examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids, "gen_prompt": ids[0],
+            examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids, "gen_prompt": prompt,
                              "reference": r.get("references") or r["messages"][-1]["content"]})
         else:
             examples.append({k: _fit(*_answer_ids(r, k, tok), ft.max_len, ft.truncation, stats)

@@ -60,9 +60,9 @@ def combine_lm_metrics(parts: list[dict]) -> dict[str, float]:
     bits per byte, each weighted by what it is a mean over."""
     if len(parts) == 1:
         return parts[0]
-    tokens, nbytes = sum(p["tokens"] for p in parts), sum(p.get("bytes", 0) for p in parts)
+    tokens, nbytes = sum(p["tokens"] for p in parts), sum(p["bytes"] for p in parts)
     if tokens == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0, "bytes": 0}
     loss = sum(p["loss"] * p["tokens"] for p in parts if p["tokens"]) / tokens
-    bpb = sum(p["bpb"] * p["bytes"] for p in parts if p.get("bytes")) / nbytes if nbytes else float("nan")
+    bpb = sum(p["bpb"] * p["bytes"] for p in parts if p["bytes"]) / nbytes if nbytes else float("nan")
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb, "tokens": tokens, "bytes": nbytes}

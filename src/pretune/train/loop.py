@@ -192,7 +192,6 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
 
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
-    interval_steps = 0
     # the logging interval a checkpoint cut in two goes on: the resumed run logs the same losses
     carried = state.pop("interval", None) or {"loss": 0.0, "steps": 0}
     if rt.is_main:  # the saved loss is the sum over ranks already
