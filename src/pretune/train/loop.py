@@ -146,11 +146,14 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     """
     t_cfg = cfg.train
     device = rt.device
-    model.to(device)
+    sharded_ckpt = getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp"  # DCP checkpoints
+    if not (sharded_ckpt and rt.distributed):
+        # under FSDP, fully_shard moves each block to the device as it shards it: the whole model is
+        # never on one GPU at once
+        model.to(device)
     # DDP across ranks, FSDP2 sharding in place, torch.compile on CUDA. The optimiser is built
     # after wrapping: FSDP replaces the parameters by DTensor shards.
     fwd = wrap_model(model, cfg, rt)
-    sharded_ckpt = getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp"  # DCP checkpoints
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, cfg)
