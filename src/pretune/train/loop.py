@@ -23,6 +23,7 @@ from pretune.model.io import load_model_state
 from pretune.train import checkpoint as ck
 from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, full_state_dict,
                                 grad_sync, unsharded, wrap_model)
+from pretune.train.frozen import FrozenInComputeDtype
 from pretune.model.io import save_model_dir
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes, reset_peak_memory
 from pretune.train.optim import build_optimizer, lr_at
@@ -147,6 +148,14 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     t_cfg = cfg.train
     device = rt.device
     sharded_ckpt = getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp"  # DCP checkpoints
+    frozen = None
+    if rt.autocast_dtype is not None:
+        # frozen linear weights in bf16 for the run: the same products, half their memory, no copy
+        # per forward (FSDP's own mixed-precision policy casts its shards as it gathers them)
+        if not (sharded_ckpt and rt.distributed):
+            frozen = FrozenInComputeDtype(model, rt.autocast_dtype, device)
+        if getattr(objective, "reference", None) is not None:  # DPO's frozen copy of the starting model
+            FrozenInComputeDtype(objective.reference, rt.autocast_dtype, device)
     if not (sharded_ckpt and rt.distributed):
         # under FSDP, fully_shard moves each block to the device as it shards it: the whole model is
         # never on one GPU at once
@@ -350,12 +359,16 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                     f"{state['best']['step']})")
                 break
     except TrainingDiverged as e:
+        if frozen is not None:
+            frozen.restore()
         if rt.is_main:
             ck.atomic_write_json(run_dir / "summary.json", {"status": "diverged", "error": str(e),
                                                             "last_checkpoint": str(last_good_ckpt)})
         metrics.close(None)
         raise
     except BaseException:
+        if frozen is not None:
+            frozen.restore()
         metrics.close(None)  # an error or an interrupt: the trackers' runs end as failed, not left running
         raise
     finally:
@@ -391,6 +404,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         "precision": str(rt.autocast_dtype or torch.float32).replace("torch.", ""),
     }
     summary["co2_g"] = summary["energy_j"] / 3.6e6 * cfg.meter.grid_gco2_per_kwh
+    if frozen is not None:  # the fp32 weights back (after the peak was read), for merging and for use outside autocast
+        frozen.restore()
     summary.update(summary_extra or {})
     if rt.is_main:
         if status != "stopped":

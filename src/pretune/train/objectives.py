@@ -86,10 +86,15 @@ class DPOObjective(LMObjective):
         """(policy log-ratio - reference log-ratio) per pair, and the policy log-ratio."""
         pol_ratio = pair_log_ratios(model, batch)
         with torch.no_grad():
-            if self.reference is None:
+            if self.reference is None:  # the base without its adapters, and without dropout like a copy
                 inner = getattr(model, "module", model)
-                with adapters_disabled(getattr(inner, "_orig_mod", inner)):
-                    ref_ratio = pair_log_ratios(model, batch)
+                inner = getattr(inner, "_orig_mod", inner)
+                training = inner.training
+                try:
+                    with adapters_disabled(inner.eval()):
+                        ref_ratio = pair_log_ratios(model, batch)
+                finally:
+                    inner.train(training)
             else:
                 ref_ratio = pair_log_ratios(self.reference.to(pol_ratio.device), batch)
         return pol_ratio - ref_ratio, pol_ratio
@@ -134,6 +139,12 @@ class L2SP:
 
     def __call__(self, model, batch):
         return self.base(model, batch)
+
+    def __getattr__(self, name):
+        # the rest of what the wrapped objective offers (DPO's margins and reference)
+        if name.startswith("__") or name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
     def _anchor_like(self, name: str, p: torch.Tensor) -> torch.Tensor:
         if name not in self._local:
