@@ -73,6 +73,17 @@ def test_plan_matches_a_real_allocation(extra):
     assert 0.85 <= kept / measured <= 1.15, (kept, measured)
 
 
+@pytest.mark.parametrize("extra", [[], ["method=lora", "lora.rank=4", "model.tie_embeddings=false"],
+                                   ["method=freeze", "freeze.last_k=1"]], ids=["full", "lora-untied", "freeze"])
+def test_plan_counts_frozen_weights_in_bf16_as_a_bf16_run_stores_them(extra):
+    from pretune.train.frozen import FrozenInComputeDtype
+
+    cfg = load_config(PlanConfig, None, ARCH + ["train.seq_len=64", "train.precision=bf16"] + extra)
+    model = build(cfg)
+    FrozenInComputeDtype(model, torch.bfloat16, torch.device("cpu"))  # what train() does under bf16 autocast
+    assert estimate(cfg)["memory"]["params"] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def test_plan_strategies_precision_and_cost():
     common = ["model.preset=1b", "model.vocab_size=32000", "train.seq_len=2048", "train.batch_size=64",
               "train.micro_batch_size=4", "train.max_steps=1000", "gpu=H100"]
@@ -88,7 +99,8 @@ def test_plan_strategies_precision_and_cost():
                                                                  "train.micro_batch_size=8"]))
     assert one_micro["memory"]["grads"] == 4 * n / 8
     assert lora["memory"]["optimizer"] < ddp["memory"]["optimizer"] / 50  # adapters only
-    assert n < lora["params"] < 1.05 * n and lora["memory"]["params"] == 4 * lora["params"]  # base + adapters
+    assert n < lora["params"] < 1.05 * n  # base + adapters
+    assert lora["memory"]["params"] < 0.6 * 4 * lora["params"]  # the frozen base's linear weights in bf16
     assert ddp["micro_batch"] == 4 and ddp["grad_accum"] == 2
     # FLOPs: 6N + attention per token for full training; LoRA's frozen base costs 4 per weight
     assert ddp["flops"] == ddp["flops_per_token"]["total"] * 1000 * 64 * 2048

@@ -8,8 +8,10 @@ the number of processes); and for the whole run: FLOPs, time and energy at a giv
 How the figures are counted:
 - Parameters come from the same names and shapes the model builds (`param_shapes`), so the count
   is exact, and so are gradient (fp32, trainable only) and AdamW state (two fp32 moments per
-  trainable element and a 4-byte step counter per trainable tensor) bytes. Weights stay fp32 under
-  bf16 autocast (mixed precision keeps fp32 master weights).
+  trainable element and a 4-byte step counter per trainable tensor) bytes. Under bf16 autocast
+  trainable weights stay fp32 (master weights, with a bf16 copy per forward kept for the backward);
+  frozen linear weights are stored in bf16 for the run, except under FSDP, whose mixed-precision
+  policy casts the fp32 shards as it gathers them.
 - Activations are the tensors autograd saves for backward in one micro-batch, listed per block
   from the model's code (`activation_bytes`). What this leaves out is small or transient: norm
   statistics, temporaries freed during the forward pass (logits before their log-softmax), the
@@ -268,7 +270,10 @@ def estimate(cfg: PlanConfig) -> dict:
     n_params = sum(math.prod(s) for s in shapes.values())
     n_train = sum(math.prod(s) for s in trainable.values())
     shard = world if fsdp else 1
-    params_b = 4 * n_params / shard
+    # bf16 without FSDP: frozen linear weights are stored in bf16 for the run (train/frozen.py)
+    linear = {n: math.prod(s) for n, s in shapes.items() if n.endswith(("proj.weight", "proj.bias", "lm_head.weight"))}
+    frozen_bf16 = sum(v for n, v in linear.items() if n not in trainable) if bf16 and not fsdp else 0
+    params_b = (4 * n_params - 2 * frozen_bf16) / shard
     grads_b = 4 * n_train / shard
     if fsdp and micro < local:  # FSDP2 accumulates unsharded fp32 gradients until the last micro-batch
         grads_b += 4 * n_train
@@ -283,8 +288,9 @@ def estimate(cfg: PlanConfig) -> dict:
     root = n_params - c.n_layer * block
     if fsdp:  # gathered blocks (current and prefetched) and the root's gathered weights, in compute dtype
         transient = a * (2 * block + root) + 4 * block
-    elif bf16:  # autocast keeps a bf16 copy of every matmul weight from forward to backward
-        transient = 2 * sum(math.prod(s) for n, s in shapes.items() if len(s) == 2 and not n.startswith("tok_emb"))
+    elif bf16:  # autocast keeps a bf16 copy of every fp32 (trainable) matmul weight from forward to backward
+        transient = 2 * sum(math.prod(s) for n, s in shapes.items()
+                            if len(s) == 2 and not n.startswith("tok_emb") and n in trainable)
     else:
         transient = 0.0
     total_mem = params_b + grads_b + optim_b + acts["total"] + transient
