@@ -1,4 +1,4 @@
-"""DPO's reference and its combination with L2-SP (train/objectives.py)."""
+"""DPO's reference, L2-SP with DPO and with LoRA (train/objectives.py)."""
 
 import json
 
@@ -45,3 +45,23 @@ def test_preference_tuning_with_l2sp_evaluates_and_finishes(tmp_path):
                        "train.max_steps=4", "train.eval_every=2", *FT) == 0
         s = json.loads((out / "summary.json").read_text())
         assert s["status"] == "completed" and "reward_margin" in s
+
+
+def test_l2sp_on_lora_is_the_size_of_the_weight_change():
+    from pretune.model.lora import lora_layers
+
+    torch.manual_seed(0)
+    model = GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=40)))
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "down_proj"))
+    l2sp = L2SP(None, model, lam=0.3)
+    assert not any(k.endswith(("lora_a", "lora_b")) for k in l2sp.anchor)
+    assert l2sp.penalty(model) == 0  # B = 0: the merged weights are the pre-trained ones
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_()
+    change = sum(((m.merged_weight() - m.weight) ** 2).sum() for m in lora_layers(model).values())
+    penalty = l2sp.penalty(model)
+    assert torch.allclose(penalty, 0.15 * change, rtol=1e-5)
+    penalty.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith(("lora_a", "lora_b")))

@@ -119,17 +119,25 @@ class L2SP:
     A classification head is new, with no pre-trained weights to stay near: it is left out, as in
     Li et al.'s L2-SP (weight decay regularises it); pulling it toward its random start would not.
 
+    A LoRA adapter is a change to a pre-trained weight, (alpha/r) B A, so its term is that change's
+    size, (alpha/r)^2 ||B A||^2, computed as the sum of (B^T B) * (A A^T) (two r x r products, no
+    out x in matrix); pulling A back to its random start instead would say nothing about the weight.
+
     The anchors are taken by name when the objective is built, from the unwrapped model (so a resumed
     run still anchors to the starting weights, not to its checkpoint). Under FSDP the parameters are
     sharded DTensors: each rank then penalises its own shard against the same shard of the anchor,
     which gives each shard exactly its gradient, and `sharded` tells the loop that the penalty values
-    of the ranks add up (under DDP each rank holds the whole, identical penalty).
+    of the ranks add up (under DDP each rank holds the whole, identical penalty). An adapter's term
+    needs its whole A and B: each rank gathers them (small) and adds 1/world of the term, so that the
+    values add up again, as do the gradients that the gathers' backward sums into each shard.
     """
 
     def __init__(self, base, model: torch.nn.Module, lam: float):
         self.base, self.lam = base, lam
+        self.adapters = list(lora_layers(model).values())
         self.anchor = {_plain_name(n): p.detach().clone() for n, p in model.named_parameters()
-                       if p.requires_grad and not _plain_name(n).startswith("head.")}
+                       if p.requires_grad and not _plain_name(n).startswith("head.")
+                       and not _plain_name(n).endswith((".lora_a", ".lora_b"))}
         self.weights = getattr(base, "weights", {})
         self.sharded = False
         self._local: dict[str, torch.Tensor] = {}
@@ -158,12 +166,21 @@ class L2SP:
         return self._local[name]
 
     def penalty(self, model):
-        total = None
+        terms = []
         for name, p in model.named_parameters():
             key = _plain_name(name)
             if key not in self.anchor or not p.requires_grad:
                 continue
             local = p.to_local() if hasattr(p, "to_local") else p
-            term = ((local - self._anchor_like(key, p)) ** 2).sum()
-            total = term if total is None else total + term
-        return None if total is None else 0.5 * self.lam * total
+            terms.append(((local - self._anchor_like(key, p)) ** 2).sum())
+        for m in self.adapters:  # read from the module each time: FSDP replaces its parameters by shards
+            a, b, world = m.lora_a, m.lora_b, 1
+            if hasattr(a, "full_tensor"):
+                from torch.distributed.tensor import Partial
+
+                # each rank's 1/world adds up; the gradient is declared partial, so the gathers'
+                # backward sums it over the ranks into each shard
+                self.sharded, world = True, a.device_mesh.size()
+                a, b = (t.full_tensor(grad_placements=[Partial()]) for t in (a, b))
+            terms.append(m.scale ** 2 * ((b.t() @ b) * (a @ a.t())).sum() / world)
+        return 0.5 * self.lam * torch.stack(terms).sum() if terms else None
