@@ -108,7 +108,9 @@ def test_init_from_with_replay_records_lineage(tmp_path, corpus, capsys):
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.max_steps=20", *TINY) == 0
     assert run_cli("pretrain", f"init_from={base}", f"data.train=[{domain},{corpus}]", "data.weights=[0.75,0.25]",
                    f"out_dir={cpt}", "train.max_steps=10", *TINY, "model.n_layer=7") == 0
-    assert "model.n_layer=7 ignored: init_from=" in capsys.readouterr().out  # the parent's architecture
+    out = capsys.readouterr().out
+    assert "model.n_layer=7 ignored: init_from=" in out  # the parent's architecture
+    assert "data.tokenizer='char' ignored: the run keeps the tokenizer of init_from=" in out  # and its tokenizer
     lineage = json.loads((cpt / "lineage.json").read_text())
     assert lineage["stage"] == "cpt" and lineage["parent"] == str(base.resolve())
     assert lineage["parent_lineage"]["stage"] == "pretrain"

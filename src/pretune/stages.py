@@ -133,6 +133,11 @@ def build_model(cfg: Config, tok: Tokenizer, log=print) -> GPT:
         if ignored:
             log(f"warning: {', '.join(ignored)} ignored: init_from={cfg.init_from} fixes the architecture "
                 f"(only model.dropout and model.attn_dropout apply)")
+        default = type(cfg.data)()
+        ignored = [f"data.{k}={getattr(cfg.data, k)!r}" for k in ("tokenizer", "vocab_size")
+                   if getattr(cfg.data, k) != getattr(default, k)]
+        if ignored:
+            log(f"warning: {', '.join(ignored)} ignored: the run keeps the tokenizer of init_from={cfg.init_from}")
         return model
     arch = resolve_model_config(cfg.model, tok.vocab_size)
     if arch.vocab_size < tok.vocab_size:
