@@ -356,3 +356,20 @@ def test_every_test_example_is_generated_for_whatever_eval_examples_says(tmp_pat
                    f"data.test={f}", "finetune.eval_examples=3", "finetune.max_new_tokens=4", f"out_dir={out}",
                    "train.max_steps=2", *FT) == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 12  # the test set, all of it
+
+
+def test_rouge_counts_words_of_any_script_and_scores_english_as_rouge_score_does():
+    from rouge_score import rouge_scorer
+
+    from pretune.eval import metrics as M
+
+    assert M.rouge(["кошка сидит на ковре"], ["кошка сидит на полу"])["rouge_1"] == pytest.approx(0.75)
+    assert M.rouge(["Ελληνικά κείμενα"], ["ελληνικά κείμενα"])["rouge_l"] == 1.0  # lowercased
+    assert M.rouge(["猫 が 座った"], ["犬 が 走った"])["rouge_1"] == pytest.approx(1 / 3)
+    plain = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)  # its own tokenizer
+    pairs = [("The cats were running quickly!", "the cat runs quick"), ("generalization_tests 42x", "generalized tests 42"),
+             ("It's a well-known fact: models overfit.", "models are overfitting, it is known")]
+    for pred, gold in pairs:
+        want = plain.score(gold, pred)
+        assert M.rouge([pred], [gold]) == pytest.approx(
+            {"rouge_1": want["rouge1"].fmeasure, "rouge_2": want["rouge2"].fmeasure, "rouge_l": want["rougeL"].fmeasure})

@@ -141,15 +141,47 @@ def verbalizer_prompt(text: str) -> str:
     return f"{text}\nLabel:"
 
 
+def _cut(prompt: list, room: int, side: str) -> list:
+    """The prompt cut to `room` tokens from `side` ("left" keeps its end)."""
+    if len(prompt) <= room:
+        return prompt
+    if room <= 0:
+        return []
+    return prompt[-room:] if side == "left" else prompt[:room]
+
+
 def _fit(prompt: list[int], response: list[int], max_len: int, side: str, stats: TaskStats):
     """Truncate to max_len tokens: the prompt first (from `side`), then the response's end."""
-    if len(prompt) + len(response) <= max_len:
-        return prompt, response
-    stats.truncated += 1
-    response = response[: max(1, max_len // 2)] if len(response) >= max_len else response
-    room = max_len - len(response)
-    prompt = prompt[-room:] if side == "left" else prompt[:room]
-    return (prompt if room > 0 else []), response
+    return _fit_alike([(prompt, response)], max_len, side, stats)[0]
+
+
+def _fit_alike(pieces: list[tuple[list, list[int]]], max_len: int, side: str, stats: TaskStats) -> list[tuple]:
+    """(prompt, answer) pieces of one example truncated alike (counted once): an answer too long by
+    itself loses its end (to max_len // 2), then every prompt is cut to the room the longest answer
+    leaves, so where a prompt is cut depends on no answer in particular (a preference pair's two
+    answers follow the same prompt; a verbalizer prompt does not give its gold label away)."""
+    answers = [a[: max(1, max_len // 2)] if len(a) >= max_len and len(p) + len(a) > max_len else a
+               for p, a in pieces]
+    room = max_len - max(len(a) for a in answers)
+    if any(len(p) > room or len(a) < len(b) for (p, b), a in zip(pieces, answers)):
+        stats.truncated += 1
+    return [(_cut(p, room, side), a) for (p, _), a in zip(pieces, answers)]
+
+
+def label_answers(labels: list[str], tok: Tokenizer) -> list[list[int]]:
+    """Each label's words after a verbalizer prompt (" LABEL" + EOS): what training learns and
+    scoring compares."""
+    return [tok.encode(" " + lab) + [tok.eos_id] for lab in labels]
+
+
+def _verbalizer_answers(labels: list[str], tok: Tokenizer, max_len: int) -> list[list[int]]:
+    """`label_answers`; DataError when the longest leaves no room for the text in max_len tokens."""
+    answers = label_answers(labels, tok)
+    longest = max(range(len(labels)), key=lambda i: len(answers[i]))
+    if len(answers[longest]) >= max_len:
+        raise DataError(f"label {labels[longest]!r} takes {len(answers[longest])} tokens with its EOS, leaving no "
+                        f"room for the text in max_len={max_len} tokens; raise finetune.max_len or shorten the label")
+    return answers
 
 
 def _where(r: dict) -> str:
@@ -213,7 +245,7 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
     Instruction and text2text responses and both answers of a preference pair go through the same
     chat-template path (`prompt_response_ids`), so they end with the same end-of-turn text."""
     ft, task, eos = cfg.finetune, cfg.task, [tok.eos_id]
-    examples = []
+    examples, answers = [], None
     for r in records:
         if task == "classification":
             if r["label"] not in labels:
@@ -224,8 +256,10 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
                 ids, _ = _fit(tok.encode(r["text"]), [], ft.max_len, ft.truncation, stats)
                 examples.append({"ids": ids or eos, "label": y})
                 continue
-            p, a = _fit(tok.encode(verbalizer_prompt(r["text"])), tok.encode(" " + r["label"]) + eos,
-                        ft.max_len, ft.truncation, stats)
+            # cut to the room the longest label leaves, so scoring fits every label after the prompt
+            answers = answers or _verbalizer_answers(labels, tok, ft.max_len)
+            prompt = tok.encode(verbalizer_prompt(r["text"]))
+            p, a = _fit_alike([(prompt, ans) for ans in answers], ft.max_len, ft.truncation, stats)[y]
             examples.append({"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p})
         elif task in ("instruction", "text2text"):
             # the history with its mask: earlier assistant turns carry loss with finetune.turns=all
@@ -242,8 +276,9 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
             examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids, "gen_prompt": prompt,
                              "reference": r.get("references") or r["messages"][-1]["content"]})
         else:
-            examples.append({k: _fit(*_answer_ids(r, k, tok), ft.max_len, ft.truncation, stats)
-                             for k in ("chosen", "rejected")})
+            pieces = _fit_alike([_answer_ids(r, k, tok) for k in ("chosen", "rejected")], ft.max_len,
+                                ft.truncation, stats)
+            examples.append(dict(zip(("chosen", "rejected"), pieces)))
     return examples
 
 
@@ -279,7 +314,9 @@ def collate(examples: list[dict], task: str, classifier: str, pad_id: int) -> di
 
 
 def length_of(e: dict) -> int:
-    return len(e["ids"]) if "ids" in e else sum(len(p) + len(a) for p, a in (e["chosen"], e["rejected"]))
+    """An example's longest sequence: what must fit the context, and what pads a batch (a preference
+    pair's two sequences are rows of their own)."""
+    return len(e["ids"]) if "ids" in e else max(len(p) + len(a) for p, a in (e["chosen"], e["rejected"]))
 
 
 class TaskBatches:

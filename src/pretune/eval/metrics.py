@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from pretune.errors import UserError
@@ -47,12 +48,28 @@ def chrf(pred: Sequence[str], gold: Sequence[str | Sequence[str]]) -> float:
     return sacrebleu.corpus_chrf(list(pred), streams).score
 
 
+class _Words:
+    """rouge-score's tokenizer for text in any script: lowercased words of letters and digits (the
+    default keeps a-z0-9 only, so Cyrillic or Greek text has no words and scores 0). ASCII words of
+    more than 3 characters are Porter-stemmed, as the default does, so English scores as before."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = re.findall(r"[^\W_]+", text.lower())
+        return [self.stemmer.stem(w) if w.isascii() and len(w) > 3 else w for w in words]
+
+
 def rouge(pred: Sequence[str], gold: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure over examples, on lowercased words of any script (see `_Words`)."""
     try:
         from rouge_score import rouge_scorer
     except ImportError:
         raise UserError("ROUGE needs rouge-score: pip install 'pretune[eval]'") from None
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Words())
     totals = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
     for p, gs in zip(pred, gold):  # several references: the best score of each kind, as rouge-score's score_multi
         scores = [scorer.score(g, p) for g in _refs(gs)]

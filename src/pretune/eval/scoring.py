@@ -137,8 +137,9 @@ def _score_chunks(model, chunks: list[list[dict]], cfg: Config, tok: Tokenizer, 
 
 
 def verbalizer_predict(model, examples: list[dict], labels: list[str], tok: Tokenizer, device) -> list[int]:
-    """Pick the label whose words (plus EOS) the language model finds most likely after the prompt."""
-    answers = [tok.encode(" " + lab) + [tok.eos_id] for lab in labels]
+    """Pick the label whose words (plus EOS) the language model finds most likely after the prompt.
+    Every label fits after it: `T.encode` cuts a prompt to the room the longest label leaves."""
+    answers = T.label_answers(labels, tok)
     seqs = [e["prompt"] + a for e in examples for a in answers]
     masks = [[0] * len(e["prompt"]) + [1] * len(a) for e in examples for a in answers]
     from pretune.train.objectives import sequence_logprobs
