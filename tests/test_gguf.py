@@ -156,3 +156,22 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_knows(pre, name):
     warnings = []
     assert _pre_name({"pre_tokenizer": json.loads(p.__getstate__())}, warnings.append) == name
     assert bool(warnings) == (name == "default")
+
+
+@pytest.mark.parametrize("scaling, freqs", [
+    ({"type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "rope_type"}}, True),  # the legacy key
+    ({"rope_type": "default"}, False),
+    ({"type": "default"}, False),
+])
+def test_gguf_export_reads_rope_scaling_as_the_model_does(tmp_path, char, scaling, freqs):
+    """The keys the model's RoPE tables accept (rope_type or the legacy type; default or llama3)."""
+    gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    from pretune.interop.gguf import export_gguf, llama3_rope_factors
+
+    run = save_run(pretune_model(char, rope_scaling=scaling), char, tmp_path / "run")
+    export_gguf(run, tmp_path / "m.gguf", log=lambda s: None)
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert ("rope_freqs.weight" in got) == freqs
+    if freqs:
+        expect = llama3_rope_factors(pretune_model(char, rope_scaling=LLAMA3).cfg)
+        assert torch.equal(torch.from_numpy(got["rope_freqs.weight"].data.copy()), expect)

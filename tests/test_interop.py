@@ -235,6 +235,34 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_text(tmp_path,
         assert hf_tok.apply_chat_template(msgs, tokenize=False) == "user: hi\n"
 
 
+def test_generation_config_lists_every_stop_token_and_keeps_the_originals_settings(tmp_path, char):
+    """EOS and the chat template's end-of-turn token (ChatML's <|im_end|>) both end generation in
+    pretune; the export's generation_config.json (and config.json) list both, and an imported model's
+    own generation_config.json (sampling defaults, more stop ids) is carried through."""
+    from pretune.interop.hf import export_hf, import_hf
+
+    tok = Tokenizer(copy.deepcopy(char.tok), chat_template=(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"))
+    tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    stops = sorted([tok.eos_id, tok.tok.token_to_id("<|im_end|>")])
+    run = save_run(pretune_model(tok), tok, tmp_path / "run")
+    export_hf(run, tmp_path / "hf", log=lambda s: None)
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert gen.eos_token_id == stops and (gen.bos_token_id, gen.pad_token_id) == (tok.bos_id, tok.pad_id)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == stops
+    export_hf(save_run(pretune_model(char), char, tmp_path / "plain"), tmp_path / "hf-plain", log=print)
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf-plain").eos_token_id == char.eos_id
+
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [tok.eos_id, 5], "temperature": 0.6, "top_p": 0.9, "do_sample": True}))
+    import_hf(tmp_path / "hf", tmp_path / "pt", log=lambda s: None)
+    export_hf(tmp_path / "pt", tmp_path / "hf2", log=lambda s: None)
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "hf2")
+    assert gen.eos_token_id == sorted(set(stops) | {5}) and gen.bos_token_id == tok.bos_id
+    assert (gen.temperature, gen.top_p, gen.do_sample) == (0.6, 0.9, True)
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["eos_token_id"] == gen.eos_token_id
+
+
 def test_exported_directory_is_refused_as_output_twice(tmp_path, char, capsys):
     run = save_run(pretune_model(char), char, tmp_path / "run")
     assert run_cli("export", run, tmp_path / "hf") == 0

@@ -103,6 +103,21 @@ def test_generate_all_equals_one_at_a_time(model_tok):
     assert generate_all(model, tok, prompts[:2], 0) == [[], []]
 
 
+def test_generate_all_sizes_its_cache_to_the_prompts(model_tok, monkeypatch):
+    """Evaluation knows its prompts: the cache holds the longest and its answer, not the whole
+    context of the model times the batch (an imported model's context can be 128k tokens)."""
+    from pretune.serve import engine as E
+
+    model, tok = model_tok
+    sizes, empty = [], E.KVCache.empty
+    monkeypatch.setattr(E.KVCache, "empty", lambda cfg, b, n, *a: sizes.append(n) or empty(cfg, b, n, *a))
+    prompts = [tok.encode(p) for p in ["a", "hello world", "xy"]]
+    want = [generate(model, ids, 6, temperature=0, stop_ids={tok.eos_id}, slide=False) for ids in prompts]
+    sizes.clear()
+    assert generate_all(model, tok, prompts, 6, max_batch=2) == want
+    assert sizes == [len(prompts[1]) + 6] and sizes[0] < model.cfg.max_seq_len
+
+
 def test_admission_skip_ahead_and_drain(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, max_batch=4)

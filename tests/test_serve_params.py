@@ -71,6 +71,7 @@ REFUSED = [  # (chat?, extra body, param, code)
     (True, {"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     (False, {"logprobs": 0}, "logprobs", "unsupported_parameter"),  # 0 asks for the sampled tokens' own
     (True, {"logprobs": True}, "logprobs", "unsupported_parameter"),
+    (False, {"suffix": " and the end."}, "suffix", "unsupported_parameter"),
 ]
 
 
@@ -86,7 +87,8 @@ def test_unimplemented_or_mistyped_parameters_are_refused(client, chat, extra, p
 
 NEUTRAL = [{"presence_penalty": 0, "frequency_penalty": 0.0}, {"logit_bias": {}}, {"logit_bias": None},
            {"logit_bias": {"5": 0}}, {"response_format": {"type": "text"}}, {"response_format": None},
-           {"tool_choice": "none", "functions": []}, {"logprobs": None}]
+           {"tool_choice": "none", "functions": []}, {"logprobs": None}, {"suffix": None},
+           {"suffix": ""}]
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -95,6 +97,18 @@ def test_neutral_values_are_accepted_and_change_nothing(client, chat):
     plain = output(post(client, chat, base))
     for extra in NEUTRAL:
         assert output(post(client, chat, base | extra)) == plain, extra
+
+
+def test_top_p_zero_is_greedy(client):
+    from pretune.eval.generate import filter_logits
+
+    greedy = output(post(client, False, PROMPT))
+    for _ in range(2):  # temperature 1 (the default) with top_p 0: the most likely token each time
+        assert output(post(client, False, PROMPT | {"top_p": 0, "temperature": None})) == greedy
+    r = post(client, False, PROMPT | {"top_p": -0.1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+    logits = torch.tensor([[0.5, 2.0, 1.9, -1.0]])
+    assert filter_logits(logits, 1.0, None, 0.0).tolist() == [[0.0, 1.0, 0.0, 0.0]]
 
 
 def test_developer_role_is_a_system_message(client):

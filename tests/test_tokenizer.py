@@ -55,3 +55,45 @@ def test_load_finds_the_chat_template_wherever_transformers_keeps_it(tmp_path):
     config["chat_template"] = [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert Tokenizer.load(tmp_path).chat_template == "d"
+
+
+def sentencepiece_like() -> Tokenizer:
+    """A Metaspace BPE with <unk>, <s>, </s> and a post-processor that prepends <s>, like Llama 2's."""
+    from tokenizers import SentencePieceBPETokenizer, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    sp = SentencePieceBPETokenizer(unk_token="<unk>")
+    sp.train_from_iterator([TEXT] * 20, vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                           show_progress=False)
+    raw = HFTokenizer.from_str(sp.to_str())
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    return Tokenizer(raw)
+
+
+def test_prompts_get_bos_only_from_a_post_processor_that_adds_it(tmp_path):
+    for tok in (train_char([TEXT]), train_bpe(iter([TEXT] * 20), 300)):  # pretune's own: no BOS added
+        assert tok.tok.post_processor is None and tok.prompt_prefix == []
+        assert tok.encode_prompt("Hello, world") == tok.encode("Hello, world")
+        tok.save(tmp_path)
+        assert Tokenizer.load(tmp_path).encode_prompt("Hello") == tok.encode("Hello")
+    sp = sentencepiece_like()
+    bos, ids = sp.bos_id, sp.encode("Hello, world")
+    assert sp.tok.id_to_token(bos) == "<s>" and sp.prompt_prefix == [bos]
+    assert sp.encode_prompt("Hello, world") == [bos] + ids == sp.tok.encode("Hello, world").ids
+    assert sp.encode_prompt("<s>Hello, world") == [bos] + ids  # a text that starts with BOS gets no second
+    assert sp.encode_prompt("") == [bos] and sp.encode("Hello, world") == ids  # encode() never adds it
+    sp.save(tmp_path / "sp")
+    assert Tokenizer.load(tmp_path / "sp").encode_prompt("Hello, world") == [bos] + ids
+
+
+def test_saved_config_names_the_tokenizers_own_unknown_token(tmp_path):
+    import json
+
+    for tok, unk in ((sentencepiece_like(), "<unk>"), (train_char([TEXT]), "<|unk|>")):
+        tok.save(tmp_path)
+        assert json.loads((tmp_path / "tokenizer_config.json").read_text())["unk_token"] == unk
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra")
+    sentencepiece_like().save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.unk_token, hf.unk_token_id, hf.bos_token_id) == ("<unk>", 0, 1)

@@ -198,7 +198,7 @@ def cmd_generate(argv):
     model, tok = load_model(_model_arg(model_path, "generate"), pick_device(g.device))
     if tok is None:
         raise SystemExit(f"error: no tokenizer.json found with {model_path}")
-    prompt = tok.encode(g.prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    prompt = tok.encode_prompt(g.prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]  # BOS as the tokenizer adds it
     if len(prompt) >= model.cfg.max_seq_len:
         print(f"warning: the prompt has {len(prompt)} tokens, the model's context {model.cfg.max_seq_len}: "
               f"it sees the last {model.cfg.max_seq_len - 1}", file=sys.stderr)

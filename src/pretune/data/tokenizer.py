@@ -51,6 +51,21 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    @cached_property
+    def prompt_prefix(self) -> list[int]:
+        """The tokens the tokenizer's post-processor puts before a text: BOS for Llama 2/3 and Mistral,
+        none for pretune's own tokenizers (they have no post-processor)."""
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        full = self.tok.encode("a", add_special_tokens=True).ids
+        return full[:full.index(plain[0])] if plain and plain[0] in full else []
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt to generate from: encode(text) after prompt_prefix, as transformers'
+        tokenizer(text) gives it, unless the text starts with those tokens already. encode() never
+        adds them (training text; chat templates write BOS themselves)."""
+        ids, prefix = self.encode(text), self.prompt_prefix
+        return ids if ids[:len(prefix)] == prefix else prefix + ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust side uses every core)."""
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
@@ -85,6 +100,8 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
+        from pretune.data.templates import _unk_text
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(d / "tokenizer.json"))
@@ -94,7 +111,7 @@ class Tokenizer:
             "bos_token": name(self.bos_id) if self.bos_id is not None else None,
             "eos_token": name(self.eos_id) if self.eos_id is not None else None,
             "pad_token": name(self.pad_id) if self.pad_id is not None else None,
-            "unk_token": UNK if self.tok.token_to_id(UNK) is not None else None,
+            "unk_token": _unk_text(self.tok) or None,
             "model_max_length": 1_000_000,
             "clean_up_tokenization_spaces": False,
         }

@@ -17,7 +17,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and 0 < top_p < 1:
+    if top_p is not None and top_p < 1:  # top_p 0 keeps the most likely token alone
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)

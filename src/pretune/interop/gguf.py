@@ -232,7 +232,8 @@ def export_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overw
     check_no_classifier_head(path, lm_only, log)
     model, tok = load_model(path)
     cfg = model.cfg
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") != "llama3":
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type", sc.get("type")) not in (None, "default", "llama3"):  # read as rope_tables does
         raise InteropError(f"rope_scaling {cfg.rope_scaling} has no GGUF form here")
     if cfg.qkv_bias and cfg.n_head * cfg.head_dim != cfg.d_model:
         raise InteropError("llama.cpp's llama graph sizes the q bias by d_model, but n_head * head_dim = "

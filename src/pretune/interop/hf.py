@@ -352,6 +352,23 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def export_generation_config(model_dir: Path, tok) -> dict:
+    """generation_config.json for an export: the model directory's own when it has one (an imported
+    model keeps the original's sampling defaults and stop ids), with eos_token_id listing every token
+    that ends generation in pretune as well: EOS and the chat template's end-of-turn token
+    (data/templates.stop_ids); a list when there are several, as transformers reads it."""
+    from pretune.data.templates import stop_ids
+
+    gen = _read_json(model_dir / "generation_config.json") or {"_from_model_config": True}
+    if tok is not None:
+        old = gen.get("eos_token_id")
+        old = old if isinstance(old, list) else [] if old is None else [old]
+        eos = sorted(stop_ids(tok) | set(old))
+        gen.update(bos_token_id=tok.bos_id, eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
+                   pad_token_id=tok.pad_id)
+    return gen
+
+
 # ----------------------------------------------------------------------------- the operations
 
 
@@ -430,7 +447,7 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "float32", overwri
 
     A classification model (one with a head) is refused unless lm_only=True, which exports its
     language model alone (see export_policy.check_no_classifier_head)."""
-    from pretune.model.io import load_model
+    from pretune.model.io import find_model_dir, load_model
 
     out = Path(out)
     check_out(out, overwrite)
@@ -440,13 +457,15 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "float32", overwri
     check_no_classifier_head(path, lm_only, log)
     model, tok = load_model(path)
     cfg = model.cfg
+    gen = export_generation_config(find_model_dir(path), tok)
+    hf_cfg = model_config_to_hf(cfg, tok, want)
+    if tok is not None:
+        hf_cfg["eos_token_id"] = gen["eos_token_id"]  # the same stop ids in both files
     with atomic_dir(out) as tmp:
         save_file(hf_state_from_model(model, want), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(model_config_to_hf(cfg, tok, want), indent=2))
-        gen = {"_from_model_config": True}
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tok is not None:
-            gen.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
             tokenizer_for_export(tok).save(tmp)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tok is None:

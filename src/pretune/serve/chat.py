@@ -32,6 +32,9 @@ class ChatConfig:
     """Sample from the k most likely tokens only."""
     seed: int | None = None
     """Seed for reproducible replies (each turn uses seed + turn number)."""
+    max_seq_len: int | None = None
+    """The context of the conversation; default the model's, capped at 8192 (a model with a longer
+    one says so at start)."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
 
@@ -42,6 +45,8 @@ class ChatConfig:
             p.append(f"max_tokens={self.max_tokens}: must be at least 1")
         if self.temperature < 0:
             p.append(f"temperature={self.temperature}: must be 0 (greedy) or more")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            p.append(f"max_seq_len={self.max_seq_len}: must be at least 2 (a prompt token and a reply token)")
         return p
 
 
@@ -150,15 +155,15 @@ def cmd_chat(argv: list[str]) -> int:
     """Load the model and chat on the terminal."""
     from pretune.cli import _model_arg, _split
     from pretune.config import load_config
-    from pretune.model.io import load_model
     from pretune.serve.engine import Engine
+    from pretune.serve.server import load_served_model
     from pretune.train.dist import pick_device
 
     yaml_path, model_path, overrides = _split(argv)
     cfg = load_config(ChatConfig, yaml_path, overrides)
     if cfg.problems():
         raise ConfigError(cfg.problems())
-    model, tok = load_model(_model_arg(model_path, "chat"), pick_device(cfg.device))
+    model, tok = load_served_model(_model_arg(model_path, "chat"), pick_device(cfg.device), cfg.max_seq_len)
     if tok is None:
         raise UserError(f"{model_path} has no tokenizer.json; chat needs the model's tokenizer")
     engine = Engine(model, tok, max_batch=1).start()

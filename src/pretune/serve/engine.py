@@ -112,14 +112,15 @@ class _Row:
 class Engine:
     """Continuous batching over one model; see the module docstring for the design."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 16):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 16, ctx: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         p = next(model.parameters())
-        self.device, self.ctx = p.device, model.cfg.max_seq_len
+        # the cache holds ctx positions per row: the model's context, or less when the caller knows
+        self.device, self.ctx = p.device, min(ctx or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.cache = KVCache.empty(model.cfg, max_batch, self.ctx, p.device, p.dtype)
         self.pos = 0
         self.rows: list[_Row] = []
@@ -228,16 +229,15 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting jobs into the batch (see the module docstring for when a job fits)."""
         group: list[Job] = []
-        dropped: list[Job] = []
         with self._cv:
             fresh = not self.rows
             pos, longest, most = self.pos, 0, 0
+            dropped = [job for job in self.waiting if job.cancelled.is_set()]  # even when the batch is full
             for job in list(self.waiting):
+                if job in dropped:
+                    continue
                 if len(self.rows) + len(group) >= self.max_batch:
                     break
-                if job.cancelled.is_set():
-                    dropped.append(job)
-                    continue
                 n, m = len(job.prompt), job.params.max_tokens
                 if fresh:  # the batch starts at the longest prompt; every job must still fit after it
                     if group and max(longest, n) + max(most, m) - 1 > self.ctx:
@@ -392,12 +392,14 @@ def generate_all(model: GPT, tokenizer, prompts: list[list[int]], max_new_tokens
     the context), and max_new_tokens shrinks to fit what is left."""
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
-    engine = Engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))))
-    ctx = engine.ctx
+    ctx = model.cfg.max_seq_len
     keep = max(ctx - max_new_tokens, ctx // 2, 1)
+    prompts = [prompt[-keep:] if len(prompt) > keep else prompt for prompt in prompts]
+    # a cache as long as the longest prompt and its answer, not the model's whole context
+    need = min(ctx, max(len(p) for p in prompts) + max_new_tokens)
+    engine = Engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))), ctx=need)
     jobs = []
     for prompt in prompts:
-        prompt = prompt[-keep:] if len(prompt) > keep else prompt
         params = SamplingParams(max_tokens=min(max_new_tokens, ctx - len(prompt)), temperature=0)
         jobs.append(engine.submit(prompt, params, lambda event: None))
     while engine.active:

@@ -1,9 +1,10 @@
 """OpenAI request bodies, read and checked: the sampling parameters and the chat messages of a
 request, or an APIError that the server returns in OpenAI's error format.
 
-Parameters that would change the output but are not implemented (n > 1, echo, logprobs, logit_bias,
-presence/frequency penalties, a JSON response_format, tools) are refused with 400 rather than
-ignored; their neutral values (n 1, penalties 0, logit_bias {}, response_format text) are accepted.
+Parameters that would change the output but are not implemented (n > 1, echo, suffix, logprobs,
+logit_bias, presence/frequency penalties, a JSON response_format, tools) are refused with 400
+rather than ignored; their neutral values (n 1, penalties 0, logit_bias {}, response_format text)
+are accepted.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _check_response_format(body: dict) -> None:
 # Parameters this server does not implement -> the values that leave the output unchanged.
 _NEUTRAL_ONLY = (
     ("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
-    ("echo", lambda v: not v), ("logprobs", lambda v: v is None or v is False),  # 0: the sampled tokens' own ("suffix", lambda v: v is None),
+    ("echo", lambda v: not v), ("suffix", lambda v: not v),
+    ("logprobs", lambda v: v is None or v is False),  # 0 asks for the sampled tokens' own
     ("top_logprobs", lambda v: not v), ("tools", lambda v: not v), ("functions", lambda v: not v),
     ("tool_choice", lambda v: v in (None, "none", "auto")),
     ("function_call", lambda v: v in (None, "none", "auto")),
@@ -139,10 +141,12 @@ def parse_sampling(body: dict, prompt_len: int, cfg: "ServeConfig", ctx: int, ch
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "stream_options must be an object", param="stream_options")
+    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
+    top_p = _number(body, "top_p", None, 0.0, 1.0)
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        top_p=_number(body, "top_p", None, 1e-9, 1.0),
+        temperature=0.0 if top_p == 0 else temperature,  # top_p 0 keeps the most likely token: greedy
+        top_p=top_p,
         top_k=_number(body, "top_k", None, 1, 1 << 30, integer=True),
         seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
         stop=list(stop or []))
