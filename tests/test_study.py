@@ -181,3 +181,71 @@ def test_a_finished_stage_started_from_a_parent_is_reused_whatever_its_resolved_
     save_config(load_config(Config, None, [f"init_from={tmp_path / 'base'}", "train.max_steps=9"]), run / "config.yaml")
     with pytest.raises(ConfigError, match="train.max_steps"):
         _check_same(want, run)
+
+
+def _finished_run(run_dir, parent, created):
+    """A finished run directory whose lineage records a parent made at `created`."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "probe": {"settings": {}}}))
+    (run_dir / "lineage.json").write_text(json.dumps(
+        {"stage": "finetune", "parent": str(parent), "parent_lineage": {"stage": "pretrain", "created": created}}))
+
+
+def test_a_run_whose_parent_was_made_again_is_run_again(tmp_path, monkeypatch):
+    import pretune.finetune
+    import pretune.stages
+    from pretune.config import Config, load_config
+    from pretune.config_io import save_config, to_dict
+    from pretune.study.runner import parent_changed, run_job, run_stage
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "lineage.json").write_text(json.dumps({"stage": "pretrain", "created": "2026-01-01T10:00:00"}))
+    run = tmp_path / "sent/full/n8/s0"
+    _finished_run(run, base, "2026-01-01T10:00:00")
+    assert parent_changed(run) is None
+    calls = []
+    monkeypatch.setattr(pretune.finetune, "run_finetune", lambda cfg, log: calls.append(cfg) or
+                        {"status": "completed", "probe": {"settings": {}}})
+    cfg = load_config(Config, None, [f"out_dir={run}", f"init_from={base}"])
+    assert run_job(to_dict(cfg), None, {}, None) == {"status": "completed"} and not calls  # reused
+    # base/ deleted and made again: the run started from the old one is not reused
+    (base / "lineage.json").write_text(json.dumps({"stage": "pretrain", "created": "2026-01-02T09:00:00"}))
+    assert "made again" in parent_changed(run)
+    assert run_job(to_dict(cfg), None, {}, None) == {"status": "completed"}
+    assert len(calls) == 1 and calls[0].overwrite and not calls[0].resume  # from the start, not resumed
+    # the same for a shared stage (cpt/ made from base/)
+    cpt = tmp_path / "cpt"
+    _finished_run(cpt, base, "2026-01-01T10:00:00")
+    stage_cfg = load_config(Config, None, [f"out_dir={cpt}", f"init_from={base}"])
+    save_config(stage_cfg, cpt / "config.yaml")
+    monkeypatch.setattr(pretune.stages, "run_pretrain", lambda cfg, log: calls.append(cfg) or
+                        {"status": "completed", "wall_s": 1.0})
+    logged = []
+    assert run_stage(stage_cfg, logged.append) == cpt
+    assert len(calls) == 2 and calls[1].overwrite and any("made again" in m for m in logged), logged
+
+
+def test_a_run_that_ends_stopped_is_a_failure(tmp_path, monkeypatch):
+    import pretune.finetune
+    from pretune.config import Config
+    from pretune.config_io import to_dict
+    from pretune.study.engines import Job, run_jobs
+
+    monkeypatch.setattr(pretune.finetune, "run_finetune", lambda cfg, log: {"status": "stopped", "steps": 3})
+    cfg = to_dict(Config(out_dir=str(tmp_path / "run")))
+    out = run_jobs([Job("t/full/n16/s0", "pretune.study.runner:run_job",
+                        {"config": cfg, "shots": None, "probe": {}, "start_probe": None})], log=lambda m: None)
+    assert not out["t/full/n16/s0"]["ok"] and "stopped" in out["t/full/n16/s0"]["error"]
+
+
+def test_a_crashed_worker_fails_its_own_job_only(capsys):
+    from pretune.study.engines import Job, run_jobs
+
+    sleep = {"args": ["sleep", "1"]}
+    jobs = [Job("crash", "os:_exit", {"status": 137})] + [Job(f"j{i}", "subprocess:run", sleep) for i in range(4)]
+    logged = []
+    out = run_jobs(jobs, parallel=2, log=logged.append)
+    assert not out["crash"]["ok"] and "crash" in out["crash"]["error"] and "137" in out["crash"]["error"]
+    assert all(out[f"j{i}"]["ok"] for i in range(4)), out
+    assert any("restart" in m for m in logged), logged

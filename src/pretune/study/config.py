@@ -148,6 +148,8 @@ class StudyConfig:
     """'auto', 'cpu' or 'cuda' for every run."""
     threads: int | None = None
     """CPU threads per run; None divides the cores among the parallel runs."""
+    stats_seed: int = 0
+    """Seed of the bootstrap resampling in the report's statistics (changes the intervals a little)."""
     track: TrackConfig = field(default_factory=TrackConfig)
     meter: MeterConfig = field(default_factory=MeterConfig)
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 
-from pretune.study.stats import (NOTES, candidates, context_sizes, find_comparison, finite, is_inference,
-                                 scratch_arm)
+from pretune.study.stats import (NOTES, candidates, context_sizes, excludes_zero, find_comparison, finite,
+                                 is_inference, scratch_arm)
 
-FEW_SEEDS = 3  # fewer seeds than this: caveat
+FEW_SEEDS = 3  # this many seeds or fewer: caveat
 SMALL_TEST = 100  # fewer test examples than this: caveat
 FORGETTING_BPB = 0.1  # forgetting above this many bits per byte: caveat
 K_MAX = 100  # tasks on the amortisation curve
@@ -64,7 +64,8 @@ def break_even(upfront: float | None, per_task: float | None,
     """Smallest K >= 1 with upfront + K * per_task < K * scratch_per_task, and the reason if none.
 
     Returns 1 when scratch never reaches the target (pre-training is the only way), None when the
-    arm never reaches it, the upfront cost is unknown, or the arm is not cheaper per task.
+    arm never reaches it, the upfront cost is unknown, or the arm is not cheaper per task. (When
+    scratch has no completed runs at some size, `amortisation` does not call it: K* is unknown.)
     """
     if per_task is None:
         return None, "never reaches the target"
@@ -101,15 +102,26 @@ def amortisation(results, task):
         out["note"] += (" The base model was not trained by this study, so its cost is unknown: "
                         "break-even is not computed and the curves leave the base out.")
     if target is None:
-        out["note"] += " No target and no scratch arm: nothing to amortise."
+        out["note"] += " No target and no completed scratch run: nothing to amortise."
         return out
 
     def to_target(arm):
-        ok = [(c["flops"]["mean"], int(s)) for s, c in summary.get(arm, {}).items()
-              if c["score"]["mean"] >= target - 1e-12 and c["flops"]["mean"] is not None]
-        return min(ok, key=lambda t: (t[0], t[1])) if ok else (None, None)
+        """(FLOPs, size) of the smallest data size whose mean score reaches the target."""
+        ok = sorted((int(s), c["flops"]["mean"]) for s, c in summary.get(arm, {}).items()
+                    if c["score"]["mean"] >= target - 1e-12 and c["flops"]["mean"] is not None)
+        return (ok[0][1], ok[0][0]) if ok else (None, None)
 
-    scratch_cost = to_target(scratch)[0] if scratch in summary else None
+    scratch_cost, scratch_size = to_target(scratch) if scratch in summary else (None, None)
+    # sizes at which scratch ran but no run completed: it may have reached the target there
+    ran = {int(r["size"]) for r in results.get("runs", []) if r["task"] == task and r["arm"] == scratch}
+    missing = sorted(ran - {int(s) for s in summary.get(scratch, {})})
+    unknown = None
+    if scratch is not None and scratch not in summary:
+        unknown = "break-even unknown: scratch has no completed runs"
+    elif scratch_cost is None and missing:
+        unknown = ("break-even unknown: scratch has no completed runs at n=" + ", ".join(map(str, missing))
+                   + ", where it might reach the target")
+    out["scratch_unknown"] = unknown
     for arm in summary:
         init = arms.get(arm, {}).get("init", "base")
         base_flops, cpt_flops = (_cost_of(base) if base_known else None), _cost_of(cpt)
@@ -122,11 +134,16 @@ def amortisation(results, task):
             k, reason = None, "the reference"
         elif scratch is None:
             k, reason = None, "no scratch arm to compare with"
+        elif unknown and per_task is not None:
+            k, reason = None, unknown
         else:
             k, reason = break_even(upfront, per_task, scratch_cost)
+            if missing and scratch_size is not None and missing[0] < scratch_size:
+                reason += (("; " if reason else "") + f"scratch has no completed runs at n={missing[0]}, "
+                           "where it might cost less")
         entry = {"init": init, "upfront_flops": upfront, "cost_to_target": per_task,
                  "size_to_target": size, "break_even_tasks": k, "break_even_reason": reason}
-        if init == "cpt" and not base_known and arm != scratch and scratch is not None:
+        if init == "cpt" and not base_known and arm != scratch and scratch is not None and not unknown:
             k_cpt = break_even(cpt_flops, per_task, scratch_cost)[0]
             entry["break_even_tasks_cpt_only"] = k_cpt
             if k_cpt is not None:
@@ -148,7 +165,7 @@ def distinguishable(results: dict, task: str, size: int, a: str, b: str) -> bool
     cb = cells[b][str(candidates(results, task, size)[b])]["score"]
     if ca["lo"] is None or cb["lo"] is None:
         return False
-    return ca["lo"] > cb["hi"] or cb["lo"] > ca["hi"]
+    return excludes_zero({"lo": ca["lo"] - cb["hi"], "hi": ca["hi"] - cb["lo"]})
 
 
 def _cost_key(cell: dict) -> float:
@@ -169,8 +186,7 @@ def _arm_caveats(task: str, arms: dict) -> list[str]:
                 f"+{v:.3f}" for _, v in forgot) + " bits per byte on held-out general text at "
                 + ", ".join(lab for lab, _ in forgot) + " examples.")
         biased = [(cells[s]["size_label"], cells[s]["bias_change"]) for s in order
-                  if cells[s].get("bias_change") and cells[s]["bias_change"]["lo"] is not None
-                  and (cells[s]["bias_change"]["lo"] > 0 or cells[s]["bias_change"]["hi"] < 0)]
+                  if excludes_zero(cells[s].get("bias_change"))]
         if biased:
             out.append(f"{task}: {arm} changes the bias score (share of pairs where the model prefers the "
                        "stereotypical sentence) beyond noise: " + ", ".join(
@@ -189,9 +205,13 @@ def recommendation(results):
         target = spec.get("target")
         rows = []
         seeds = [c["n_seeds"] for a, cs in arms.items() if not is_inference(results, a) for c in cs.values()]
-        if seeds and min(seeds) < FEW_SEEDS:
-            caveats.append(f"{task}: only {min(seeds)} seed(s) for some arms: the intervals mostly "
-                           "reflect test-set noise, not the variation between training runs.")
+        if seeds and min(seeds) == 1:
+            caveats.append(f"{task}: only 1 seed for some arms: the intervals mostly reflect test-set "
+                           "noise, not the variation between training runs.")
+        elif seeds and min(seeds) <= FEW_SEEDS:
+            caveats.append(f"{task}: only {min(seeds)} seeds for some arms: the variation between training "
+                           f"runs is estimated from {min(seeds)} runs, so the intervals are wide (Student's "
+                           f"t, {min(seeds) - 1} degree(s) of freedom) and small differences cannot be resolved.")
         if spec.get("n_test") is not None and spec["n_test"] < SMALL_TEST:
             caveats.append(f"{task}: small test set ({spec['n_test']} examples): intervals are wide "
                            "and small differences cannot be resolved.")
@@ -242,21 +262,23 @@ def recommendation(results):
                                     f"({_fmt(chance)}).")
                 row_cav.append(f"{task}, {size_label} examples: the best arm is no better than always answering "
                                f"the most frequent test label ({_fmt(chance)}).")
+            alike = None
             if same:
-                row_cav.append(f"{task}, {size_label} examples: {pick} is not distinguishable from "
-                               f"{', '.join(same)} at this size.")
+                alike = (f"{task}, {size_label} examples: {pick} is not distinguishable from "
+                         f"{', '.join(same)} at this size.")
+                row_cav.append(alike)
                 text = text[:-1] + f" (not distinguishable from {', '.join(same)})."
             f = c.get("forgetting")
             if f and f["mean"] is not None and f["mean"] > FORGETTING_BPB:
                 row_cav.append(f"{task}, {size_label} examples: {pick} forgets general text "
                                f"(+{f['mean']:.3f} bits per byte on held-out general text).")
             b = c.get("bias_change")
-            if b and b["lo"] is not None and (b["lo"] > 0 or b["hi"] < 0):
+            if excludes_zero(b):
                 row_cav.append(f"{task}, {size_label} examples: {pick} changes the bias score by "
                                f"{b['mean']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}] (share preferring "
                                "the stereotypical sentence).")
             caveats.extend(c for c in row_cav if "scores 0" in c or "most frequent" in c)
-            caveats.extend(row_cav[:1] if same else [])  # forgetting and bias: once per arm, below
+            caveats.extend([alike] if alike else [])  # forgetting and bias: once per arm, below
             rows.append({"size": size, "size_label": size_label, "arm": pick, "arm_size": cand[pick],
                          "arm_size_label": label, "score": sc["mean"], "lo": sc["lo"], "hi": sc["hi"],
                          "flops": flops, "target": target,

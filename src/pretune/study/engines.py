@@ -14,6 +14,10 @@ Engines:
   ray                 one Ray task per job (num_cpus=1, num_gpus=job.gpus) on a local Ray instance
                       (started here and shut down afterwards) or on the cluster at `ray_address`.
 
+A worker process that dies (killed for memory, a crash in native code) fails the job it was running,
+named in the error; the pool is then started again for the jobs that had not finished (those it
+was running are stopped with the broken pool and resume from their checkpoints).
+
 Ctrl-C cancels the jobs that have not finished; the runs that finished are complete on disk and the
 runner skips them on its next start. Nothing here imports torch or ray at module level.
 """
@@ -30,6 +34,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from pretune.errors import ConfigError
@@ -126,14 +131,22 @@ def _gpu_ids() -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def _init_worker(counter, threads: int, gpu_ids: list[str]) -> None:
+_SLOTS = None  # in a pool worker: the shared array of (pid, running job number + 1) per worker
+_INDEX = 0
+
+
+def _init_worker(counter, threads: int, gpu_ids: list[str], slots=None) -> None:
     """Pool initializer: claim a worker index, pin one GPU and set the thread count, all before torch
     starts (torch takes its thread count from OMP_NUM_THREADS when it is imported, and CUDA reads
     CUDA_VISIBLE_DEVICES when it is initialised). Ctrl-C is handled by the parent alone."""
+    global _SLOTS, _INDEX
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with counter.get_lock():
         index = counter.value
         counter.value += 1
+    if slots is not None:
+        _SLOTS, _INDEX = slots, index
+        slots[2 * index] = os.getpid()
     if gpu_ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids[index % len(gpu_ids)]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -154,26 +167,92 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _execute_tracked(job: Job, number: int) -> dict:
+    """A pool worker's side: note which job this worker runs (so the parent can tell whose worker
+    died), then execute it."""
+    _SLOTS[2 * _INDEX + 1] = number + 1
+    try:
+        return execute(job)
+    finally:
+        _SLOTS[2 * _INDEX + 1] = 0
+
+
 def _run_pool(jobs: list[Job], parallel: int, progress: Progress) -> None:
+    """Run the jobs in a pool; when a worker dies, fail its job and start a fresh pool for the rest."""
+    todo = list(jobs)
+    while todo:
+        left = _pool_round(todo, parallel, progress)
+        if len(left) == len(todo):  # the pool broke before anything ran: give up rather than loop
+            for job in left:
+                progress.finished(job.key, failure(f"not run: the worker pool broke before {job.key} ran "
+                                                   "(a worker process died at start?); run again to continue it"))
+            return
+        if left:
+            progress.log(f"restarting the worker pool for the {len(left)} job(s) not finished")
+        todo = left
+
+
+def _pool_round(jobs: list[Job], parallel: int, progress: Progress) -> list[Job]:
+    """One pool over `jobs`; returns the jobs to run again because the pool broke (a worker died)."""
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    pool = ProcessPoolExecutor(max_workers=min(parallel, len(jobs)), mp_context=ctx,
-                               initializer=_init_worker, initargs=(ctx.Value("i", 0), threads, _gpu_ids()))
+    workers = min(parallel, len(jobs))
+    slots = ctx.Array("q", 2 * workers, lock=False)  # per worker: pid, running job number + 1
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(ctx.Value("i", 0), threads, _gpu_ids(), slots))
+    pending: dict[Future, int] = {}
+    ended: set[int] = set()  # job numbers with a result (or failed because their worker died)
+    broken = False
     try:
-        pending: dict[Future, Job] = {pool.submit(execute, job): job for job in jobs}
-        while pending:
+        for i, job in enumerate(jobs):
+            try:
+                pending[pool.submit(_execute_tracked, job, i)] = i
+            except BrokenProcessPool:
+                broken = True
+                break
+        procs = getattr(pool, "_processes", None)  # pid -> Process (private), for the exit codes
+        procs = dict(procs) if isinstance(procs, dict) else None
+        while pending and not broken:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
-                job = pending.pop(fut)
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    broken = True
+                    continue
+                i = pending.pop(fut)
                 try:
                     res = fut.result()
-                except Exception as e:  # the worker died, or the result could not be pickled
+                except Exception as e:  # the result could not be pickled
                     res = failure(format_error(e))
-                progress.finished(job.key, res)
+                progress.finished(jobs[i].key, res)
+                ended.add(i)
     except BaseException:  # KeyboardInterrupt above all
         _stop_workers(pool)
         raise
     pool.shutdown(wait=True)
+    if not broken:
+        return []
+    for fut, i in pending.items():  # ended just before the pool broke
+        exc = fut.exception()
+        if not isinstance(exc, BrokenProcessPool):
+            progress.finished(jobs[i].key, failure(format_error(exc)) if exc else fut.result())
+            ended.add(i)
+    for i, code in _crashed(slots, procs):
+        if i not in ended:
+            progress.finished(jobs[i].key, failure(
+                f"the worker process running {jobs[i].key} died (exit code {code}): killed for memory, or a "
+                "crash outside Python; the jobs not finished went on in a fresh pool"))
+            ended.add(i)
+    return [job for i, job in enumerate(jobs) if i not in ended]
+
+
+def _crashed(slots, procs: dict | None) -> list[tuple[int, object]]:
+    """(job number, exit code) of the jobs whose worker died by itself; when the pool breaks it ends
+    the other workers with SIGTERM. Exit codes unknown (procs None): every job that was running."""
+    running = [(slots[2 * w], slots[2 * w + 1] - 1) for w in range(len(slots) // 2) if slots[2 * w + 1]]
+    if procs is None:
+        return [(i, "unknown") for _, i in running]
+    codes = {pid: p.exitcode for pid, p in procs.items()}
+    return [(i, codes[pid]) for pid, i in running if codes.get(pid, -signal.SIGTERM) != -signal.SIGTERM]
 
 
 # ----------------------------------------------------------------------------- ray engine

@@ -136,7 +136,9 @@ def plot_learning_curves(results: dict, task: str, styles) -> bytes:
         if is_inference(results, arm) and (len(cells) == 1 or all(s == 0 for s, _ in cells)):
             for s, c in cells:  # no training: a horizontal reference line and its band
                 sc = c["score"]
-                lab = arm if "shot" in arm.lower() else f"{arm} ({'zero' if s == 0 else s}-shot)"
+                shots = results.get("arms", {}).get(arm, {}).get("shots")
+                k = s if shots is None else min(shots, s)  # as the runner plans it: at most the data size
+                lab = arm if "shot" in arm.lower() else f"{arm} ({'zero' if k == 0 else k}-shot)"
                 ax.axhline(sc["mean"], color=colour, ls="--", lw=1.8, label=lab)
                 if sc["lo"] is not None:
                     ax.axhspan(sc["lo"], sc["hi"], color=colour, alpha=0.10, lw=0)
@@ -277,6 +279,8 @@ def plot_amortisation(results: dict, task: str, styles) -> bytes | None:
     title = f"{task}: total cost to reach {fmt_score(am.get('target'))}{src} on K tasks"
     if not am.get("pretrain", {}).get("base_known"):
         title += "\n(the base model was given: its pre-training cost is unknown and left out)"
+    elif am.get("scratch_unknown"):
+        title += "\n(" + am["scratch_unknown"] + ")"
     elif scratch in am["arms"] and not curve.get(scratch):
         title += "\n(scratch never reaches it: pre-training is the only way)"
     ax.set_title(title)

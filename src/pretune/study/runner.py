@@ -9,7 +9,8 @@ The study directory:
     results.json  report.md  report.html  report_files/
 
 Re-running a study skips every finished run, so a study that was stopped continues where it stopped;
-a run whose saved config differs from what the study would now run is an error, not a silent reuse.
+a run whose saved config differs from what the study would now run is an error, not a silent reuse,
+and a run whose parent (base/ or cpt/) was deleted and made again since is run again from the start.
 Runs read only the files of their run directories (summary.json, predictions.jsonl), as DESIGN.md
 asks, so every number in the report can be traced back to one.
 """
@@ -58,12 +59,42 @@ def _finished(run_dir: Path) -> bool:
     return bool(s) and s.get("status") in DONE
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _lineage(path: Path) -> dict | None:
+    """lineage.json of a run, or of the run holding a model directory (as write_lineage looks it up)."""
+    return _read_json(path / "lineage.json") or _read_json(path.parent / "lineage.json")
+
+
+def parent_changed(run_dir: Path) -> str | None:
+    """Why a run no longer follows from its parent, or None. A run's lineage.json records its parent's
+    lineage, with the time the parent was made (`created`): a parent deleted and made again since has
+    another one, and a run started from the old parent must not be reused (nor resumed)."""
+    lineage = _read_json(run_dir / "lineage.json")
+    was = (lineage or {}).get("parent_lineage")
+    if not lineage or not lineage.get("parent") or not isinstance(was, dict) or not was.get("created"):
+        return None  # from scratch, or a parent without lineage (a given model): nothing to compare
+    now = _lineage(Path(lineage["parent"]))
+    if now is None:
+        return f"its parent {lineage['parent']} is gone"
+    if now.get("created") != was["created"]:
+        return (f"its parent {lineage['parent']} was made again ({now.get('created')}) after this run "
+                f"started from the one made {was['created']}")
+    return None
+
+
 def _continue_or_start(cfg: Config) -> Config:
-    """A run that stopped part-way resumes from its last checkpoint, or starts again without one."""
+    """A run that stopped part-way resumes from its last checkpoint, or starts again without one (or
+    when its parent was made again since)."""
     from pretune.train.checkpoint import latest_checkpoint
 
     run_dir = Path(cfg.out_dir)
-    if latest_checkpoint(run_dir) is not None:
+    if latest_checkpoint(run_dir) is not None and not parent_changed(run_dir):
         saved = read_yaml(run_dir / "config.yaml")
         saved.update(init_from=None, resume=str(run_dir), out_dir=str(run_dir), overwrite=False)
         return load_config(Config, None, [], base=saved)
@@ -100,10 +131,13 @@ def run_stage(cfg: Config, log) -> Path:
     from pretune.stages import run_pretrain
 
     run_dir = Path(cfg.out_dir)
-    if _finished(run_dir):
+    stale = parent_changed(run_dir)
+    if _finished(run_dir) and not stale:
         _check_same(cfg, run_dir)
         log(f"{run_dir}: finished before, reused")
         return run_dir
+    if stale:
+        log(f"{run_dir}: {stale}: running it again")
     cfg = _continue_or_start(cfg)
     log(f"{run_dir}: {'resuming' if cfg.resume else 'running'} ({cfg.train.max_steps} steps)")
     summary = run_pretrain(cfg, log=lambda m: None)
@@ -197,12 +231,13 @@ def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | No
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.out_dir)
     summary = read_summary(run_dir)
-    if not (summary and summary.get("status") in DONE):
+    if not (summary and summary.get("status") in DONE) or parent_changed(run_dir):
         cfg = _continue_or_start(cfg)
         quiet = lambda m: None  # noqa: E731  (runs of a study report through the engine's log)
         summary = run_prompting(cfg, shots, quiet) if shots is not None else run_finetune(cfg, quiet)
-    if summary.get("status") not in DONE:
-        return {"status": summary.get("status")}
+    if summary.get("status") not in DONE:  # stopped (train.stop_after), diverged, ...: not a result
+        raise RuntimeError(f"{run_dir} ended with status {summary.get('status')!r}, not completed; "
+                           "see its metrics.jsonl")
     if (summary.get("probe") or {}).get("settings") != probe_settings(probe):
         if shots is not None and start_probe is not None:  # prompting leaves the model as it was
             summary["probe"] = {k: start_probe.get(k) for k in ("general_bpb", "bias", "bias_n", "bias_by_type",
@@ -380,7 +415,10 @@ def run_study(study: Study, log=print) -> dict:
         if threads:
             p.config = dataclasses.replace(p.config, train=dataclasses.replace(p.config.train, threads=threads))
         done = read_summary(p.run_dir) or {}
-        if done.get("status") in DONE:
+        stale = parent_changed(p.run_dir) if done.get("status") in DONE else None
+        if stale:
+            log(f"{p.run_dir}: finished before, but {stale}: running it again")
+        elif done.get("status") in DONE:
             _check_same(p.config, p.run_dir)
             if (done.get("probe") or {}).get("settings") == probe_settings(probe):
                 continue  # finished and probed as this study asks
@@ -402,7 +440,7 @@ def run_study(study: Study, log=print) -> dict:
     results = {
         "study": {"name": s.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                   "pretune_version": __version__, "device": _device_name(s.device), "wall_s": time.perf_counter() - t0,
-                  "config": study.raw, "failed": failed},
+                  "config": study.raw, "stats_seed": s.stats_seed, "failed": failed},
         "tasks": tasks,
         "arms": {a.name: {"init": a.init, "method": a.method, "replay": a.replay, "l2sp": s.l2sp if a.l2sp else 0.0,
                           "shots": a.shots, "description": a.describe()} for a in study.arms},

@@ -50,32 +50,46 @@ it cannot be estimated, e.g. one seed and no per-example scores):
 - "pareto": {TASK: [{"arm", "size", "score", "flops"}]} (fine-tuning FLOPs only)
 - "amortisation": {TASK: {"target", "target_source", "pretrain": {"base": COST|None, "cpt": COST|None,
   "base_known": bool}, "arms": {ARM: {...}}, "curve": {"K": [1..100], ARM: [total FLOPs]|None},
-  "note": str}}
+  "note": str, "scratch_unknown": str|None (why break-even is unknown: scratch has no completed
+  runs, at all or at some size, and reached the target at none of the others)}}
 - "recommendation": {TASK: [row per data size], "caveats": [str]}
 - "stats": {"seed", "n_boot", "level", "notes": {...}}
 
-Method. The score of an (arm, size) cell is the mean over seeds. With per-example scores the
-interval comes from a two-level bootstrap: resample seeds with replacement, then test examples with
-replacement (one draw of example indices shared by all runs in the resample), so it holds both the
-noise of training (seed) and of the finite test set. Without them it is a percentile bootstrap over
-seeds. A paired comparison bootstraps the per-example differences of runs with the same seed the
-same way. Scores whose mean over examples differs from the reported score (a metric that is not a
-mean over examples) are shifted per run so the interval is centred on the reported score. Above
-500 test examples the example level draws the per-seed means from their normal limit (same mean
-and covariance as resampling the examples), so large test sets stay fast.
+Method. The score of an (arm, size) cell is the mean over seeds. Without per-example scores its
+interval is Student's t over seeds: mean +- t(0.975, n-1) * s / sqrt(n), s the standard deviation
+with n - 1 (a percentile bootstrap of 2 to 5 seeds is far too narrow). With per-example scores a
+two-level bootstrap resamples seeds with replacement, then test examples with replacement (one draw
+of example indices shared by all runs in the resample), so it holds both the noise of training
+(seed) and of the finite test set. Its seed level is widened as in the t interval: the deviations
+of the resampled seed weights from 1/n are scaled by sqrt(n/(n-1)) (the unbiased variance), and the
+interval is mean +- t(0.975, df) * SE, SE the standard deviation of the bootstrap and df the
+Welch-Satterthwaite degrees of freedom of the two levels, (n-1) (1 + Ve/Vs)^2 with Vs the seed-level
+and Ve the example-level variance of the mean: n - 1 when the seeds dominate (then it is the t
+interval), the normal quantile when the test set does. With one seed, or seeds whose scores agree
+exactly, it is the percentile interval of the bootstrap (the test examples alone); with one seed and
+no per-example scores it is unknown. A paired comparison does the same with the per-example
+differences of runs with the same seed. Scores whose mean over examples differs from the reported
+score (a metric that is not a mean over examples) are shifted per run so the interval is centred on
+the reported score. Above 500 test examples the example level draws the per-seed means from their
+normal limit (same mean and covariance as resampling the examples), so large test sets stay fast.
+Bootstrap values and bounds are rounded to 12 decimals, and an interval that touches 0 does not
+exclude it: a lump of resamples at exactly 0 never makes a difference significant by float noise.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import zlib
+from statistics import NormalDist
 
 import numpy as np
 
 N_BOOT = 2000
 LEVEL = 0.95
 EXACT_MAX_EXAMPLES = 500  # above: the example level of the bootstrap uses its normal limit
+DIGITS = 12  # interval bounds are rounded to this many decimals (float noise around 0)
 COST_KEYS = ("flops", "wall_s", "energy_j", "co2_g", "peak_mem_bytes")
 
 NOTES = {
@@ -86,10 +100,15 @@ NOTES = {
                      "target. Break-even K*: the number of tasks from which pre-training once and "
                      "fine-tuning K times costs less than training from scratch K times to the same "
                      "target."),
-    "bootstrap": ("95% percentile intervals; two-level bootstrap (seeds, then test examples) when "
-                  "per-example scores exist, otherwise over seeds; paired by seed and test example "
-                  "for differences. A difference is called significant only when its paired "
-                  "interval excludes 0."),
+    "bootstrap": ("95% intervals. Over seeds alone (no per-example scores): Student's t, mean ± "
+                  "t·s/√n with n − 1 degrees of freedom. With per-example scores: a two-level "
+                  "bootstrap (seeds, then test examples) with the seed level widened as in the t "
+                  "interval: seed deviations scaled by √(n/(n−1)), and mean ± t·SE with the "
+                  "Welch–Satterthwaite degrees of freedom of the seed and example levels (n − 1 "
+                  "when the seeds dominate); with one seed, the percentile interval over test "
+                  "examples. Differences are paired by seed and test example. A difference is "
+                  "called significant only when its paired interval excludes 0 (an interval "
+                  "touching 0 does not)."),
 }
 
 
@@ -105,23 +124,56 @@ def finite(x) -> bool:
         and math.isfinite(float(x))
 
 
+def t_quantile(p: float, df: float | None) -> float:
+    """The p quantile (p > 0.5) of Student's t with `df` degrees of freedom; None (or above 1e6) is
+    the normal one. Newton's method on the distribution function, integrated numerically by
+    Simpson's rule (no scipy): from the normal quantile it climbs monotonically to the root."""
+    z = NormalDist().inv_cdf(p)
+    if df is None or df > 1e6:
+        return z
+    return _t_quantile(p, round(float(df), 9), z)
+
+
+@functools.lru_cache(maxsize=1024)
+def _t_quantile(p: float, df: float, z: float) -> float:
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def pdf(x):
+        return c * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    t = z
+    for _ in range(100):
+        x = np.linspace(0.0, t, 2001)
+        f = pdf(x)
+        cdf = 0.5 + t / 6000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+        step = (p - cdf) / pdf(t)
+        t += step
+        if abs(step) < 1e-10 * t:
+            break
+    return float(t)
+
+
 def bootstrap_means(x, rng: np.random.Generator, n_boot: int = N_BOOT, offsets=None,
                     exact_max: int = EXACT_MAX_EXAMPLES) -> np.ndarray:
     """Bootstrap distribution of the grand mean of `x`.
 
     `x` is (seeds,) for a bootstrap over seeds, or (seeds, examples) for the two-level bootstrap:
     each resample draws seeds with replacement and one multiset of example indices that every
-    drawn seed shares. `offsets` (seeds,) is added to each seed's mean. Vectorised: resampled
-    examples are drawn as counts, and a matrix product gives every seed's mean in every resample.
-    Above `exact_max` examples the per-seed means of an example resample are drawn from their
-    normal limit instead (same mean and covariance as the exact resampling; cost independent of
-    the number of examples, where the exact draw costs n_boot x examples).
+    drawn seed shares. `offsets` (seeds,) is added to each seed's mean. The deviations of the seed
+    weights from 1/n are scaled by sqrt(n/(n-1)), so the seed level has the unbiased variance
+    s^2/n rather than the plug-in (n-1)/n of it. Vectorised: resampled examples are drawn as counts,
+    and a matrix product gives every seed's mean in every resample. Above `exact_max` examples the
+    per-seed means of an example resample are drawn from their normal limit instead (same mean and
+    covariance as the exact resampling; cost independent of the number of examples, where the exact
+    draw costs n_boot x examples). Values are rounded to DIGITS decimals.
     """
     x = np.asarray(x, dtype=float)
     if x.ndim == 1:
         x = x[:, None]
     n_seeds, n_ex = x.shape
     weights = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot) / n_seeds
+    if n_seeds > 1:
+        weights = 1.0 / n_seeds + (weights - 1.0 / n_seeds) * math.sqrt(n_seeds / (n_seeds - 1))
     if n_ex == 1:
         means = np.broadcast_to(x[:, 0], (n_boot, n_seeds))
     elif n_ex > exact_max:
@@ -137,27 +189,67 @@ def bootstrap_means(x, rng: np.random.Generator, n_boot: int = N_BOOT, offsets=N
             means[i:i + len(counts)] = counts @ x.T / n_ex
     if offsets is not None:
         means = means + np.asarray(offsets, dtype=float)
-    return (weights * means).sum(axis=1)
+    return np.round((weights * means).sum(axis=1), DIGITS)
 
 
-def make_ci(values, boot=None, method: str = "none") -> dict:
-    """CI dict from per-seed values and a bootstrap distribution (None: interval unknown)."""
-    vals = [float(v) for v in values]
+def seed_df(x, offsets=None) -> float | None:
+    """Degrees of freedom of the interval of the grand mean of x (seeds, examples), after Welch and
+    Satterthwaite: the seed-level variance of the mean Vs (from n seeds) has n - 1, the example-level
+    one Ve (from many test examples) counts as known, so df = (n-1) (1 + Ve/Vs)^2. None: one seed,
+    or seeds that agree exactly (then the percentile interval of the example level)."""
+    x = np.asarray(x, dtype=float)
+    n, n_ex = x.shape
+    per_seed = x.mean(axis=1) + (0.0 if offsets is None else np.asarray(offsets, dtype=float))
+    v_seed = float(np.var(per_seed, ddof=1)) / n if n > 1 else 0.0
+    if v_seed <= 0:
+        return None
+    v_ex = float(np.var(x.mean(axis=0), ddof=1)) / n_ex if n_ex > 1 else 0.0
+    return (n - 1) * (1 + v_ex / v_seed) ** 2
+
+
+def _ci(vals: list[float], lo, hi, method: str) -> dict:
     mean = float(np.mean(vals)) if vals else None
-    lo = hi = None
-    if boot is not None and vals:
-        a = (1.0 - LEVEL) / 2.0
-        lo_b, hi_b = np.percentile(boot, [100 * a, 100 * (1 - a)])
-        lo, hi = min(float(lo_b), mean), max(float(hi_b), mean)
+    if lo is not None:
+        lo, hi = round(min(float(lo), mean), DIGITS), round(max(float(hi), mean), DIGITS)
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(vals), "values": vals,
             "method": method if lo is not None else "none"}
 
 
-def seed_ci(values, rng: np.random.Generator, n_boot: int = N_BOOT) -> dict:
-    """Percentile bootstrap over seeds; with fewer than two values the interval is unknown."""
-    vals = [float(v) for v in values if finite(v)]
-    boot = bootstrap_means(vals, rng, n_boot) if len(vals) >= 2 else None
-    return make_ci(vals, boot, "seeds")
+def make_ci(values, boot=None, method: str = "none", df: float | None = None) -> dict:
+    """CI dict from per-seed values and a bootstrap distribution (None: interval unknown): the
+    percentile interval, or with `df` mean +- t(df) x the bootstrap's standard error."""
+    vals = [float(v) for v in values]
+    if boot is None or not vals:
+        return _ci(vals, None, None, method)
+    a = (1.0 - LEVEL) / 2.0
+    mean = float(np.mean(vals))
+    if df is not None:
+        half = t_quantile(1 - a, df) * float(np.std(boot, ddof=1))
+        return _ci(vals, mean - half, mean + half, method)
+    lo_b, hi_b = np.percentile(boot, [100 * a, 100 * (1 - a)])
+    return _ci(vals, lo_b, hi_b, method)
+
+
+def t_ci(values, method: str = "seeds") -> dict:
+    """Student's t interval of the mean of values (one per seed); fewer than two: unknown."""
+    vals = [float(v) for v in values]
+    if len(vals) < 2:
+        return _ci(vals, None, None, method)
+    mean = float(np.mean(vals))
+    half = t_quantile((1.0 + LEVEL) / 2.0, len(vals) - 1) * float(np.std(vals, ddof=1)) / math.sqrt(len(vals))
+    return _ci(vals, mean - half, mean + half, method)
+
+
+def seed_ci(values, rng: np.random.Generator | None = None, n_boot: int = N_BOOT) -> dict:
+    """Interval over seeds (t, see t_ci) of the finite values; with fewer than two it is unknown.
+    `rng` and `n_boot` are not used (kept for the callers' uniformity)."""
+    return t_ci([v for v in values if finite(v)], "seeds")
+
+
+def excludes_zero(ci: dict | None) -> bool:
+    """True when an interval ({"lo", "hi"}) is known and excludes 0; one that touches 0 does not."""
+    tol = 10.0 ** -DIGITS
+    return bool(ci) and ci.get("lo") is not None and (ci["lo"] > tol or ci["hi"] < -tol)
 
 
 def _example_matrix(runs: list[dict]):
@@ -174,8 +266,9 @@ def score_ci(runs: list[dict], rng: np.random.Generator, n_boot: int = N_BOOT) -
     x = _example_matrix(runs)
     if x is None:
         return seed_ci(scores, rng, n_boot)
-    boot = bootstrap_means(x, rng, n_boot, offsets=scores - x.mean(axis=1))
-    return make_ci(scores, boot, "seeds+examples" if len(runs) > 1 else "examples")
+    offsets = scores - x.mean(axis=1)
+    boot = bootstrap_means(x, rng, n_boot, offsets=offsets)
+    return make_ci(scores, boot, "seeds+examples" if len(runs) > 1 else "examples", seed_df(x, offsets))
 
 
 def paired_diff(runs_a: list[dict], runs_b: list[dict], rng: np.random.Generator,
@@ -199,13 +292,12 @@ def paired_diff(runs_a: list[dict], runs_b: list[dict], rng: np.random.Generator
     xa = _example_matrix([p[0] for p in pairs])
     xb = _example_matrix([p[1] for p in pairs])
     if xa is not None and xb is not None and xa.shape == xb.shape:
-        dx = xa - xb
-        ci = make_ci(d, bootstrap_means(dx, rng, n_boot, offsets=d - dx.mean(axis=1)),
-                     "seeds+examples" if len(pairs) > 1 else "examples")
+        dx, offsets = xa - xb, d - (xa - xb).mean(axis=1)
+        ci = make_ci(d, bootstrap_means(dx, rng, n_boot, offsets=offsets),
+                     "seeds+examples" if len(pairs) > 1 else "examples", seed_df(dx, offsets))
     else:
-        ci = make_ci(d, bootstrap_means(d, rng, n_boot) if len(d) >= 2 else None, "seeds")
-    sig = ci["lo"] is not None and (ci["lo"] > 0 or ci["hi"] < 0)
-    return {"diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "significant": bool(sig),
+        ci = t_ci(d, "seeds")
+    return {"diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "significant": excludes_zero(ci),
             "n_pairs": len(pairs), "paired_by": paired_by, "method": ci["method"]}
 
 
