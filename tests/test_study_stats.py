@@ -165,3 +165,12 @@ def test_stats_seed_is_a_study_key(tmp_path):
     res = make_results()
     res["study"]["config"] = {"stats_seed": 5}
     assert analyse(res, n_boot=100)["stats"]["seed"] == 5
+
+
+def test_a_t_interval_stays_within_the_range_of_the_example_scores():
+    rng = np.random.default_rng(0)
+    # three seeds of a 0/1 metric near its ceiling, seeds disagreeing: the t interval would pass 1
+    runs = [{"score": float(np.mean(e)), "example_scores": list(e)} for e in
+            ([1] * 40, [1] * 39 + [0], [1] * 30 + [0] * 10)]
+    ci = score_ci(runs, rng)
+    assert ci["method"] == "seeds+examples" and ci["hi"] == 1.0 and 0 < ci["lo"] < ci["mean"]

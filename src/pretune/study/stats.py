@@ -215,9 +215,11 @@ def _ci(vals: list[float], lo, hi, method: str) -> dict:
             "method": method if lo is not None else "none"}
 
 
-def make_ci(values, boot=None, method: str = "none", df: float | None = None) -> dict:
+def make_ci(values, boot=None, method: str = "none", df: float | None = None, x=None, offsets=None) -> dict:
     """CI dict from per-seed values and a bootstrap distribution (None: interval unknown): the
-    percentile interval, or with `df` mean +- t(df) x the bootstrap's standard error."""
+    percentile interval, or with `df` mean +- t(df) x the bootstrap's standard error. With the
+    per-example scores `x` of a metric that is their mean (no offsets), that symmetric interval is
+    kept within their range: a mean accuracy's interval does not reach past 1."""
     vals = [float(v) for v in values]
     if boot is None or not vals:
         return _ci(vals, None, None, method)
@@ -225,7 +227,10 @@ def make_ci(values, boot=None, method: str = "none", df: float | None = None) ->
     mean = float(np.mean(vals))
     if df is not None:
         half = t_quantile(1 - a, df) * float(np.std(boot, ddof=1))
-        return _ci(vals, mean - half, mean + half, method)
+        lo, hi = mean - half, mean + half
+        if x is not None and (offsets is None or np.allclose(offsets, 0.0)):
+            lo, hi = max(lo, float(np.min(x))), min(hi, float(np.max(x)))
+        return _ci(vals, lo, hi, method)
     lo_b, hi_b = np.percentile(boot, [100 * a, 100 * (1 - a)])
     return _ci(vals, lo_b, hi_b, method)
 
@@ -268,7 +273,7 @@ def score_ci(runs: list[dict], rng: np.random.Generator, n_boot: int = N_BOOT) -
         return seed_ci(scores, rng, n_boot)
     offsets = scores - x.mean(axis=1)
     boot = bootstrap_means(x, rng, n_boot, offsets=offsets)
-    return make_ci(scores, boot, "seeds+examples" if len(runs) > 1 else "examples", seed_df(x, offsets))
+    return make_ci(scores, boot, "seeds+examples" if len(runs) > 1 else "examples", seed_df(x, offsets), x, offsets)
 
 
 def paired_diff(runs_a: list[dict], runs_b: list[dict], rng: np.random.Generator,
@@ -294,7 +299,7 @@ def paired_diff(runs_a: list[dict], runs_b: list[dict], rng: np.random.Generator
     if xa is not None and xb is not None and xa.shape == xb.shape:
         dx, offsets = xa - xb, d - (xa - xb).mean(axis=1)
         ci = make_ci(d, bootstrap_means(dx, rng, n_boot, offsets=offsets),
-                     "seeds+examples" if len(pairs) > 1 else "examples", seed_df(dx, offsets))
+                     "seeds+examples" if len(pairs) > 1 else "examples", seed_df(dx, offsets), dx, offsets)
     else:
         ci = t_ci(d, "seeds")
     return {"diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "significant": excludes_zero(ci),
