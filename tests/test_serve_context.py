@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 from interop_models import TEXT, pretune_model, save_run
 from tokenizers import processors
 
@@ -17,13 +16,7 @@ from pretune.serve.engine import Engine, SamplingParams
 pytest.importorskip("fastapi", reason="serving needs the serve extra")
 pytest.importorskip("httpx", reason="the test client needs httpx")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads(cpu_threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads)
-    yield
-    torch.set_num_threads(before)
+from test_serve import _threads  # noqa: F401  (few threads for tiny forwards, as there)
 
 
 @pytest.fixture(scope="module")
