@@ -249,3 +249,17 @@ def test_a_crashed_worker_fails_its_own_job_only(capsys):
     assert not out["crash"]["ok"] and "crash" in out["crash"]["error"] and "137" in out["crash"]["error"]
     assert all(out[f"j{i}"]["ok"] for i in range(4)), out
     assert any("restart" in m for m in logged), logged
+
+
+def test_a_parent_made_again_within_the_same_second_is_told_apart(tmp_path):
+    from pretune.study.runner import parent_changed
+    from pretune.train.checkpoint import write_lineage
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    base.mkdir()
+    run.mkdir()
+    write_lineage(base, "pretrain", None)
+    write_lineage(run, "finetune", str(base))
+    assert parent_changed(run) is None
+    write_lineage(base, "pretrain", None)  # made again at once: the same `created`, another id
+    assert "made again" in parent_changed(run)

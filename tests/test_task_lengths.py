@@ -85,3 +85,27 @@ def test_both_answers_of_a_pair_follow_the_same_prompt(tok, side):
     (e,) = T.encode([pair(5, "a fox", "the lazy dog sits on the mat " * 4)], cfg, tok, None, stats)
     (p, chosen), (q, rejected) = e["chosen"], e["rejected"]
     assert p == q and len(rejected) == 32 and len(p) + len(rejected) == 64 and stats.truncated == 2
+
+
+def test_task_scoring_leaves_the_model_in_the_mode_it_found():
+    from pathlib import Path
+
+    import torch
+
+    from pretune.config import Config, load_config
+    from pretune.data import tasks as T
+    from pretune.data.tokenizer import train_char
+    from pretune.eval.scoring import evaluate_task
+    from pretune.model.config import ModelConfig, resolve_model_config
+    from pretune.model.gpt import GPT
+
+    tok = train_char(["what is one? it is one. what is two? it is two."])
+    cfg = load_config(Config, None, ["task=instruction", "finetune.max_len=48"])
+    record = T.normalise({"prompt": "what is one?", "response": "it is one."}, "instruction", cfg.data,
+                         Path("qa.jsonl"), 1)
+    examples = T.encode([record], cfg, tok, None, T.TaskStats())
+    model = GPT(resolve_model_config(ModelConfig(preset="tiny"), tok.vocab_size))
+    for training in (False, True):
+        model.train(training)
+        assert evaluate_task(model, examples, cfg, tok, None, torch.device("cpu"))["loss"] > 0
+        assert model.training is training

@@ -41,6 +41,7 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
     (generation stays on the calling rank) and the figures do not depend on the number of ranks."""
     if not examples:
         return {}
+    training = model.training
     model.eval()
     out: dict = {}
     bs = max(1, cfg.train.eval_batch_size // 4)
@@ -93,7 +94,7 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
                                    chrf=[M.chrf([p], [g]) for p, g in zip(preds, gold)])
                 if cfg.task == "text2text":
                     per_example["rouge_l"] = [M.rouge([p], [g])["rouge_l"] for p, g in zip(preds, gold)]
-    model.train()
+    model.train(training)  # as the caller had it
     return out
 
 

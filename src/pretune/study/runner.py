@@ -82,7 +82,7 @@ def parent_changed(run_dir: Path) -> str | None:
     now = _lineage(Path(lineage["parent"]))
     if now is None:
         return f"its parent {lineage['parent']} is gone"
-    if now.get("created") != was["created"]:
+    if now.get("created") != was["created"] or now.get("id") != was.get("id"):  # id: since 2026-11-26
         return (f"its parent {lineage['parent']} was made again ({now.get('created')}) after this run "
                 f"started from the one made {was['created']}")
     return None

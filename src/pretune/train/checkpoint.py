@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 try:
@@ -445,4 +446,6 @@ def write_lineage(run_dir: Path, stage: str, parent: str | None, **extra) -> Non
             parent_lineage = json.loads(pl.read_text())
     atomic_write_json(run_dir / "lineage.json", {
         "stage": stage, "parent": str(Path(parent).resolve()) if parent else None,
-        "parent_lineage": parent_lineage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})
+        "parent_lineage": parent_lineage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "id": uuid.uuid4().hex,  # which run this is: a run made again in the same second has another
+        **extra})
