@@ -109,3 +109,30 @@ def test_task_scoring_leaves_the_model_in_the_mode_it_found():
         model.train(training)
         assert evaluate_task(model, examples, cfg, tok, None, torch.device("cpu"))["loss"] > 0
         assert model.training is training
+
+
+@pytest.mark.parametrize("classifier", ["head", "verbalizer"])
+def test_classification_text_starts_with_the_bos_the_tokenizer_adds_whatever_the_cut(classifier):
+    from tokenizers import processors
+
+    from pretune.config import Config, load_config
+    from pretune.data import tasks as T
+    from pretune.data.tokenizer import Tokenizer, train_char
+
+    plain = train_char(["the cat sat on the mat, a dog ran. pos neg"])
+    llama = train_char(["the cat sat on the mat, a dog ran. pos neg"])
+    llama.tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A",
+                                                             special_tokens=[("<|bos|>", llama.bos_id)])
+    llama = Tokenizer(llama.tok)
+    cfg = load_config(Config, None, ["task=classification", f"finetune.classifier={classifier}",
+                                     "finetune.max_len=24", "finetune.truncation=left"])
+    records = [{"text": "the cat sat on the mat " * 4, "label": "pos"}, {"text": "a dog ran", "label": "neg"}]
+    for tok in (plain, llama):
+        stats = T.TaskStats()
+        examples = T.encode(records, cfg, tok, ["pos", "neg"], stats)
+        assert stats.truncated == 1 and all(len(e["ids"]) <= 24 for e in examples)
+        starts = [e["ids"][0] for e in examples]
+        if tok is llama:
+            assert starts == [tok.bos_id, tok.bos_id]  # the long text is cut from the left, its BOS kept
+        else:
+            assert tok.bos_id not in starts  # pretune's own tokenizers add none

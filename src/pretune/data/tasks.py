@@ -252,14 +252,18 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
                 raise DataError(f"{_where(r)}label {r['label']!r} is not among the training labels {labels}; "
                                 "list every label in data.labels")
             y = labels.index(r["label"])
+            # the BOS a tokenizer's post-processor adds (Llama, Mistral; none for pretune's own), kept
+            # whatever the truncation, as transformers' tokenizer(text) gives it
+            bos = tok.prompt_prefix
             if ft.classifier == "head":
-                ids, _ = _fit(tok.encode(r["text"]), [], ft.max_len, ft.truncation, stats)
-                examples.append({"ids": ids or eos, "label": y})
+                ids, _ = _fit(tok.encode(r["text"]), [], ft.max_len - len(bos), ft.truncation, stats)
+                examples.append({"ids": (bos + ids) or eos, "label": y})
                 continue
             # cut to the room the longest label leaves, so scoring fits every label after the prompt
-            answers = answers or _verbalizer_answers(labels, tok, ft.max_len)
+            answers = answers or _verbalizer_answers(labels, tok, ft.max_len - len(bos))
             prompt = tok.encode(verbalizer_prompt(r["text"]))
-            p, a = _fit_alike([(prompt, ans) for ans in answers], ft.max_len, ft.truncation, stats)[y]
+            p, a = _fit_alike([(prompt, ans) for ans in answers], ft.max_len - len(bos), ft.truncation, stats)[y]
+            p = bos + p
             examples.append({"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p})
         elif task in ("instruction", "text2text"):
             # the history with its mask: earlier assistant turns carry loss with finetune.turns=all
