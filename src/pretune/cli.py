@@ -187,7 +187,7 @@ def _model_arg(model: str | None, verb: str) -> str:
 
 def cmd_generate(argv):
     from pretune.config import load_config
-    from pretune.data.templates import stop_ids
+    from pretune.data.templates import start_ids, stop_ids
     from pretune.eval.generate import PREFIX_TOKENS, TextStream, stream_tokens
     from pretune.eval.options import GenerateConfig
     from pretune.model.io import load_model
@@ -198,7 +198,7 @@ def cmd_generate(argv):
     model, tok = load_model(_model_arg(model_path, "generate"), pick_device(g.device))
     if tok is None:
         raise SystemExit(f"error: no tokenizer.json found with {model_path}")
-    prompt = tok.encode_prompt(g.prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]  # BOS as the tokenizer adds it
+    prompt = tok.encode_prompt(g.prompt) or start_ids(tok)  # BOS as the tokenizer adds it; no prompt: a document's start
     if len(prompt) >= model.cfg.max_seq_len:
         print(f"warning: the prompt has {len(prompt)} tokens, the model's context {model.cfg.max_seq_len}: "
               f"it sees the last {model.cfg.max_seq_len - 1}", file=sys.stderr)

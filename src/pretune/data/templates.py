@@ -249,6 +249,16 @@ def render_turns(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     return [(text, trained) for text, trained in pieces if text or trained]
 
 
+def start_ids(tokenizer) -> list[int]:
+    """What a text is scored or continued after when nothing comes before it: the BOS the tokenizer's
+    post-processor adds (imported Llama, Mistral), else EOS, which is what a pretune model has seen
+    before every document (documents are separated by EOS; it never sees its tokenizer's <|bos|>)."""
+    prefix = list(getattr(tokenizer, "prompt_prefix", []) or [])
+    if prefix:
+        return prefix
+    return [tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id or 0]
+
+
 def stop_ids(tokenizer) -> set[int]:
     """The token ids that end a generated answer: EOS, and the special tokens the chat template writes
     to end an assistant turn (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Gemma's <end_of_turn>) where

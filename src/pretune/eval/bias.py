@@ -19,6 +19,7 @@ import torch
 
 from pretune.data import tasks as T
 from pretune.data.sources import DataError
+from pretune.data.templates import start_ids
 from pretune.data.tokenizer import Tokenizer
 from pretune.train.objectives import sequence_logprobs
 
@@ -52,18 +53,21 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
 @torch.no_grad()
 def sentence_logprobs(model: torch.nn.Module, tok: Tokenizer, sentences: list[str], device,
                       batch_size: int = 32, max_len: int | None = None) -> list[float]:
-    """Sum of token log-probabilities of each sentence after a start token. The sentences are batched
-    in order of length, so a batch pads little, and the figures come back in the given order."""
-    start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    """Sum of token log-probabilities of each sentence after the start of a document
+    (templates.start_ids: EOS for pretune's own models, the tokenizer's BOS for an imported one). The
+    sentences are batched in order of length, so a batch pads little, and the figures come back in
+    the given order."""
+    start = start_ids(tok)
     max_len = max_len or model.cfg.max_seq_len
-    seqs = [([start] + tok.encode(s))[:max_len] for s in sentences]
+    seqs = [(start + tok.encode(s))[:max_len] for s in sentences]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     was_training = model.training
     model.eval()
     out = [0.0] * len(seqs)
     for i in range(0, len(order), batch_size):
         rows = order[i: i + batch_size]
-        b = T.lm_batch([seqs[r] for r in rows], [[0] + [1] * (len(seqs[r]) - 1) for r in rows], tok.pad_id)
+        b = T.lm_batch([seqs[r] for r in rows], [[0] * len(start) + [1] * (len(seqs[r]) - len(start)) for r in rows],
+                       tok.pad_id)
         logp = sequence_logprobs(model, {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)})
         for r, v in zip(rows, logp.tolist()):
             out[r] = v

@@ -135,7 +135,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from pretune.data.templates import render_chat
+    from pretune.data.templates import render_chat, start_ids
     from pretune.serve.engine import Engine
 
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch)
@@ -361,7 +361,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_id: str):
             raise APIError(400, "prompt must be a string, a list of token ids, or a list holding one of "
                            "them (several prompts at once are not supported)", param="prompt")
         if not ids:
-            ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id or 0]
+            ids = start_ids(tokenizer)  # where a document starts: EOS for a pretune model, BOS for a Llama
         check_prompt(ids, "prompt")
         params, stream, include_usage = parse_sampling(body, len(ids), cfg, ctx, chat=False)
         return await respond(request, ids, params, stream, include_usage, chat=False)
