@@ -97,3 +97,32 @@ def test_saved_config_names_the_tokenizers_own_unknown_token(tmp_path):
     sentencepiece_like().save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert (hf.unk_token, hf.unk_token_id, hf.bos_token_id) == ("<unk>", 0, 1)
+
+
+def test_an_unknown_token_counts_one_byte_and_its_loss_counts_in_bits_per_byte():
+    import math
+
+    import numpy as np
+    import torch
+
+    from pretune.eval.evaluate import lm_metrics
+
+    tok = train_char(["abc"])
+    unk = tok.tok.token_to_id("<|unk|>")
+    assert tok.token_bytes[unk] == 1 and tok.token_bytes[tok.eos_id] == 0
+    ids = tok.encode("abz")
+    assert sum(tok.token_bytes[i] for i in ids) == 3
+
+    class FavoursA(torch.nn.Module):  # every position predicts "a" with high probability
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, tok.vocab_size)
+            logits[..., tok.encode("a")[0]] = 5.0
+            return logits
+
+    a = tok.encode("a")[0]
+    window = np.array([a, *ids, tok.eos_id])  # targets: a, b, z (unknown), EOS
+    r = lm_metrics(FavoursA(), [window], tok.token_bytes, torch.device("cpu"))
+    assert r["tokens"] == 4 and r["bytes"] == 3  # a, b and z: EOS carries no bytes
+    nll_a = math.log(math.exp(5.0) + tok.vocab_size - 1) - 5.0
+    nll_other = nll_a + 5.0  # the loss of any target but "a"
+    assert math.isclose(r["bpb"], (nll_a + 2 * nll_other) / math.log(2) / 3, rel_tol=1e-6)  # z's loss counts

@@ -18,11 +18,40 @@ from pretune.data.tokenizer import Tokenizer, train_bpe, train_char
 from pretune.files import atomic_write_bytes
 
 
+def _held_out(d: DataConfig) -> float:
+    """The share of each training source that load_corpus holds out for validation: none when
+    data.val names the validation text."""
+    return 0.0 if d.val else d.val_fraction
+
+
 def _iter_text(d: DataConfig) -> Iterator[str]:
+    """The text the tokenizer trains on: of each source, its first 1 - data.val_fraction of
+    characters, so no merge or character is learnt from text that is only ever scored.
+
+    load_corpus cuts in tokens (after the tokenizer exists, and then at a document boundary), this
+    cut is in characters, so the two fall near each other but not on the same character; what lies
+    between is a little training text the tokenizer does not see, or the other way round. Counting
+    the characters first costs one more read of each source, once per tokenizer (it is cached)."""
+    fraction = _held_out(d)
     for spec in d.train:
-        for f in expand_source(spec):
-            for text, _ in iter_documents(f, d.text_field, d.encoding_errors, ReadStats()):
-                yield text
+        files = expand_source(spec)
+        budget = None  # characters of this source still to give
+        if fraction > 0:
+            total = sum(len(text) for text in _texts(files, d))
+            budget = total - int(round(total * fraction))
+        for text in _texts(files, d):
+            if budget is not None:
+                if budget <= 0:
+                    break
+                text = text[:budget]
+                budget -= len(text)
+            yield text
+
+
+def _texts(files: list[Path], d: DataConfig) -> Iterator[str]:
+    for f in files:
+        for text, _ in iter_documents(f, d.text_field, d.encoding_errors, ReadStats()):
+            yield text
 
 
 def build_tokenizer(d: DataConfig, log=print) -> Tokenizer:
@@ -37,7 +66,7 @@ def build_tokenizer(d: DataConfig, log=print) -> Tokenizer:
         raise DataError("data.train is empty: give the training text (files, globs or directories)")
     files = [f for spec in d.train for f in expand_source(spec)]
     key = hashlib.sha256(json.dumps([hash_files(files), d.tokenizer, d.vocab_size, d.text_field,
-                                     d.encoding_errors]).encode()).hexdigest()[:24]
+                                     d.encoding_errors, "held-out", _held_out(d)]).encode()).hexdigest()[:24]
     cached = default_cache_dir(d.cache_dir) / "tokenizers" / key
     if (cached / "tokenizer.json").is_file():
         return Tokenizer.load(cached)
@@ -83,7 +112,7 @@ def load_corpus(d: DataConfig, tok: Tokenizer, seq_len: int, log=print) -> Corpu
         if d.val:
             train.append(store)
         else:
-            head, tail = store.split(d.val_fraction)
+            head, tail = store.split(d.val_fraction, tok.eos_id)
             train.append(head)
             if d.val_fraction > 0:
                 val.append(tail)

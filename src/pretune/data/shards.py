@@ -2,7 +2,9 @@
 
 A source (one entry of data.train) is tokenised once into shard files of uint16 (or uint32 when the
 vocabulary does not fit), documents separated by EOS. The cache key is the hash of the file contents,
-the tokenizer and the reading options, so a second run reads the memmaps without tokenising again.
+the tokenizer (its tokenizer.json and its EOS id), the dtype and the reading options, so a second run
+reads the memmaps without tokenising again. Special-token text inside the corpus ("<|eos|>" written in
+a document) is tokenised as plain text: only the EOS written between documents is a control token.
 
 Batches are a pure function of (seed, step): every step draws its windows from a generator seeded by
 both, so resuming at step s needs nothing but s, and each rank takes a disjoint slice of the same
@@ -25,8 +27,9 @@ import numpy as np
 from pretune.data.sources import DataError, ReadStats, expand_source, hash_files, iter_documents
 from pretune.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special-token text in the corpus is plain text (1 encoded it as the token)
 BATCH_CHARS = 1 << 22  # text handed to the tokenizer per parallel call
+SPLIT_SEARCH = 1 << 16  # tokens the train/validation cut may move to reach a document boundary
 
 
 def default_cache_dir(configured: str | None = None) -> Path:
@@ -60,9 +63,16 @@ class TokenStore:
     def n_tokens(self) -> int:
         return sum(len(s) for s in self.spans)
 
-    def split(self, fraction: float) -> tuple["TokenStore", "TokenStore"]:
-        """(first 1-fraction of the tokens, last fraction), as nanoGPT splits train and val."""
+    def split(self, fraction: float, eos_id: int | None = None) -> tuple["TokenStore", "TokenStore"]:
+        """(first 1-fraction of the tokens, last fraction), as nanoGPT splits train and val.
+
+        With `eos_id`, the cut moves forward to just after the next EOS, so the validation text
+        starts with a whole document and no document is shared by both sides; it moves at most
+        SPLIT_SEARCH tokens and half the validation part, and stays where it was when no EOS is that
+        near (one long text file is one document: its cut falls inside it)."""
         cut = self.n_tokens - int(round(self.n_tokens * fraction))
+        if eos_id is not None and 0 < cut < self.n_tokens:
+            cut = self._after_eos(cut, eos_id, min(SPLIT_SEARCH, (self.n_tokens - cut) // 2))
         head, tail, seen = [], [], 0
         for s in self.spans:
             lo, hi = seen, seen + len(s)
@@ -76,6 +86,21 @@ class TokenStore:
             seen = hi
         return TokenStore(self.name, head, self.stats), TokenStore(self.name + ":val", tail, self.stats)
 
+    def _after_eos(self, cut: int, eos_id: int, reach: int) -> int:
+        """The position just after the first EOS among tokens cut-1 .. cut-1+reach-1 (the token
+        before the cut is looked at too: an EOS there means the cut is at a boundary already), or
+        `cut` when there is none."""
+        lo, hi = cut - 1, cut - 1 + reach
+        seen = 0
+        for s in self.spans:
+            a, b = max(lo, seen), min(hi, seen + len(s))
+            if a < b:
+                found = np.flatnonzero(np.asarray(s.array[s.start + a - seen: s.start + b - seen]) == eos_id)
+                if len(found):
+                    return a + int(found[0]) + 1
+            seen += len(s)
+        return cut
+
     def windows(self, seq_len: int, max_tokens: int | None = None) -> Iterator[np.ndarray]:
         """Non-overlapping windows of seq_len+1 tokens (seq_len targets each), in order."""
         budget = max_tokens if max_tokens is not None else float("inf")
@@ -87,10 +112,14 @@ class TokenStore:
                 budget -= seq_len
 
 
+def _dtype(tok: Tokenizer) -> type:
+    return np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+
+
 def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, errors: str,
                         out: Path, shard_tokens: int) -> dict:
     """Stream documents through the tokenizer into shard_NNNNN.bin files; return the metadata."""
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    dtype = _dtype(tok)
     stats = ReadStats()
     shard_sizes: list[int] = []
     state = {"fh": None, "n": 0}
@@ -112,9 +141,9 @@ def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, erro
         if not texts:
             return
         pieces = []
-        for ids, end in zip(tok.encode_batch(texts), ends):
+        for ids, end in zip(tok.encode_batch(texts, specials_as_text=True), ends):
             pieces.append(ids)
-            if end and tok.eos_id is not None:
+            if end:
                 pieces.append([tok.eos_id])
         write(np.fromiter((i for p in pieces for i in p), dtype=np.int64))
 
@@ -139,16 +168,27 @@ def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, erro
 
 
 def _tokenizer_hash(tok: Tokenizer) -> str:
-    return hashlib.sha256(tok.tok.to_str().encode()).hexdigest()[:16]
+    """The tokenizer.json and the EOS id written between documents: the same tokenizer.json with
+    another eos_token in tokenizer_config.json writes other shards."""
+    return hashlib.sha256(json.dumps([tok.tok.to_str(), tok.eos_id]).encode()).hexdigest()[:16]
 
 
 def load_source(spec: str, tok: Tokenizer, text_field: str = "text", errors: str = "replace",
                 cache_dir: str | None = None, shard_tokens: int = 1 << 27, key: str = "data.train",
                 log=print) -> TokenStore:
-    """Tokenise one source into cached shards (or reuse them) and memory-map them."""
+    """Tokenise one source into cached shards (or reuse them) and memory-map them.
+
+    The tokenizer must have an EOS token: without one the documents would run together, each one's
+    end predicting the next one's start."""
+    if tok.eos_id is None:
+        raise DataError(f"{key}: the tokenizer has no end-of-text token, so the documents of {spec} would "
+                        "run together; set eos_token in the tokenizer's tokenizer_config.json to the token "
+                        "that ends a text (such as </s> or <|endoftext|>)")
     files = expand_source(spec, key)
+    dtype = _dtype(tok)
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, hash_files(files), _tokenizer_hash(tok),
-                                        text_field, errors, shard_tokens]).encode()).hexdigest()[:24]
+                                        np.dtype(dtype).name, text_field, errors,
+                                        shard_tokens]).encode()).hexdigest()[:24]
     root = default_cache_dir(cache_dir) / "shards"
     final = root / digest
     if not (final / "meta.json").is_file():

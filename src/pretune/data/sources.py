@@ -37,10 +37,14 @@ REFUSED_SUFFIXES = {".json": "a JSON document (write one object per line as .jso
                     ".7z": "a 7-zip archive", ".parquet": "Parquet", ".arrow": "Arrow",
                     ".bin": "binary", ".pt": "a PyTorch file", ".pth": "a PyTorch file",
                     ".safetensors": "a safetensors file", ".npy": "a NumPy array", ".npz": "NumPy arrays",
-                    ".pkl": "a pickle"}
+                    ".pkl": "a pickle", ".png": "a PNG image", ".jpg": "a JPEG image", ".jpeg": "a JPEG image",
+                    ".gif": "a GIF image", ".webp": "a WebP image", ".pdf": "a PDF document (extract its text first)",
+                    ".so": "a shared library", ".pyc": "compiled Python", ".exe": "a program"}
 SUPPORTED = ".txt, .md, .text, .jsonl, .csv, .tsv (each also gzipped, as name.txt.gz), or plain text " \
             "under another name"
 CHUNK_BYTES = 1 << 20
+NUL_PROBE = 8192  # a NUL byte in a file's first 8 KiB: binary (or UTF-16), not UTF-8 text
+HIDDEN_DIRS = {"__MACOSX"}  # macOS zip resource forks; dot-files and dot-folders are hidden too
 
 
 class DataError(UserError, ValueError):
@@ -52,13 +56,15 @@ def expand_source(spec: str, key: str = "data.train") -> list[Path]:
 
     A named file or a glob match in a refused format (see REFUSED_SUFFIXES) stops the run naming it.
     A directory takes only its files of a known format (.txt, .md, .text, .jsonl, .csv, .tsv, gzipped
-    or not) and passes over the rest (a README, a LICENSE, metadata), as it always has."""
+    or not) and passes over the rest (a README, a LICENSE, metadata), as it always has, and over what
+    is hidden below it (see _hidden): copies and metadata that tools leave there, not corpus text."""
     p = Path(spec).expanduser()
     if p.is_file():
         return [_readable(p, key)]
     if p.is_dir():
         every = [f for f in p.rglob("*") if f.is_file()]
-        files = sorted(f for f in every if _format(f) in TEXT_SUFFIXES | RECORD_SUFFIXES)
+        files = sorted(f for f in every if _format(f) in TEXT_SUFFIXES | RECORD_SUFFIXES
+                       and not _hidden(f.relative_to(p)))
         if not files:
             raise DataError(f"{key}: directory {spec} holds no file in a known format ({len(every)} other "
                             f"file(s) passed over); a directory takes {SUPPORTED.split(', or')[0]}")
@@ -67,6 +73,14 @@ def expand_source(spec: str, key: str = "data.train") -> list[Path]:
     if matches:
         return [_readable(m, key) for m in matches]
     raise DataError(f"{key}: {spec} does not exist (no file, directory or glob match)")
+
+
+def _hidden(relative: Path) -> bool:
+    """A path below a source directory that is hidden: a part that starts with "." (._a.txt, the
+    AppleDouble file macOS writes beside a.txt; .git/; .ipynb_checkpoints/ with a copy of every
+    notebook) or a __MACOSX/ folder of an unzipped archive. Only the parts below the directory given
+    count, so a corpus that itself lives under ~/.cache is still read."""
+    return any(part.startswith(".") or part in HIDDEN_DIRS for part in relative.parts)
 
 
 def _compressed(path: Path) -> bool:
@@ -103,6 +117,16 @@ def read_as(path: Path) -> str:
 def _open(path: Path):
     """The file's bytes: decompressed on the fly for name.*.gz."""
     return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
+
+
+def _refuse_binary(path: Path, head: bytes) -> None:
+    """A DataError naming the file when its first bytes (decompressed for a .gz) hold a NUL: an image,
+    an archive or UTF-16 text read as UTF-8 would be trained on as garbage, with only a warning about
+    replaced bytes."""
+    at = head.find(b"\x00", 0, NUL_PROBE)
+    if at >= 0:
+        raise DataError(f"{path}: a NUL byte at offset {at}: a binary file (or UTF-16 text), not UTF-8 text; "
+                        f"remove it from the source or convert it to UTF-8; give {SUPPORTED}")
 
 
 def _bad_gzip(path: Path, e: Exception) -> DataError:
@@ -161,6 +185,8 @@ def _decode_stream(path: Path, errors: str, stats: ReadStats) -> Iterator[str]:
                 if not _compressed(path):
                     raise
                 raise _bad_gzip(path, e) from None
+            if offset == 0:
+                _refuse_binary(path, block)
             final = not block
             carried = len(decoder.getstate()[0])
             before = _replaced[0]
@@ -197,10 +223,14 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "replace"
                                 f"{text_field!r} (fields: {', '.join(k for k in record if k != '__line__')}); "
                                 "set data.text_field")
             value = record[text_field]
-            if value is None or str(value) == "":
+            if value is None or value == "":
                 continue
+            if not isinstance(value, str):  # its Python repr is not the text anyone meant
+                raise DataError(f"{path}:{record.get('__line__', '?')}: field {text_field!r} holds "
+                                f"{type(value).__name__}, expected text (a JSON string); fix the record "
+                                "or set data.text_field to the field that holds the text")
             stats.documents += 1
-            yield str(value), True
+            yield value, True
         return
     last = None
     for chunk in _decode_stream(path, errors, stats):
@@ -247,6 +277,7 @@ def _read_text(path: Path, errors: str, stats: ReadStats) -> str:
         if not _compressed(path):
             raise
         raise _bad_gzip(path, e) from None
+    _refuse_binary(path, raw)
     stats.bytes += len(raw)
     try:
         text = raw.decode("utf-8")

@@ -66,9 +66,19 @@ class Tokenizer:
         ids, prefix = self.encode(text), self.prompt_prefix
         return ids if ids[:len(prefix)] == prefix else prefix + ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts in parallel (the Rust side uses every core)."""
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], specials_as_text: bool = False) -> list[list[int]]:
+        """Encode many texts in parallel (the Rust side uses every core).
+
+        With `specials_as_text`, a special token's text inside the texts ("<|eos|>" in a web page
+        about tokenizers) is encoded as the plain text it is, not as the control token: corpus text
+        must not end documents or start turns where its author did not. The switch is set on the
+        underlying tokenizer only for this call, since chat templates rely on specials matching."""
+        before = self.tok.encode_special_tokens
+        self.tok.encode_special_tokens = specials_as_text
+        try:
+            return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.tok.encode_special_tokens = before
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -81,11 +91,24 @@ class Tokenizer:
 
     @cached_property
     def token_bytes(self) -> list[int]:
-        """UTF-8 byte length of each token's text (0 for special tokens), for bits per byte."""
+        """UTF-8 byte length of each token's text (0 for special tokens), for bits per byte.
+
+        The unknown token stands for text the vocabulary lacks (a character the char tokenizer never
+        saw): it counts 1 byte, at least what it replaced, so its loss stays in the bits-per-byte sum
+        instead of vanishing with the bytes of the control tokens."""
+        from pretune.data.templates import _unk_text
+
         out = []
         byte_level = _uses_byte_level(self.tok)
         unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()} if byte_level else {}
+        unk = _unk_text(self.tok)
+        unk_id = self.tok.token_to_id(unk) if unk else None
+        if unk_id in (self.bos_id, self.eos_id):  # a tokenizer that ends documents with its <unk>
+            unk_id = None
         for i in range(self.vocab_size):
+            if i == unk_id:
+                out.append(1)
+                continue
             if i in self.special_ids:
                 out.append(0)
                 continue

@@ -2,7 +2,9 @@
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the target tokens, so models
 with different tokenizers can be compared on the same text. Special tokens (EOS between documents)
-carry no bytes and are left out of both sums.
+carry no bytes and are left out of both sums; the unknown token counts one byte (Tokenizer.token_bytes),
+so its loss is kept. The text scored is the held-out text as decoded and tokenised for the shards
+(data/shards.py): special-token text in it is plain text, as in training.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pretune.train.dist import all_reduce_sum, rank_share
 def lm_metrics(model: torch.nn.Module, windows: Iterable[np.ndarray], token_bytes: list[int],
                device: torch.device, batch_size: int = 64, autocast_dtype=None, rt=None) -> dict[str, float]:
     """Loss / perplexity over every target token; bits per byte over the byte-carrying ones.
+
+    Bits per byte are measured on the decoded UTF-8 text the tokens stand for: a byte that was not
+    UTF-8 in the file is U+FFFD (3 bytes) here, as data.encoding_errors=replace read it.
 
     With a distributed runtime `rt`, each rank scores its share of the batches and the per-batch
     sums are combined in batch order, so the figures do not depend on the number of processes."""
