@@ -147,3 +147,16 @@ def test_mfu_peak_is_the_most_specific_gpu_name(name, peak):
     from pretune.train.meter import peak_flops_of
 
     assert peak_flops_of(name) == peak
+
+
+@pytest.mark.parametrize("extra", [["method=freeze", "freeze.pattern=[lm_head.*]"],
+                                   ["method=freeze", "freeze.pattern=[blocks.2.*]"]], ids=["tied-head", "block"])
+def test_plan_and_meter_agree_on_what_trains_and_its_flops(extra):
+    from pretune.train.meter import flops_per_token as live_flops
+
+    cfg = load_config(PlanConfig, None, ARCH + ["train.seq_len=64"] + extra)
+    plan, model = estimate(cfg), build(cfg)
+    assert plan["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    live = live_flops(model, 64)
+    assert {k: plan["flops_per_token"][k] for k in ("trainable", "frozen", "attention")} == \
+        {k: live[k] for k in ("trainable", "frozen", "attention")}

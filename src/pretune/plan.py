@@ -136,6 +136,8 @@ def trainable_shapes(cfg: Config, c: ModelConfig) -> tuple[dict, dict, list[str]
         patterns = list(getattr(fz, "pattern", []) or [])
         if patterns:
             names = [n for n in shapes if any(fnmatch.fnmatch(n, p) for p in patterns)]
+            if c.tie_embeddings and any(fnmatch.fnmatch("lm_head.weight", p) for p in patterns):
+                names.append("tok_emb.weight")  # the tied output layer is the embedding, as the run trains it
         else:
             first = c.n_layer - int(getattr(fz, "last_k", 2))
             names = [n for n in shapes if n.startswith(("norm.", "lm_head.")) or 0 <= first <= _layer(n) < 10 ** 9]
@@ -172,8 +174,8 @@ def flops_per_token(c: ModelConfig, shapes: dict, trainable: dict, seq_len: int)
         numel = math.prod(s)
         if n in trainable:
             t += 6 * numel
-        else:
-            f += (4 if _layer(n) >= first else 2) * numel
+        else:  # nothing trainable: every product is forward only
+            f += (4 if trainable and _layer(n) >= first else 2) * numel
     unit = c.n_head * c.head_dim * seq_len
     attn = sum((12 if i >= first else 4) * unit for i in range(c.n_layer))
     return {"trainable": t, "frozen": f, "attention": float(attn), "total": t + f + attn}

@@ -25,7 +25,8 @@ from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all
                                 grad_sync, unsharded, wrap_model)
 from pretune.train.frozen import FrozenInComputeDtype
 from pretune.model.io import save_model_dir
-from pretune.train.meter import EnergyCounter, flops_per_token, peak_flops, peak_memory_bytes, reset_peak_memory
+from pretune.train.meter import (EnergyCounter, batch_flops, flops_per_token, peak_flops, peak_memory_bytes,
+                                 reset_peak_memory)
 from pretune.train.optim import build_optimizer, lr_at
 from pretune.train.prefetch import Prefetcher
 
@@ -59,24 +60,27 @@ def _track_best(state: dict, metric: str, step: int) -> bool:
     return False
 
 
-def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime) -> tuple[dict, object]:
-    """Targets per kind of micro-batch (task, replay) in this optimiser step, and the tokens the step
-    reads, both summed over ranks (ranks may hold different numbers: fine-tuning batches differ).
+def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime,
+                  fpt: dict) -> tuple[dict, object, object]:
+    """Targets per kind of micro-batch (task, replay) in this optimiser step, the tokens the step
+    reads and its FLOPs (meter.batch_flops), all summed over ranks (ranks may hold different numbers:
+    fine-tuning batches differ).
 
     Floats in one process. With several, 0-d device tensors: the all-reduce is queued on the device
     and the step goes on without waiting for it (no host synchronisation in the step)."""
     counts = dict.fromkeys(kinds, 0.0)
-    tokens = 0
+    tokens, flops = 0, 0.0
     for mb in micro:  # counted on the host, before the batch moves to the device
         counts[mb.get("kind", "task")] += objective.count(mb)
         tokens += int(mb.get("n_tokens", mb["input_ids"].numel()))
+        flops += batch_flops(fpt, mb, reference="pairs" in mb)  # DPO pairs: the reference's forward too
     if not rt.distributed:
-        return counts, tokens
-    total = torch.tensor([counts[k] for k in kinds] + [tokens], dtype=torch.float64)
+        return counts, tokens, flops
+    total = torch.tensor([counts[k] for k in kinds] + [tokens, flops], dtype=torch.float64)
     if rt.device.type == "cuda":
         total = total.pin_memory()
     total = all_reduce_sum(total.to(rt.device, non_blocking=True), rt).unbind()
-    return dict(zip(kinds, total[:-1])), total[-1]
+    return dict(zip(kinds, total[:-2])), total[-2], total[-1]
 
 
 def _per_target(weight: float, count) -> float | torch.Tensor:
@@ -211,11 +215,13 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     interval_steps = carried["steps"]
     interval_tokens = 0
     # target tokens and tokens not yet added to state (device tensors when distributed)
-    pending_targets, pending_tokens = 0.0, 0
+    pending_targets, pending_tokens, pending_flops = 0.0, 0, 0.0
     kinds = tuple(getattr(data, "kinds", ("task",)))
     weights = dict(getattr(objective, "weights", {}))
-    t_interval = time.perf_counter()
+    t_interval = time.perf_counter()  # the current logging interval's start, moved past evaluations and saves
     t_run = time.perf_counter()
+    train_s = state.get("train_s", 0.0)  # training time of the intervals logged (and of earlier sessions)
+    flops_logged = state["flops"]
     wall_before = state["wall_s"]
     status = "completed"
     last_good_ckpt = ck.latest_checkpoint(run_dir)
@@ -240,12 +246,12 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
 
     def flush_counts() -> int:
         """Add the pending counts to state (waiting for their all-reduce); returns the tokens added."""
-        nonlocal pending_targets, pending_tokens
+        nonlocal pending_targets, pending_tokens, pending_flops
         tokens = int(round(float(pending_tokens)))
         state["target_tokens"] += int(round(float(pending_targets)))
         state["tokens"] += tokens
-        state["flops"] += fpt["total"] * tokens
-        pending_targets, pending_tokens = 0.0, 0
+        state["flops"] += float(pending_flops)
+        pending_targets, pending_tokens, pending_flops = 0.0, 0, 0.0
         return tokens
 
     batches = Prefetcher(data, rt.rank, rt.world, device)  # on CUDA the next step is built during this one
@@ -256,7 +262,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = batches.get(step, ahead=step + 1 < stop)
-            counts, step_tokens = count_targets(micro, objective, kinds, rt)
+            counts, step_tokens, step_flops = count_targets(micro, objective, kinds, rt, fpt)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for i, mb in enumerate(micro):
                 kind = mb.get("kind", "task")
@@ -284,6 +290,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             interval_steps += 1
             pending_targets = pending_targets + sum(counts.values())
             pending_tokens = pending_tokens + step_tokens
+            pending_flops = pending_flops + step_flops
             s = step + 1
             if device.type == "cpu":
                 check_finite(s)
@@ -302,11 +309,13 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 elapsed = time.perf_counter() - t_interval
                 state["train_loss"] = total_loss
                 tps = interval_tokens / max(elapsed, 1e-9)
+                train_s += elapsed
                 record = {"step": s, "tokens": state["tokens"], "target_tokens": state["target_tokens"],
                           "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
                           "flops": state["flops"], "wall_s": wall_before + time.perf_counter() - t_run}
                 if peak:
-                    record["mfu"] = fpt["total"] * tps / (peak * rt.world)
+                    record["mfu"] = (state["flops"] - flops_logged) / max(elapsed, 1e-9) / (peak * rt.world)
+                flops_logged = state["flops"]
                 if interim:
                     record["interim"] = True
                 else:
@@ -340,7 +349,9 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 bar.update(1)
             patience_out = bool(t_cfg.patience and state["bad_evals"] >= t_cfg.patience)
             if do_save:
-                state["wall_s"] = wall_before + time.perf_counter() - t_run
+                t_save = time.perf_counter()
+                state["wall_s"] = wall_before + t_save - t_run
+                state["train_s"] = train_s + t_save - t_interval
                 state["energy_j"] = energy_before + run_joules()  # a collective
                 state["interval"] = {"loss": float(all_reduce_sum(interval_loss.clone(), rt)),
                                      "steps": interval_steps}
@@ -352,6 +363,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                     if rt.is_main:
                         last_good_ckpt = ck.save_checkpoint(run_dir, s, model, optimizer, state,
                                                             t_cfg.keep_last, tokenizer, rank_rng=rank_rng)
+                t_interval += time.perf_counter() - t_save  # saving is not training throughput either
             if patience_out:
                 status = "early_stopped"
                 log(f"early stopping at step {s}: {t_cfg.early_stop_metric} has not improved for "
@@ -373,6 +385,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         raise
     finally:
         batches.close()
+    train_s += time.perf_counter() - t_interval  # the steps since the last log (none when it was the last step)
     if bar is not None:
         bar.close()
     final_step = step + 1 if stop > start else start
@@ -393,9 +406,10 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         "status": status, "steps": final_step, "tokens": state["tokens"],
         "target_tokens": state["target_tokens"], "train_loss": state["train_loss"],
         **{k: v for k, v in state["eval"].items()},
-        "wall_s": wall, "tokens_per_s": state["tokens"] / max(wall, 1e-9),
+        # throughput over the training time alone (wall_s also holds evaluations, checkpoints, set-up)
+        "wall_s": wall, "train_s": train_s, "tokens_per_s": state["tokens"] / max(train_s, 1e-9),
         "flops": state["flops"], "flops_per_token": fpt,
-        "mfu": (state["flops"] / wall / (peak * rt.world)) if peak else None,
+        "mfu": (state["flops"] / max(train_s, 1e-9) / (peak * rt.world)) if peak else None,
         "peak_mem_bytes": peak_memory_bytes(device),
         "energy_j": energy_before + run_joules(), "energy_source": energy.label,
         "params": sum(p.numel() for p in model.parameters()),

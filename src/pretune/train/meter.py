@@ -9,6 +9,8 @@ say) costs 4; a frozen one below every trainable parameter costs 2 (forward only
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import resource
 import time
@@ -35,23 +37,55 @@ def _layer_of(name: str) -> int:
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token from the live model, split into trainable and frozen parts."""
+    """Training FLOPs per token from the live model, split into trainable and frozen parts.
+
+    With nothing trainable every product is forward only (2 per parameter). The output layers are
+    also given apart, per position they run at: `lm_head` (the vocabulary projection, included in
+    trainable/frozen/total as if it ran at every token, as it does in pre-training) and `cls_head` (a
+    classifier's head, which runs once per example). Fine-tuning batches run the vocabulary
+    projection at their target positions only, and a classifier's task batches not at all:
+    `batch_flops` counts a batch that way. `forward` is the cost of one forward pass per token
+    without the output layers (what a DPO reference adds), `lm_head_forward` that of the projection."""
     cfg = model.cfg
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
     trainable_layers = [_layer_of(n) for n, p in params if p.requires_grad]
     first = min(trainable_layers) if trainable_layers else 10**9
-    trainable = frozen = 0.0
+    trainable = frozen = forward = lm_head = cls_head = lm_head_forward = 0.0
     for name, p in params:  # a tied output projection appears here as lm_head.weight
         if p.dim() < 2 or "tok_emb" in name:  # norms, biases and the embedding lookup: no matmul
             continue
+        cost = 6 if p.requires_grad else (4 if trainable_layers and _layer_of(name) >= first else 2)
         if p.requires_grad:
-            trainable += 6 * p.numel()
+            trainable += cost * p.numel()
         else:
-            frozen += (4 if _layer_of(name) >= first else 2) * p.numel()
+            frozen += cost * p.numel()
+        if name.split(".")[-2] == "lm_head":
+            lm_head, lm_head_forward = lm_head + cost * p.numel(), lm_head_forward + 2 * p.numel()
+        elif name.startswith("head."):
+            cls_head += cost * p.numel()
+        else:
+            forward += 2 * p.numel()
     attn_unit = cfg.n_head * cfg.head_dim * seq_len
     attn = sum((12 if i >= first else 4) * attn_unit for i in range(cfg.n_layer))
     return {"trainable": trainable, "frozen": frozen, "attention": float(attn),
-            "total": trainable + frozen + attn}
+            "total": trainable + frozen + attn - cls_head, "lm_head": lm_head, "cls_head": cls_head,
+            "forward": forward + 4 * attn_unit * cfg.n_layer, "lm_head_forward": lm_head_forward}
+
+
+def batch_flops(fpt: dict[str, float], batch: dict, reference: bool = False) -> float:
+    """The FLOPs of one training micro-batch: its real tokens through the body, the vocabulary
+    projection at the positions it runs at (`select`, or none for a classifier's task batch, else
+    every token), a classifier's head once per example; with `reference`, DPO's forward pass of the
+    reference model over the same tokens and positions."""
+    tokens = int(batch.get("n_tokens", batch["input_ids"].numel()))
+    if "labels" in batch:  # a classifier's task batch: the head on each example's last token
+        lm_positions, rows = 0, len(batch["labels"])
+    else:
+        lm_positions, rows = (len(batch["select"]) if "select" in batch else tokens), 0
+    flops = (fpt["total"] - fpt["lm_head"]) * tokens + fpt["lm_head"] * lm_positions + fpt["cls_head"] * rows
+    if reference:
+        flops += fpt["forward"] * tokens + fpt["lm_head_forward"] * lm_positions
+    return float(flops)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -112,6 +146,14 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    # the high-water mark restarts from the resident set: hand back first what earlier runs freed
+    # (glibc keeps up to its trim threshold, 1 GiB here: dist.keep_freed_memory), or a run measured
+    # after a larger one reports that one's heap (350 MiB alone, 1076 MiB after a bigger run)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -1,0 +1,121 @@
+"""The cost meter against torch's own FLOP counter on real forward and backward passes: pre-training,
+fine-tuning that projects onto the vocabulary at its target positions only, a classifier's head, DPO
+with its reference, and prompting (forward only)."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretune.data.tasks import lm_batch
+from pretune.model.config import ModelConfig, resolve_model_config
+from pretune.model.gpt import GPT
+from pretune.model.heads import ClassifierModel
+from pretune.model.lora import apply_lora
+from pretune.train.meter import batch_flops, flops_per_token
+from pretune.train.objectives import ClassifierObjective, DPOObjective, LMObjective
+
+B, T, V = 4, 32, 512
+
+
+def model(tie=False):
+    torch.manual_seed(0)
+    return GPT(resolve_model_config(ModelConfig(preset="custom", vocab_size=V, n_layer=2, n_head=4, n_kv_head=2,
+                                                d_model=64, d_ff=192, max_seq_len=64, tie_embeddings=tie)))
+
+
+def counted(m, objective, batch, backward=True) -> float:
+    with FlopCounterMode(display=False) as fc:
+        loss = objective(m, batch)
+        if backward:
+            loss.backward()
+    return fc.get_total_flops()
+
+
+def windows():
+    torch.manual_seed(1)
+    return torch.randint(0, V, (B, T + 1))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_language_model_batches(method, tie):
+    m = model(tie)
+    if method == "lora":
+        apply_lora(m, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    ids = windows()
+    fpt = flops_per_token(m, T)
+    plain = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}  # pre-training: the projection at every token
+    # fine-tuning: 8 target tokens a row, the vocabulary projection at those alone
+    tuned = lm_batch([row.tolist() for row in ids], [[0] * (T + 1 - 8) + [1] * 8] * B, 0)
+    for batch in (plain, tuned):
+        got = counted(m, LMObjective(), batch)
+        # the meter's only approximation: the first adapted layer's frozen products take no input gradient
+        assert batch_flops(fpt, batch) == pytest.approx(got, rel=0.03 if method == "lora" else 1e-9)
+
+
+def test_a_classifier_head_runs_once_per_example_and_the_vocabulary_projection_not_at_all():
+    lm = model()
+    cm = ClassifierModel(lm, 3)
+    ids = windows()
+    batch = {"input_ids": ids[:, :-1], "last": torch.full((B,), T - 1), "labels": torch.tensor([0, 1, 2, 0]),
+             "n_tokens": B * T}
+    assert batch_flops(flops_per_token(cm, T), batch) == pytest.approx(counted(cm, ClassifierObjective(), batch),
+                                                                       rel=1e-9)
+
+
+def test_dpo_counts_its_reference_and_prompting_a_forward_pass():
+    m = model()
+    ids = windows()
+    pairs = dict(lm_batch([row.tolist() for row in ids], [[0] * (T + 1 - 8) + [1] * 8] * B, 0), pairs=B // 2)
+    dpo = DPOObjective(m, beta=0.1)  # full fine-tuning: the reference is a frozen copy
+    fpt = flops_per_token(m, T)
+    assert batch_flops(fpt, pairs, reference=True) == pytest.approx(counted(m, dpo, pairs), rel=1e-9)
+    frozen = copy.deepcopy(m).requires_grad_(False)  # prompting: nothing trainable, forward only
+    plain = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+    with torch.no_grad():
+        got = counted(frozen, LMObjective(), plain, backward=False)
+    assert flops_per_token(frozen, T)["total"] * B * T == pytest.approx(got, rel=1e-9)
+
+
+class _Windows:
+    """Random token windows, the same for a given step (what PretrainData gives the loop)."""
+
+    def __init__(self, batch: int):
+        self.seq_len, self.batch = 128, batch
+
+    def micro_batches(self, step, rank, world):
+        r = torch.randint(0, 2048, (self.batch, self.seq_len + 1), generator=torch.Generator().manual_seed(step))
+        return [{"input_ids": r[:, :-1], "targets": r[:, 1:]}]
+
+
+def test_a_run_after_a_larger_one_in_the_same_process_reports_its_own_peak_memory(tmp_path):
+    import gc
+    import sys
+
+    from pretune.config import Config, load_config
+    from pretune.train.dist import setup
+    from pretune.train.loop import train
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU peak is the resident high-water mark that Linux lets a process reset")
+
+    def peak(d: int, batch: int, out) -> float:
+        out.mkdir()
+        cfg = load_config(Config, None, [f"out_dir={out}", "train.max_steps=2", f"train.batch_size={batch}",
+                                         "train.eval_every=0", "train.save_every=0", "train.progress=false"])
+        torch.manual_seed(0)
+        m = GPT(resolve_model_config(ModelConfig(preset="custom", vocab_size=2048, n_layer=2, n_head=4, n_kv_head=4,
+                                                 d_model=d, d_ff=3 * d, max_seq_len=128)))
+        s = train(m, cfg, setup("cpu", "fp32", 1), out, _Windows(batch), LMObjective(), log=lambda *a: None,
+                  save_final=lambda m, d: None)
+        gc.collect()
+        # throughput over the training time, which leaves out set-up and the end of the run
+        assert 0 < s["train_s"] < s["wall_s"] and s["tokens_per_s"] == pytest.approx(s["tokens"] / s["train_s"])
+        return s["peak_mem_bytes"] / 2 ** 20
+
+    alone = peak(64, 4, tmp_path / "a")
+    big = peak(384, 16, tmp_path / "b")
+    after = peak(64, 4, tmp_path / "c")
+    assert big > alone + 200 and after < alone + 100, (alone, big, after)  # MiB
