@@ -175,7 +175,10 @@ def flops_per_token(c: ModelConfig, shapes: dict, trainable: dict, seq_len: int)
         if n in trainable:
             t += 6 * numel
         else:  # nothing trainable: every product is forward only
-            f += (4 if trainable and _layer(n) >= first else 2) * numel
+            cost = 4 if trainable and _layer(n) >= first else 2
+            if cost == 4 and _layer(n) == first >= 0 and n.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
+                cost = 2  # as the meter counts them: the first trainable block's input needs no gradient
+            f += cost * numel
     unit = c.n_head * c.head_dim * seq_len
     attn = sum((12 if i >= first else 4) * unit for i in range(c.n_layer))
     return {"trainable": t, "frozen": f, "attention": float(attn), "total": t + f + attn}

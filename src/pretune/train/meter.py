@@ -36,6 +36,9 @@ def _layer_of(name: str) -> int:
     return -1 if ("tok_emb" in name or "embed" in name) else 10**9
 
 
+_BLOCK_INPUT = ("q_proj", "k_proj", "v_proj")  # the products that read a block's input
+
+
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token from the live model, split into trainable and frozen parts.
 
@@ -44,7 +47,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
     trainable/frozen/total as if it ran at every token, as it does in pre-training) and `cls_head` (a
     classifier's head, which runs once per example). Fine-tuning batches run the vocabulary
     projection at their target positions only, and a classifier's task batches not at all:
-    `batch_flops` counts a batch that way. `forward` is the cost of one forward pass per token
+    `batch_flops` counts a batch that way, with attention at the batch's own width (the figures here
+    are at `seq_len`). `forward` and `forward_attention` are the cost of one forward pass per token
     without the output layers (what a DPO reference adds), `lm_head_forward` that of the projection."""
     cfg = model.cfg
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
@@ -55,6 +59,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
         if p.dim() < 2 or "tok_emb" in name:  # norms, biases and the embedding lookup: no matmul
             continue
         cost = 6 if p.requires_grad else (4 if trainable_layers and _layer_of(name) >= first else 2)
+        if cost == 4 and _layer_of(name) == first >= 0 and name.split(".")[-2] in _BLOCK_INPUT:
+            cost = 2  # they read the first trainable block's input, which (all frozen below) needs no gradient
         if p.requires_grad:
             trainable += cost * p.numel()
         else:
@@ -69,22 +75,26 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
     attn = sum((12 if i >= first else 4) * attn_unit for i in range(cfg.n_layer))
     return {"trainable": trainable, "frozen": frozen, "attention": float(attn),
             "total": trainable + frozen + attn - cls_head, "lm_head": lm_head, "cls_head": cls_head,
-            "forward": forward + 4 * attn_unit * cfg.n_layer, "lm_head_forward": lm_head_forward}
+            "forward": forward, "forward_attention": float(4 * attn_unit * cfg.n_layer),
+            "lm_head_forward": lm_head_forward, "seq_len": seq_len}
 
 
 def batch_flops(fpt: dict[str, float], batch: dict, reference: bool = False) -> float:
-    """The FLOPs of one training micro-batch: its real tokens through the body, the vocabulary
-    projection at the positions it runs at (`select`, or none for a classifier's task batch, else
-    every token), a classifier's head once per example; with `reference`, DPO's forward pass of the
-    reference model over the same tokens and positions."""
+    """The FLOPs of one training micro-batch: its real tokens through the body, attention at the
+    batch's width (a fine-tuning batch is as wide as its longest example), the vocabulary projection
+    at the positions it runs at (`select`, or none for a classifier's task batch, else every token),
+    a classifier's head once per example; with `reference`, DPO's forward pass of the reference model
+    over the same tokens and positions."""
     tokens = int(batch.get("n_tokens", batch["input_ids"].numel()))
+    width = batch["input_ids"].shape[-1] / max(fpt["seq_len"], 1)  # attention scales with the length
     if "labels" in batch:  # a classifier's task batch: the head on each example's last token
         lm_positions, rows = 0, len(batch["labels"])
     else:
         lm_positions, rows = (len(batch["select"]) if "select" in batch else tokens), 0
-    flops = (fpt["total"] - fpt["lm_head"]) * tokens + fpt["lm_head"] * lm_positions + fpt["cls_head"] * rows
+    body = fpt["total"] - fpt["lm_head"] - fpt["attention"]
+    flops = (body + fpt["attention"] * width) * tokens + fpt["lm_head"] * lm_positions + fpt["cls_head"] * rows
     if reference:
-        flops += fpt["forward"] * tokens + fpt["lm_head_forward"] * lm_positions
+        flops += (fpt["forward"] + fpt["forward_attention"] * width) * tokens + fpt["lm_head_forward"] * lm_positions
     return float(flops)
 
 
