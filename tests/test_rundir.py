@@ -230,3 +230,14 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_go_back_to(tmp_path):
     with pytest.raises(RunDirError, match="only checkpoint: start the run again with overwrite=true"):
         ck.load_checkpoint(ck.latest_checkpoint(only), tiny(), opt, "cpu")
     assert ck.load_checkpoint(ck.latest_checkpoint(run).with_name("step-000010"), tiny(), opt, "cpu")["tokens"] == 10
+
+
+def test_a_run_that_failed_before_writing_anything_can_be_started_again(tmp_path, capsys):
+    from conftest import TINY, make_corpus, run_cli
+
+    out = tmp_path / "run"
+    assert run_cli("pretrain", f"out_dir={out}", *TINY) == 2  # no data.train: refused after the lock was taken
+    assert "data.train is empty" in capsys.readouterr().err
+    assert [e.name for e in out.iterdir()] == [".lock"]
+    corpus = make_corpus(tmp_path / "corpus.txt", lines=200)
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=2", *TINY) == 0

@@ -76,7 +76,9 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tu
         lock_run_dir(out)  # before sweeping: a live run's temporary checkpoint is not debris
         sweep_debris(out)
         return out
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not any(e.name != LOCK_FILE for e in out.iterdir()):
+        _refuse_if_locked(out)  # a lone lock: a run starting now, or one that stopped before it wrote anything
+    elif out.exists():
         if not overwrite:
             raise RunDirError(
                 f"out_dir {out} already holds files (a previous run?). Choose another out_dir, "
