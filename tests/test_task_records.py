@@ -203,3 +203,12 @@ def test_every_rank_gets_as_many_micro_batches(n, micro):
             assert all(c == counts[0] for c in counts) and counts[0], (step, world, counts)
             assert sum(map(sum, counts)) >= alone  # filled up from the epoch's start, nothing dropped
     assert sorted(sizes) == sorted(2 * ([8] * (n // 8) + ([n % 8] if n % 8 else [])))  # one process: as planned
+
+
+def test_plain_text_is_not_read_as_task_records(tmp_path):
+    from pretune.data.sources import DataError, iter_records
+
+    f = tmp_path / "held.txt"
+    f.write_text("Red brown a people over lazy quick\nthe second line\n")
+    with pytest.raises(DataError, match=r"held.txt: task records come as JSONL, CSV or TSV.*task=lm"):
+        list(iter_records(f))

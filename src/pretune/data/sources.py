@@ -29,6 +29,7 @@ from pretune.errors import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".csv", ".tsv"}
+PLAIN_SUFFIXES = {".txt", ".text", ".md"}  # plain text, never task records
 GZIP_SUFFIX = ".gz"
 # Suffixes that are not text read as it would be: refused rather than trained on as garbage.
 REFUSED_SUFFIXES = {".json": "a JSON document (write one object per line as .jsonl)",
@@ -255,6 +256,10 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
     SMSSpamCollection) is read as TSV when its header line holds a tab, else as CSV. TSV has no
     quoting (IANA text/tab-separated-values, as GLUE and the SMS Spam Collection write it): a field
     that starts with a quote keeps it, and cannot swallow the lines that follow."""
+    if _format(path) in PLAIN_SUFFIXES:  # its first line would be taken for a CSV header
+        raise DataError(f"{path}: task records come as JSONL, CSV or TSV, not plain text ({_format(path)}); "
+                        "for the loss and bits per byte of plain text use task=lm (pretune evaluate) or "
+                        "pretune pretrain")
     stats = stats if stats is not None else ReadStats()
     text = _read_text(path, errors, stats)
     rows = _jsonl_rows(path, text) if _format(path) == ".jsonl" else _table_rows(path, text)

@@ -97,6 +97,9 @@ def find_model_dir(path: str | Path) -> Path:
                     if checkpoint_step(d) is not None and (d / "model.safetensors").is_file()), key=checkpoint_step)
     if ckpts:
         return ckpts[-1]
+    if not p.exists():
+        raise ModelDirError(f"{p} does not exist: give a run directory, a model directory or a Hugging Face "
+                            "model directory")
     raise ModelDirError(f"{p} holds no model (expected model/config.json and model/model.safetensors, "
                       "or a checkpoint)")
 
