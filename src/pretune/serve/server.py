@@ -116,6 +116,10 @@ def load_served_model(path, device, max_seq_len: int | None, log=lambda s: print
     max_seq_len, or at DEFAULT_CONTEXT when none is given; never longer than the model's own."""
     from pretune.model.io import load_model
 
+    from pretune.model.io import find_model_dir
+
+    if (find_model_dir(path) / "head.safetensors").is_file():
+        log(f"note: {path} is a classification run; its head is not used here: its language model generates")
     native = model_context(path)
     if not native or native <= (max_seq_len or DEFAULT_CONTEXT):
         if native and max_seq_len and max_seq_len > native:

@@ -206,10 +206,13 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
 
         # A classifier leaves parameters out of some forwards: its head in replay micro-batches, an
         # untied lm_head in task ones. DDP must then look for them, or it waits for their gradients
-        # (and fails on the next step). The RoPE tables are the same on every rank: no broadcasts.
+        # (and fails on the next step); otherwise looking costs a warning on every rank. The RoPE
+        # tables are the same on every rank: no broadcasts.
         fwd = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                   gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
-                  find_unused_parameters=isinstance(model, ClassifierModel), broadcast_buffers=False)
+                  find_unused_parameters=isinstance(model, ClassifierModel) and (
+                      bool(getattr(getattr(cfg, "finetune", None), "replay", None)) or not model.cfg.tie_embeddings),
+                  broadcast_buffers=False)
     if compile_on:
         fwd = torch.compile(fwd)
     return fwd
