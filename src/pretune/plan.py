@@ -163,6 +163,8 @@ def trainable_shapes(cfg: Config, c: ModelConfig) -> tuple[dict, dict, list[str]
 
 def flops_per_token(c: ModelConfig, shapes: dict, trainable: dict, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token, counted as train.meter counts them on the live model."""
+    from pretune.train.meter import matmul_cost
+
     matmul = {n: s for n, s in shapes.items() if len(s) == 2 and not n.startswith("tok_emb")}
     if c.tie_embeddings:
         matmul["lm_head.weight"] = shapes["tok_emb.weight"]  # the alias is a matmul too
@@ -171,14 +173,11 @@ def flops_per_token(c: ModelConfig, shapes: dict, trainable: dict, seq_len: int)
         trainable = dict(trainable, **{"lm_head.weight": shapes["tok_emb.weight"]})
     t = f = 0.0
     for n, s in matmul.items():
-        numel = math.prod(s)
+        cost = matmul_cost(n, n in trainable, first if trainable else None)
         if n in trainable:
-            t += 6 * numel
-        else:  # nothing trainable: every product is forward only
-            cost = 4 if trainable and _layer(n) >= first else 2
-            if cost == 4 and _layer(n) == first >= 0 and n.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
-                cost = 2  # as the meter counts them: the first trainable block's input needs no gradient
-            f += cost * numel
+            t += cost * math.prod(s)
+        else:
+            f += cost * math.prod(s)
     unit = c.n_head * c.head_dim * seq_len
     attn = sum((12 if i >= first else 4) * unit for i in range(c.n_layer))
     return {"trainable": t, "frozen": f, "attention": float(attn), "total": t + f + attn}

@@ -245,9 +245,8 @@ def t_ci(values, method: str = "seeds") -> dict:
     return _ci(vals, mean - half, mean + half, method)
 
 
-def seed_ci(values, rng: np.random.Generator | None = None, n_boot: int = N_BOOT) -> dict:
-    """Interval over seeds (t, see t_ci) of the finite values; with fewer than two it is unknown.
-    `rng` and `n_boot` are not used (kept for the callers' uniformity)."""
+def seed_ci(values) -> dict:
+    """Interval over seeds (t, see t_ci) of the finite values; with fewer than two it is unknown."""
     return t_ci([v for v in values if finite(v)], "seeds")
 
 
@@ -270,7 +269,7 @@ def score_ci(runs: list[dict], rng: np.random.Generator, n_boot: int = N_BOOT) -
     scores = np.array([float(r["score"]) for r in runs])
     x = _example_matrix(runs)
     if x is None:
-        return seed_ci(scores, rng, n_boot)
+        return seed_ci(scores)
     offsets = scores - x.mean(axis=1)
     boot = bootstrap_means(x, rng, n_boot, offsets=offsets)
     return make_ci(scores, boot, "seeds+examples" if len(runs) > 1 else "examples", seed_df(x, offsets), x, offsets)
@@ -404,13 +403,12 @@ def _summary(results, cells, failed, seed, n_boot):
         score = score_ci(runs, rng, n_boot)
         metrics = {}
         for name in sorted({m for r in runs for m in (r.get("metrics") or {})}):
-            metrics[name] = score if name == primary else seed_ci(
-                [(r.get("metrics") or {}).get(name) for r in runs], rng, n_boot)
+            metrics[name] = score if name == primary else seed_ci([(r.get("metrics") or {}).get(name) for r in runs])
         cell = {"score": score, "metrics": metrics}
         for key in COST_KEYS:
-            cell[key] = seed_ci([(r.get("cost") or {}).get(key) for r in runs], rng, n_boot)
+            cell[key] = seed_ci([(r.get("cost") or {}).get(key) for r in runs])
         vals = [r.get("forgetting") for r in runs if finite(r.get("forgetting"))]
-        cell["forgetting"] = seed_ci(vals, rng, n_boot) if vals else None
+        cell["forgetting"] = seed_ci(vals) if vals else None
         cell["bias_change"] = _bias_ci(runs, rng, n_boot)
         sources = sorted({str((r.get("cost") or {}).get("energy_source", "unknown")) for r in runs})
         cell.update(trainable_params=int(runs[0].get("trainable_params") or 0), n_seeds=len(runs),

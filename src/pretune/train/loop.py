@@ -152,15 +152,16 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     t_cfg = cfg.train
     device = rt.device
     sharded_ckpt = getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp"  # DCP checkpoints
+    fsdp = sharded_ckpt and rt.distributed
     frozen = None
     if rt.autocast_dtype is not None:
         # frozen linear weights in bf16 for the run: the same products, half their memory, no copy
         # per forward (FSDP's own mixed-precision policy casts its shards as it gathers them)
-        if not (sharded_ckpt and rt.distributed):
+        if not fsdp:
             frozen = FrozenInComputeDtype(model, rt.autocast_dtype, device)
         if getattr(objective, "reference", None) is not None:  # DPO's frozen copy of the starting model
             FrozenInComputeDtype(objective.reference, rt.autocast_dtype, device)
-    if not (sharded_ckpt and rt.distributed):
+    if not fsdp:
         # under FSDP, fully_shard moves each block to the device as it shards it: the whole model is
         # never on one GPU at once
         model.to(device)

@@ -39,6 +39,19 @@ def _layer_of(name: str) -> int:
 _BLOCK_INPUT = ("q_proj", "k_proj", "v_proj")  # the products that read a block's input
 
 
+def matmul_cost(name: str, trainable: bool, first: int | None) -> int:
+    """FLOPs per token and parameter of the matrix `name` (module docstring): 6 trainable; 4 frozen
+    with gradients flowing through it (at or above the first trainable layer `first`); 2 forward
+    only: below it, with nothing trainable (`first` None), or reading the first trainable block's
+    input, which needs no gradient when everything below is frozen. pretune plan counts the same."""
+    if trainable:
+        return 6
+    layer = _layer_of(name)
+    if first is None or layer < first or (layer == first >= 0 and name.split(".")[-2] in _BLOCK_INPUT):
+        return 2
+    return 4
+
+
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token from the live model, split into trainable and frozen parts.
 
@@ -58,9 +71,7 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, float]:
     for name, p in params:  # a tied output projection appears here as lm_head.weight
         if p.dim() < 2 or "tok_emb" in name:  # norms, biases and the embedding lookup: no matmul
             continue
-        cost = 6 if p.requires_grad else (4 if trainable_layers and _layer_of(name) >= first else 2)
-        if cost == 4 and _layer_of(name) == first >= 0 and name.split(".")[-2] in _BLOCK_INPUT:
-            cost = 2  # they read the first trainable block's input, which (all frozen below) needs no gradient
+        cost = matmul_cost(name, p.requires_grad, first if trainable_layers else None)
         if p.requires_grad:
             trainable += cost * p.numel()
         else:
