@@ -132,3 +132,27 @@ def test_a_tokenizer_without_eos_is_refused_with_the_fix(tmp_path):
         load_source(str(tmp_path / "two.jsonl"), tok, **QUIET)
     ids = _ids(load_source(str(tmp_path / "two.jsonl"), Tokenizer(hf, eos="[EOS]"), **QUIET))
     assert ids == [2, 1, 3, 1]
+
+
+def test_documents_begin_with_the_bos_a_post_processor_adds(tmp_path, monkeypatch):
+    """A Llama-style tokenizer (its post-processor prepends BOS) gets BOS text EOS per document, once
+    per document also when a long text file is read in chunks; pretune's own tokenizers get none."""
+    from tokenizers import processors
+
+    import pretune.data.sources as sources
+
+    (tmp_path / "two.jsonl").write_text('{"text": "ab"}\n{"text": "ba"}\n')
+    (tmp_path / "long.txt").write_text("ab\n" * 40)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16)  # the text file arrives in several pieces
+    plain = train_char(["ab"])
+    raw = HFTokenizer.from_str(plain.tok.to_str())
+    raw.post_processor = processors.TemplateProcessing(single="<|bos|> $A",
+                                                       special_tokens=[("<|bos|>", plain.bos_id)])
+    llama = Tokenizer(raw)
+    assert llama.prompt_prefix == [llama.bos_id] and plain.prompt_prefix == []
+    bos, eos = llama.bos_id, llama.eos_id
+    assert _ids(load_source(str(tmp_path / "two.jsonl"), llama, **QUIET)) == [bos, *llama.encode("ab"), eos,
+                                                                            bos, *llama.encode("ba"), eos]
+    long = _ids(load_source(str(tmp_path / "long.txt"), llama, **QUIET))
+    assert long == [bos, *llama.encode("ab\n" * 40), eos]
+    assert bos not in _ids(load_source(str(tmp_path / "two.jsonl"), plain, **QUIET))

@@ -27,7 +27,9 @@ import numpy as np
 from pretune.data.sources import DataError, ReadStats, expand_source, hash_files, iter_documents
 from pretune.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 2  # 2: special-token text in the corpus is plain text (1 encoded it as the token)
+# 2: special-token text in the corpus is plain text (1 encoded it as the token); 3: each document
+# starts with the tokenizer's prompt prefix (BOS for Llama-family tokenizers; none for pretune's own)
+FORMAT_VERSION = 3
 BATCH_CHARS = 1 << 22  # text handed to the tokenizer per parallel call
 SPLIT_SEARCH = 1 << 16  # tokens the train/validation cut may move to reach a document boundary
 
@@ -137,14 +139,22 @@ def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, erro
             state["n"] += len(ids[:room])
             ids = ids[room:]
 
+    # A document is BOS? text EOS: the BOS that the tokenizer's post-processor puts before a text
+    # (Llama 2/3, Mistral), so that continued pre-training of such a model sees documents begin the
+    # way its own pre-training did; pretune's tokenizers have none and write text EOS.
+    prefix, starts = tok.prompt_prefix, [True]
+
     def flush(texts: list[str], ends: list[bool]):
         if not texts:
             return
         pieces = []
         for ids, end in zip(tok.encode_batch(texts, specials_as_text=True), ends):
+            if starts[0] and prefix:
+                pieces.append(prefix)
             pieces.append(ids)
             if end:
                 pieces.append([tok.eos_id])
+            starts[0] = end
         write(np.fromiter((i for p in pieces for i in p), dtype=np.int64))
 
     texts: list[str] = []
