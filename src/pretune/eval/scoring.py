@@ -139,7 +139,11 @@ def _score_chunks(model, chunks: list[list[dict]], cfg: Config, tok: Tokenizer, 
 
 def verbalizer_predict(model, examples: list[dict], labels: list[str], tok: Tokenizer, device) -> list[int]:
     """Pick the label whose words (plus EOS) the language model finds most likely after the prompt.
-    Every label fits after it: `T.encode` cuts a prompt to the room the longest label leaves."""
+    Every label fits after it: `T.encode` cuts a prompt to the room the longest label leaves.
+
+    The score is the summed log-probability, not a per-token mean: closed by EOS, each answer is a
+    whole continuation, so the sum is the model's probability of that label (lm-eval-harness's `acc`);
+    a mean would reward a long label for its easy later tokens."""
     answers = T.label_answers(labels, tok)
     seqs = [e["prompt"] + a for e in examples for a in answers]
     masks = [[0] * len(e["prompt"]) + [1] * len(a) for e in examples for a in answers]
