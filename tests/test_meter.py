@@ -122,3 +122,33 @@ def test_a_run_after_a_larger_one_in_the_same_process_reports_its_own_peak_memor
     big = peak(384, 16, tmp_path / "b")
     after = peak(64, 4, tmp_path / "c")
     assert big > alone + 200 and after < alone + 100, (alone, big, after)  # MiB
+
+
+def test_rapl_energy_sums_every_package_and_counts_through_a_wrap(tmp_path):
+    from pretune.train.meter import EnergyCounter
+
+    def zone(name: str, uj: int, wrap: int | None = 1_000_000):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "energy_uj").write_text(str(uj))
+        if wrap is not None:
+            (tmp_path / name / "max_energy_range_uj").write_text(str(wrap))
+
+    zone("intel-rapl:0", 900_000)
+    zone("intel-rapl:1", 100_000)
+    zone("intel-rapl:0:0", 5)  # a sub-zone (the cores of package 0): part of package 0, not added
+    counter = EnergyCounter(torch.device("cpu"), rapl_root=tmp_path)
+    assert counter.source == "rapl"
+    zone("intel-rapl:0", 50_000)  # wrapped: 100,000 to the range, then 50,000
+    zone("intel-rapl:1", 400_000)
+    zone("intel-rapl:0:0", 999_999)
+    assert counter.joules() == pytest.approx(0.15 + 0.3)
+    zone("intel-rapl:0", 250_000)
+    assert counter.joules() == pytest.approx(0.45 + 0.2)
+    zone("intel-rapl:1", 0, wrap=None)
+    (tmp_path / "intel-rapl:1" / "max_energy_range_uj").unlink()
+    fresh = EnergyCounter(torch.device("cpu"), power_w=1e6, rapl_root=tmp_path)
+    zone("intel-rapl:1", 10, wrap=None)
+    assert fresh.joules() == pytest.approx(10 / 1e6)
+    zone("intel-rapl:1", 5, wrap=None)  # went back with no known range: the power x time estimate
+    assert fresh.joules() > 1.0
+    assert EnergyCounter(torch.device("cpu"), rapl_root=tmp_path / "none").source == "estimate"

@@ -119,10 +119,49 @@ def peak_flops_of(gpu_name: str) -> float | None:
     return PEAK_FLOPS[max(found, key=len)] if found else None
 
 
-class EnergyCounter:
-    """NVML on NVIDIA GPUs, RAPL where readable, else power x time (labelled 'estimate')."""
+class RaplPackages:
+    """Energy of every CPU package (socket) from the powercap RAPL counters, in joules since the
+    counter was made. Each package's counter wraps at its max_energy_range_uj; a read that finds it
+    lower than the last one adds the range (the counter is read at every checkpoint and at the end,
+    far more often than it wraps: every few minutes to hours, depending on the range and the power)."""
 
-    def __init__(self, device: torch.device, power_w: float | None = None):
+    def __init__(self, root: Path = Path("/sys/class/powercap")):
+        # top-level zones only (intel-rapl:0, :1, ...): their sub-zones (intel-rapl:0:0, the cores) are
+        # parts of them. AMD processors publish the same intel-rapl zones.
+        zones = sorted(z for z in root.glob("intel-rapl:*") if z.name.count(":") == 1)
+        self._zones = [(z / "energy_uj", self._range(z)) for z in zones]
+        if not self._zones:
+            raise OSError(f"no RAPL package zone under {root}")
+        self._last = [int(f.read_text()) for f, _ in self._zones]  # OSError/ValueError: not readable
+        self._total_uj = 0
+
+    @staticmethod
+    def _range(zone: Path) -> int | None:
+        try:
+            return int((zone / "max_energy_range_uj").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def joules(self) -> float | None:
+        """Joules since creation; None when a counter went backwards and its range is unknown."""
+        for i, (f, wrap) in enumerate(self._zones):
+            now = int(f.read_text())
+            delta = now - self._last[i]
+            if delta < 0:
+                if wrap is None:
+                    return None
+                delta += wrap
+            self._total_uj += delta
+            self._last[i] = now
+        return self._total_uj / 1e6
+
+
+class EnergyCounter:
+    """NVML on NVIDIA GPUs, RAPL (every CPU package) where readable, else power x time (labelled
+    'estimate')."""
+
+    def __init__(self, device: torch.device, power_w: float | None = None,
+                 rapl_root: Path = Path("/sys/class/powercap")):
         self.device, self.source = device, "estimate"
         self.power_w = power_w or DEFAULT_POWER_W.get(device.type, 10.0)
         self._read = None
@@ -139,10 +178,8 @@ class EnergyCounter:
             except Exception:
                 pass
         else:
-            rapl = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
             try:
-                int(rapl.read_text())
-                self._read = lambda: int(rapl.read_text()) / 1e6
+                self._read = RaplPackages(rapl_root).joules
                 self.source = "rapl"
             except (OSError, ValueError):
                 pass
@@ -151,9 +188,9 @@ class EnergyCounter:
 
     def joules(self) -> float:
         if self._read is not None:
-            value = self._read() - self._start
-            if value >= 0:  # a wrapped RAPL counter falls back to the estimate
-                return value
+            now = self._read()
+            if now is not None and now >= self._start:  # else a counter wrapped unseen: the estimate
+                return now - self._start
         return self.power_w * (time.perf_counter() - self._t0)
 
     @property
