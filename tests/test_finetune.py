@@ -202,6 +202,25 @@ def test_instruction_with_replay_and_generation_metrics(tmp_path, base_run):
     assert (r["exact_match"], r["chrf"]) == (s["exact_match"], s["chrf"])
 
 
+def test_replay_weight_scales_the_replay_loss_beside_the_task_loss(tmp_path, base_run):
+    rows = [{"prompt": f"repeat {w}", "response": w} for w in ["cat", "dog", "mat", "fox"] * 4]
+    f = tmp_path / "inst.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    replay = make_corpus(tmp_path / "general.txt", lines=100, seed=4)
+    first = {}
+    for w in (0, 1, 2):  # the first step's loss, at the starting weights: task mean + w x replay mean
+        out = tmp_path / f"w{w}"
+        assert run_cli("finetune", f"init_from={base_run}", "task=instruction", f"data.train={f}",
+                       f"finetune.replay=[{replay}]", "finetune.replay_ratio=0.25", f"finetune.replay_weight={w}",
+                       f"out_dir={out}", "train.max_steps=1", "train.log_every=1", "train.eval_every=0",
+                       *FT) == 0
+        first[w] = read_metrics(out)[0]["loss"]
+    replay_mean = first[1] - first[0]
+    assert replay_mean > 0.5 and first[2] - first[1] == pytest.approx(replay_mean, rel=1e-5)
+    assert run_cli("finetune", f"init_from={base_run}", "task=instruction", f"data.train={f}",
+                   "finetune.replay_weight=-1", f"out_dir={tmp_path / 'neg'}", *FT) == 2
+
+
 def test_dpo_loss_falls_and_margin_grows(tmp_path, base_run):
     rows = [{"prompt": f"pick {i % 5}", "chosen": "the cat sat", "rejected": "dog dog dog"} for i in range(40)]
     f = tmp_path / "pref.jsonl"

@@ -228,6 +228,9 @@ class FinetuneConfig:
     """General text mixed into training with its language-model loss, against forgetting."""
     replay_ratio: float = 0.0
     """Share of each batch's sequences that are replay text."""
+    replay_weight: float = 1.0
+    """Weight of the replay text's mean token loss beside the task's mean loss (loss = task +
+    replay_weight x replay): higher holds on to general text harder."""
     cv: int = 0
     """k-fold cross-validation over the training records (k >= 2); reports mean and std."""
     fold: int | None = None
@@ -340,6 +343,8 @@ def validate_run(cfg: Config) -> list[str]:
             p.append(f"finetune.replay_ratio={f.replay_ratio} rounds to no replay rows in a batch of "
                      f"train.batch_size={t.batch_size}; raise one of them (a row needs a ratio of at least "
                      f"{0.5 / t.batch_size:.3g})")
+    if f.replay_weight < 0:
+        p.append(f"finetune.replay_weight={f.replay_weight} must be >= 0")
     if f.replay_ratio > 0 and not f.replay:
         p.append("finetune.replay_ratio > 0 needs finetune.replay (general text files)")
     positive("finetune.epochs", f.epochs)

@@ -178,6 +178,7 @@ def _objective(cfg: Config, model):
         obj = ClassifierObjective()
     else:
         obj = LMObjective()
+    obj.weights = {"replay": cfg.finetune.replay_weight}  # the loop's weight per kind of micro-batch
     return L2SP(obj, model, cfg.finetune.l2sp) if cfg.finetune.l2sp > 0 else obj
 
 
