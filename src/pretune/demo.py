@@ -132,7 +132,9 @@ def run_demo(argv: list[str]) -> dict:
 
     d = load_config(DemoConfig, None, argv)
     t0 = time.perf_counter()
-    out = Path(d.out_dir)
+    # absolute, so that demo-study.yaml names its world files and study directory wherever
+    # `pretune study` is later run from
+    out = Path(d.out_dir).absolute()
     unfinished = (out / "demo-study.yaml").is_file() and not d.overwrite
     if not unfinished:
         prepare_out_dir(out, d.overwrite, resume=False)
