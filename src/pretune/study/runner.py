@@ -143,7 +143,9 @@ def run_stage(cfg: Config, log) -> Path:
     summary = run_pretrain(cfg, log=lambda m: None)
     if summary.get("status") not in DONE:
         raise ConfigError(f"{run_dir} ended with status {summary.get('status')}; see its metrics.jsonl")
-    log(f"{run_dir}: done in {summary['wall_s']:.0f} s, val_bpb={summary.get('val_bpb')}")
+    bpb = summary.get("val_bpb")
+    log(f"{run_dir}: done in {summary['wall_s']:.0f} s" + (f", val_bpb={bpb:.4f}" if bpb is not None else
+                                                          " (no validation text: no val_bpb)"))
     return run_dir
 
 
