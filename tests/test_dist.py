@@ -31,14 +31,20 @@ STEPS = ["train.max_steps=10", "train.save_every=5", "train.eval_every=5", "trai
          "model.preset=tiny", "data.tokenizer=char", "optim.lr=3e-3", "optim.warmup_steps=5"]
 
 
-def torchrun(*args: str, nproc: int = 2) -> str:
-    """`python -m torch.distributed.run --nproc_per_node N -m pretune pretrain ARGS`; its stdout."""
+def torchrun(*args: str, nproc: int = 2, verb: str = "pretrain", all_ranks: bool = False) -> str:
+    """`python -m torch.distributed.run --nproc_per_node N -m pretune VERB ARGS`; its stdout (every
+    rank's with `all_ranks`, PRETUNE_LOG_ALL_RANKS=1)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pretune", "pretrain", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+           "-m", "pretune", verb, *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PRETUNE_LOG_ALL_RANKS=str(int(all_ranks)))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r.stdout
+
+
+# what rank 1 prints (with PRETUNE_LOG_ALL_RANKS=1) when its parameters were on the meta device until
+# fully_shard and its shards were then filled from rank 0 (dist._fill_from_rank0)
+META_LINE = "rank 1: parameters on meta before sharding"
 
 
 def losses(run_dir) -> list[float]:
@@ -87,14 +93,16 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(tmp_path, 
     ref = reference(tmp_path, corpus)
     run, single = tmp_path / "fsdp", tmp_path / "fsdp_to_1"
     fsdp = ["dist.strategy=fsdp", "dist.activation_checkpointing=true"]
-    torchrun(f"data.train={corpus}", f"out_dir={run}", *STEPS, *fsdp, "train.stop_after=5")
+    out = torchrun(f"data.train={corpus}", f"out_dir={run}", *STEPS, *fsdp, "train.stop_after=5", all_ranks=True)
+    assert out.count(META_LINE) == 1 and "rank 0: parameters on" not in out  # rank 0 alone built the weights
     assert_close(losses(run), ref[:5])
     ckpt = run / "checkpoints" / "step-000005"
     assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
     assert sorted(p.name for p in ckpt.glob("rng-*.pt")) == ["rng-00000.pt", "rng-00001.pt"]
     shutil.copytree(run, single)
 
-    torchrun(f"resume={run}", "train.stop_after=null")  # 2 processes again
+    # 2 processes again; rank 1 builds on the meta device again, and DCP loads every rank's shards
+    assert META_LINE in torchrun(f"resume={run}", "train.stop_after=null", all_ranks=True)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 11))
     assert_close(losses(run), ref)
     assert_close(evals(run), evals(tmp_path / "ref"))  # the ranks share the evaluation batches
@@ -134,8 +142,10 @@ def _qa(path, n=48):
     return path
 
 
-@pytest.mark.parametrize("strategy,method", [("ddp", "full"), ("fsdp", "lora")])
+@pytest.mark.parametrize("strategy,method", [("ddp", "full"), ("fsdp", "lora"), ("fsdp", "full")])
 def test_finetune_with_l2sp_under_torchrun_matches_one_process(tmp_path, corpus, strategy, method):
+    """Under FSDP rank 1 builds on the meta device: LoRA's adapters (initialised on rank 0) and, in
+    full fine-tuning, the L2-SP anchors (rank 1's on the meta device) come from rank 0."""
     base = tmp_path / "base"
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.threads=1",
                    *[s for s in STEPS if not s.startswith("train.max_steps")], "train.max_steps=4") == 0
@@ -149,10 +159,8 @@ def test_finetune_with_l2sp_under_torchrun_matches_one_process(tmp_path, corpus,
     one = tmp_path / "one"
     assert run_cli("finetune", f"out_dir={one}", "train.threads=1", *args) == 0
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretune",
-           "finetune", f"out_dir={two}", f"dist.strategy={strategy}", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
-    assert r.returncode == 0, r.stderr[-4000:]
+    out = torchrun(f"out_dir={two}", f"dist.strategy={strategy}", *args, verb="finetune", all_ranks=True)
+    assert (META_LINE in out) == (strategy == "fsdp")  # LoRA adapters and L2-SP anchors included
     assert_close(losses(two), losses(one), rel=2e-4)  # the L2-SP penalty included
     # the same work costs the same, though the ranks' batches hold different numbers of tokens
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
@@ -181,3 +189,26 @@ def test_classifier_head_with_replay_and_a_short_batch_under_ddp(tmp_path, corpu
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
     assert len(losses(tmp_path / "two")) == 8
+
+
+def test_fsdp_continued_pretraining_builds_on_rank_0_alone_and_matches_one_process(tmp_path, corpus):
+    """init_from under FSDP: rank 1 reads the parent's config alone (its structure on the meta device),
+    rank 0 loads the weights and sends each rank its shards; tied embeddings stay tied."""
+    base = tmp_path / "base"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.threads=1",
+                   *[s for s in STEPS if not s.startswith("train.max_steps")], "train.max_steps=3") == 0
+    parent_fixes = ("train.max_steps", "model.", "data.tokenizer", "train.save_every")  # set below, or by init_from
+    cpt = [f"init_from={base}", f"data.train={corpus}", *[s for s in STEPS if not s.startswith(parent_fixes)],
+           "train.max_steps=5", "train.save_every=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli("pretrain", f"out_dir={one}", "train.threads=1", *cpt) == 0
+    out = torchrun(f"out_dir={two}", "dist.strategy=fsdp", *cpt, all_ranks=True)
+    assert out.count(META_LINE) == 1
+    assert_close(losses(two), losses(one))
+    assert_close(evals(two), evals(one))
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (s2["params"], s2["trainable_params"]) == (s1["params"], s1["trainable_params"])
+    assert json.loads((two / "lineage.json").read_text())["stage"] == "cpt"
+    want, got = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
+    assert got.keys() == want.keys() and "lm_head.weight" not in got  # tied: saved once
+    assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want)

@@ -29,10 +29,10 @@ from pretune.files import atomic_write_json
 from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.heads import ClassifierModel
-from pretune.model.io import load_model, save_model_dir
+from pretune.model.io import save_model_dir
 from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merged_state
-from pretune.stages import (ignored_model_keys, inputs_of, lineage_parent, open_run, parent_tokenizer,
-                            save_run_config)
+from pretune.stages import (ignored_model_keys, inputs_of, lineage_parent, open_run, parent_model,
+                            parent_tokenizer, save_run_config)
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.loop import train
@@ -120,12 +120,10 @@ def _base_path(cfg: Config) -> str | None:
 def build_task_model(cfg: Config, tok: Tokenizer, n_labels: int) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     start = starting_model(cfg)
-    if start:
-        lm, _ = load_model(start, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
-    else:
-        lm = GPT(resolve_model_config(cfg.model, tok.vocab_size))
-    model = ClassifierModel(lm, n_labels) if uses_head(cfg) else lm
-    set_trainable(model, cfg)
+    with dist.init_device(cfg):  # under FSDP, ranks > 0 build on the meta device (stages.parent_model)
+        lm = parent_model(cfg, start) if start else GPT(resolve_model_config(cfg.model, tok.vocab_size))
+        model = ClassifierModel(lm, n_labels) if uses_head(cfg) else lm
+        set_trainable(model, cfg)
     return model
 
 

@@ -17,7 +17,7 @@ from pretune.data.tokenizer import Tokenizer
 from pretune.eval.evaluate import combine_lm_metrics, lm_metrics
 from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT
-from pretune.model.io import find_model_dir, is_hf_model_dir, load_model
+from pretune.model.io import find_model_dir, is_hf_model_dir, load_model, read_model_config
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.loop import train
@@ -120,12 +120,40 @@ def parent_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.load(tokenizer_dir(path))
 
 
+def parent_model(cfg: Config, path: str | Path) -> GPT:
+    """The model at `path` (init_from, or a resumed fine-tuning run's parent) with the run's dropouts.
+
+    On the ranks that build on the meta device (dist.builds_on_meta: all but rank 0 under FSDP) its
+    structure alone, from its config, the weights left unread: rank 0 sends them after sharding."""
+    overrides = {"dropout": cfg.model.dropout, "attn_dropout": cfg.model.attn_dropout}
+    if not dist.builds_on_meta(cfg):
+        return load_model(path, **overrides)[0]
+    model_dir = find_model_dir(path)
+    if (model_dir / "lora.json").is_file():  # an adapter alone: its base model's shape (io.load_model)
+        import json
+
+        return parent_model(cfg, json.loads((model_dir / "lora.json").read_text())["base"])
+    if is_hf_model_dir(model_dir):
+        from pretune.interop.hf import hf_to_model_config, read_hf_config
+
+        arch = hf_to_model_config(read_hf_config(model_dir))
+    else:
+        arch = read_model_config(model_dir)
+    for key, value in overrides.items():
+        setattr(arch, key, value)
+    with torch.device("meta"):
+        return GPT(arch)
+
+
 def build_model(cfg: Config, tok: Tokenizer, log=print) -> GPT:
     """The parent's weights for init_from; otherwise a fresh, seeded model (a resumed run then loads
-    its checkpoint in train(); its config.yaml already holds the resolved architecture)."""
+    its checkpoint in train(); its config.yaml already holds the resolved architecture).
+
+    Under FSDP only rank 0 builds or loads the weights; the other ranks build the same structure on
+    the meta device and get their shards from rank 0 in train() (dist.shard_model)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
-        model, _ = load_model(cfg.init_from, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
+        model = parent_model(cfg, cfg.init_from)
         if tok.vocab_size > model.cfg.vocab_size:
             raise ConfigError(f"init_from={cfg.init_from}: its tokenizer has {tok.vocab_size} tokens but the "
                               f"model only {model.cfg.vocab_size} embeddings; use the tokenizer it was trained with")
@@ -143,7 +171,8 @@ def build_model(cfg: Config, tok: Tokenizer, log=print) -> GPT:
     if arch.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size} tokens; leave model.vocab_size unset")
-    return GPT(arch)
+    with dist.init_device(cfg):
+        return GPT(arch)
 
 
 def ignored_model_keys(asked, used) -> list[str]:

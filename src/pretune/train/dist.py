@@ -9,6 +9,8 @@ CUDA) and the model is wrapped from outside, so the model code knows nothing of 
   gradients and optimiser state are divided among the processes; a MixedPrecisionPolicy (bf16
   compute, fp32 gradient reduction) when the run is in bf16; gradient reduction on the last
   micro-batch only (`set_requires_gradient_sync`). The optimiser must be built after wrapping.
+  Only rank 0 builds or loads the whole model; the other ranks build it on the meta device
+  (`init_device`) and their shards are filled from rank 0 once sharded (`shard_model`).
 - `dist.activation_checkpointing=true` recomputes each block's activations in the backward pass
   (non-reentrant `torch.utils.checkpoint`; parameter names stay unchanged).
 
@@ -159,10 +161,16 @@ def _skeleton(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def shard_model(model: torch.nn.Module, rt: Runtime, compile_blocks: bool = False) -> None:
-    """FSDP2 in place: fully_shard each block, then the root (embedding, final norm, output head)."""
+    """FSDP2 in place: fully_shard each block, then the root (embedding, final norm, output head).
+
+    Rank 0 holds the whole model, the other ranks its structure on the meta device (builds_on_meta);
+    once sharded, every rank's shards are filled from rank 0's weights (_fill_from_rank0)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    _check_structure(model, rt)
+    # rank 0's whole weights, held here while fully_shard replaces the parameters by shards
+    full = model.state_dict() if rt.is_main else {}
     mesh = init_device_mesh(rt.device.type, (rt.world,))
     kw: dict = {"mesh": mesh}
     if rt.autocast_dtype is not None:
@@ -174,6 +182,88 @@ def shard_model(model: torch.nn.Module, rt: Runtime, compile_blocks: bool = Fals
         # the last block's parameters are needed again at once by backward: keep them gathered
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
     fully_shard(model, **kw)
+    _fill_from_rank0(model, rt, full)
+
+
+# ----------------------------------------------------------------------------- deferred initialisation
+
+
+def builds_on_meta(cfg) -> bool:
+    """Whether this process builds its model on the meta device (no memory): every rank but 0 of an
+    FSDP run. Rank 0 builds or loads the whole model exactly as one process would; the others' shards
+    are allocated and filled from it after fully_shard, so one process, not all, holds the whole
+    model in host memory."""
+    return (getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp" and dist.is_initialized()
+            and dist.get_world_size() > 1 and dist.get_rank() > 0)
+
+
+def init_device(cfg):
+    """The context to build the model in: the meta device where builds_on_meta, else nothing."""
+    return torch.device("meta") if builds_on_meta(cfg) else contextlib.nullcontext()
+
+
+def _tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter (each tied one once) and buffer, persistent or not."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def _check_structure(model: torch.nn.Module, rt: Runtime) -> None:
+    """Stop when this rank's model does not have rank 0's parameters and shapes (a collective): the
+    weights that rank 0 sends would otherwise land in the wrong places."""
+    mine = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    want = broadcast_object(mine if rt.is_main else None, rt)
+    if mine != want:
+        diff = sorted(set(mine.items()) ^ set(want.items()))[:4]
+        raise RuntimeError(f"rank {rt.rank} built a model unlike rank 0's (first differences: {diff}); "
+                           "every rank must build the same structure")
+
+
+def _rope_tables_again(model: torch.nn.Module, device: torch.device) -> None:
+    """The decoder's RoPE tables (non-persistent buffers: no state dict carries them), computed as
+    its constructor computes them (on the CPU) and moved to `device`."""
+    from pretune.model.gpt import GPT, rope_tables
+
+    for m in model.modules():
+        if isinstance(m, GPT):
+            cos, sin = rope_tables(m.cfg)
+            m.rope_cos, m.rope_sin = cos.to(device), sin.to(device)
+
+
+def _fill_from_rank0(model: torch.nn.Module, rt: Runtime, full: dict[str, torch.Tensor]) -> None:
+    """After fully_shard: a rank whose model is on the meta device allocates its shards (to_empty),
+    then every rank's shards get rank 0's weights, broadcast one tensor at a time
+    (set_model_state_dict with broadcast_from_rank0), and the RoPE tables are computed again."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    meta = any(t.is_meta for _, t in _tensors(model))
+    if meta:
+        model.to_empty(device=rt.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if meta:
+        _rope_tables_again(model, rt.device)
+        n = sum(p.numel() for p in model.parameters())
+        # seen with PRETUNE_LOG_ALL_RANKS=1 (tests/test_dist.py checks it)
+        print(f"rank {rt.rank}: parameters on meta before sharding; its shards of the {n:,} parameters "
+              f"were filled from rank 0", flush=True)
+    left = [n for n, t in _tensors(model) if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"rank {rt.rank}: {', '.join(left[:4])} still on the meta device after sharding")
+
+
+def replicate_from_rank0(module: torch.nn.Module, rt: Runtime) -> None:
+    """Give every rank rank 0's parameters and buffers of a whole, unsharded `module` (a collective):
+    a copy that ranks > 0 built on the meta device (DPO's frozen reference under FSDP) is allocated on
+    the CPU, ties kept, and filled one tensor at a time."""
+    if not rt.distributed:
+        return
+    if any(t.is_meta for _, t in _tensors(module)):
+        _materialize(module, torch.device("cpu"))
+    with torch.no_grad():
+        for _, t in _tensors(module):
+            buf = t.detach().to(rt.device)  # NCCL sends from the GPU
+            dist.broadcast(buf, src=0)
+            if buf.device != t.device:
+                t.copy_(buf)
 
 
 def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
@@ -191,7 +281,7 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
         # a fresh start for dynamo: in a long-lived process (a study worker, a benchmark) every model
         # shares GPT.forward's code, and past the recompile limit dynamo silently falls back to eager
         torch._dynamo.reset()
-    if sharded:
+    if sharded and rt.is_main:  # only rank 0 builds the plain final model
         _SKELETONS[model] = _skeleton(model)
     if getattr(dcfg, "activation_checkpointing", False):
         apply_activation_checkpointing(model)
@@ -279,7 +369,8 @@ def final_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _materialize(skeleton: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Give a meta-device skeleton real (uninitialised) parameters on `device`, keeping ties."""
+    """Give a meta-device skeleton real (uninitialised) parameters and meta buffers on `device`,
+    keeping ties."""
     made: dict[int, torch.nn.Parameter] = {}
     for module in skeleton.modules():
         for name, p in list(module._parameters.items()):
@@ -288,6 +379,9 @@ def _materialize(skeleton: torch.nn.Module, device: torch.device) -> torch.nn.Mo
             if id(p) not in made:
                 made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
             module._parameters[name] = made[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:  # (a copy built on the meta device: replicate_from_rank0 fills it)
+                module._buffers[name] = torch.empty_like(b, device=device)
     return skeleton.to(device)
 
 

@@ -22,7 +22,7 @@ from pretune.files import atomic_write_bytes
 from pretune.model.io import load_model_state
 from pretune.train import checkpoint as ck
 from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, full_state_dict,
-                                grad_sync, unsharded, wrap_model)
+                                grad_sync, replicate_from_rank0, unsharded, wrap_model)
 from pretune.train.frozen import FrozenInComputeDtype
 from pretune.model.io import save_model_dir
 from pretune.train.meter import (EnergyCounter, batch_flops, flops_per_token, peak_flops, peak_memory_bytes,
@@ -154,6 +154,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     sharded_ckpt = getattr(getattr(cfg, "dist", None), "strategy", "ddp") == "fsdp"  # DCP checkpoints
     fsdp = sharded_ckpt and rt.distributed
     frozen = None
+    if fsdp and getattr(objective, "reference", None) is not None:  # ranks > 0 built it on the meta device
+        replicate_from_rank0(objective.reference, rt)  # DPO's whole frozen copy, rank 0's weights everywhere
     if rt.autocast_dtype is not None:
         # frozen linear weights in bf16 for the run: the same products, half their memory, no copy
         # per forward (FSDP's own mixed-precision policy casts its shards as it gathers them)

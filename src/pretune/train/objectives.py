@@ -125,7 +125,8 @@ class L2SP:
 
     The anchors are taken by name when the objective is built, from the unwrapped model (so a resumed
     run still anchors to the starting weights, not to its checkpoint). Under FSDP the parameters are
-    sharded DTensors: each rank then penalises its own shard against the same shard of the anchor,
+    sharded DTensors (and ranks > 0 built the model, so their anchors, on the meta device): each rank
+    then penalises its own shard against the same shard of rank 0's anchor (distribute_tensor),
     which gives each shard exactly its gradient, and `sharded` tells the loop that the penalty values
     of the ranks add up (under DDP each rank holds the whole, identical penalty). An adapter's term
     needs its whole A and B: each rank gathers them (small) and adds 1/world of the term, so that the
@@ -158,8 +159,10 @@ class L2SP:
         if name not in self._local:
             from torch.distributed.tensor import DTensor, distribute_tensor
 
-            full = self.anchor[name].to(p.device)
-            if isinstance(p, DTensor):  # this rank's shard of the anchor (once: a collective)
+            full = self.anchor[name]
+            # built on the meta device (FSDP, ranks > 0): any values, distribute_tensor sends rank 0's
+            full = torch.empty_like(full, device=p.device) if full.is_meta else full.to(p.device)
+            if isinstance(p, DTensor):  # this rank's shard of rank 0's anchor (once: a collective)
                 self.sharded = True
                 full = distribute_tensor(full, p.device_mesh, p.placements).to_local()
             self._local[name] = full
