@@ -97,3 +97,28 @@ def test_shard_tokens_and_a_too_small_bpe_vocabulary_are_refused_before_any_work
     # the true minimum: the trainer gives this many tokens however small a size it is asked for
     assert train_bpe(iter(["ab ab ab"] * 20), 10).vocab_size == BPE_MIN_VOCAB
     assert train_bpe(iter(["ab ab ab"] * 20), BPE_MIN_VOCAB + 1).vocab_size == BPE_MIN_VOCAB + 1
+
+
+def test_patience_and_early_stopping_without_evaluations_are_refused_before_training():
+    stop = ["train.early_stop_metric=val_loss"]
+    for n in ("0", "-1"):  # -1 stopped after the first step and crashed; 0 turned early stopping off silently
+        with pytest.raises(ConfigError, match=rf"train.patience={n} must be >= 1.*leave train.patience unset"):
+            load_config(Config, None, [*stop, f"train.patience={n}"])
+    load_config(Config, None, [*stop, "train.patience=1"])
+    load_config(Config, None, stop)  # no patience: the best model is kept, the run never stops early
+    # without evaluations there is nothing to watch: it was ignored silently
+    with pytest.raises(ConfigError, match=r"train.early_stop_metric='val_loss' needs evaluations, but "
+                                          r"train.eval_every=0 turns them off; set train.eval_every"):
+        load_config(Config, None, [*stop, "train.eval_every=0", "train.patience=2"])
+    with pytest.raises(ConfigError, match=r"early_stop_metric='val_loss' needs validation data.*data.val_fraction=0"):
+        load_config(Config, None, [*stop, "data.val_fraction=0"])
+    load_config(Config, None, [*stop, "data.val_fraction=0", "data.val=[v.txt]"])
+    load_config(Config, None, ["train.eval_every=0"])  # no early stopping: evaluations may be off
+
+
+def test_wsd_decay_fraction_must_be_a_share_of_the_run():
+    for f in ("0.0", "-0.5", "1.5"):  # 0 and -0.5 dropped to the minimum at the last step; 1.5 never reached the peak
+        with pytest.raises(ConfigError, match=rf"optim.decay_fraction={f} must be in \(0, 1\]"):
+            load_config(Config, None, ["optim.schedule=wsd", f"optim.decay_fraction={f}"])
+    for f in ("0.01", "0.2", "1"):
+        load_config(Config, None, ["optim.schedule=wsd", f"optim.decay_fraction={f}"])

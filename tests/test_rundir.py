@@ -41,7 +41,7 @@ def a_run(run):
         (run / d).mkdir()
         (run / d / "x").write_text("x")
     fake_checkpoint(run, 10)
-    (run / ".summary.json.ab12cd34").write_text("")  # a write cut short by a kill
+    (run / ".summary.json.tmp-ab12cd34").write_text("")  # a write cut short by a kill
     return run
 
 
@@ -145,11 +145,72 @@ def test_resume_sweeps_what_a_kill_left_and_rotation_never_leaves_half_a_checkpo
     torn.mkdir()
     (torn / "optimizer.pt").write_bytes(b"0")
     (run / ".model.tmp-abcdefgh").mkdir()
-    (run / ".summary.json.ab12cd34").write_text("")
+    (run / ".summary.json.tmp-ab12cd34").write_text("")
     ck.prepare_out_dir(run, overwrite=False, resume=True)
     ck.unlock_run_dir(run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml"]
+
+
+
+def test_a_replaced_directory_survives_a_failed_rename_and_a_kill_between_the_renames(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "model.safetensors").write_text("OLD")
+    real = type(run).rename
+
+    def no_space(self, target):  # the new copy cannot take the name
+        if ".tmp-" in self.name:
+            raise OSError(28, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(type(run), "rename", no_space)
+    with pytest.raises(OSError, match="No space"), files.atomic_dir(run / "model") as tmp:
+        (tmp / "model.safetensors").write_text("NEW")
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.iterdir()) == ["model"]  # the old copy has its name back
+    assert (run / "model" / "model.safetensors").read_text() == "OLD"
+    # a kill between the two renames: only .model.old-PID is left, and resume renames it back
+    (run / "config.yaml").write_text("{}")
+    (run / "model").rename(run / ".model.old-4242")
+    (run / "best").mkdir()
+    (run / ".best.old-4243").mkdir()  # replaced, and its new copy in place: debris
+    ckpts = run / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / ".step-000010.old-4244").mkdir()
+    (ckpts / ".step-000010.old-4244" / "state.json").write_text("{}")
+    ck.prepare_out_dir(run, overwrite=False, resume=True)
+    ck.unlock_run_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best", "checkpoints", "config.yaml", "model"]
+    assert (run / "model" / "model.safetensors").read_text() == "OLD"
+    assert [d.name for d in ck.checkpoint_dirs(run)] == ["step-000010"]
+
+
+def test_hidden_user_files_are_not_taken_for_pretune_temporary_files(tmp_path, monkeypatch):
+    run = a_run(tmp_path / "run")
+    mine = [".config.yaml.original", ".summary.json.previous", ".summary.json.backup_1", ".model.abcdefgh"]
+    for name in mine:
+        (run / name).write_text("mine")
+    assert ck.foreign_entries(run) == sorted(mine)
+    with pytest.raises(RunDirError, match="also .*config.yaml.original.*Remove or move them"):
+        ck.prepare_out_dir(run, overwrite=True, resume=False)
+    # the names pretune's own writes use are still swept on resume; the user's files stay
+    left = []
+
+    def killed(src, dst):  # a kill before the rename: the temporary file stays
+        left.append(src)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    monkeypatch.setattr(files.Path, "unlink", lambda self, missing_ok=False: None)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write_bytes(run / "summary.json", b"{}")
+    monkeypatch.undo()
+    assert os.path.isfile(left[0]) and ck.foreign_entries(run) == sorted(mine)
+    ck.prepare_out_dir(run, overwrite=False, resume=True)
+    ck.unlock_run_dir(run)
+    assert not os.path.exists(left[0]) and not (run / ".summary.json.tmp-ab12cd34").exists()
+    assert all((run / name).read_text() == "mine" for name in mine)
 
 
 # ----------------------------------------------------------------------------- 5. the lock

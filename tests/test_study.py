@@ -49,12 +49,13 @@ def test_study_errors_name_every_bad_key(tmp_path):
     # values and files are checked before anything runs, each named with its key
     (tmp_path / "a.jsonl").write_text("")
     spec = {"base": {"run": "x"}, "arms": ["full", {"name": "p", "init": "scratch", "method": "none"}],
-            "seeds": [0, 0], "shots": -3, "general_eval": ["nope.txt"],
+            "seeds": [0, 0], "shots": -3, "general_eval": ["nope.txt"], "budget": {"patience": 0},
             "tasks": {"t": {"task": "classification", "train": str(tmp_path / "a.jsonl"), "test": "b.jsonl",
                             "sizes": ["foo", 8]}}}
     with pytest.raises(ConfigError) as e:
         load_study(str(_write(tmp_path / "s.yaml", spec)))
-    assert "seeds=[0, 0]" in str(e.value) and "shots=-3" in str(e.value)
+    assert "seeds=[0, 0]" in str(e.value) and "shots=-3" in str(e.value) and "patience=0" in str(e.value)
+    spec.pop("budget")
     spec.update(seeds=[0, 1], shots=2)
     with pytest.raises(ConfigError) as e:
         load_study(str(_write(tmp_path / "s.yaml", spec)))

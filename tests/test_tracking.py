@@ -63,6 +63,38 @@ def test_tensorboard_and_mlflow_mirror_metrics_and_summary_across_a_resume(tmp_p
     assert json.loads(open(logged).read()) == summary
 
 
+
+def test_a_resume_after_a_kill_logs_each_step_once_to_mlflow(tmp_path, corpus):
+    pytest.importorskip("mlflow")
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    out, uri = tmp_path / "run", f"file://{tmp_path}/mlruns"
+    args = [*TINY, "train.max_steps=20", "train.log_every=4", "train.save_every=5", "train.keep_last=10",
+            "track.mlflow=true", f"track.mlflow_uri={uri}", "track.experiment=pretune-resume"]
+    # a stop part-way at 13 writes an interim loss (a partial interval), which the resume logs again whole
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", *args, "train.stop_after=13") == 0
+    assert run_cli("pretrain", f"resume={out}", "train.stop_after=null") == 0
+    # killed after step 20 was logged but before model/ and summary.json: resumed from step 10, the run
+    # logs 12, 16 and 20 again, which its MLflow run already holds
+    for d in (out / "checkpoints").iterdir():
+        if int(d.name.split("-")[1]) > 10:
+            shutil.rmtree(d)
+    shutil.rmtree(out / "model")
+    (out / "summary.json").unlink()
+    assert run_cli("pretrain", f"resume={out}") == 0
+    losses = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert sorted(losses) == [4, 8, 12, 16, 20]
+    client = MlflowClient(tracking_uri=uri)
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert [step for step, _ in history] == [4, 8, 12, 16, 20]  # was [4, 8, 12, 12, 13, 16, 16, 20, 20]
+    assert dict(history) == pytest.approx(losses, rel=1e-6)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == [10, 20]
+    assert client.get_run(run_id).data.metrics["summary/steps"] == 20
+
+
 def test_a_tracker_without_its_package_is_a_config_error_that_says_the_fix(tmp_path, monkeypatch):
     from pretune.config import Config, TrackConfig
     from pretune.errors import ConfigError

@@ -275,6 +275,28 @@ def test_default_warmup_is_a_tenth_of_a_short_run_and_a_long_warmup_is_flagged(t
     assert "optim.warmup_steps=10 is not shorter than the run's 6 steps" in capsys.readouterr().out
 
 
+
+def test_wsd_decay_starts_after_the_warmup_and_ends_at_the_minimum():
+    import itertools
+
+    from pretune.config import OptimConfig
+    from pretune.train.optim import lr_at
+
+    def lrs(max_steps, **kw):
+        cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, schedule="wsd", **kw)
+        return [round(lr_at(s, cfg, max_steps), 4) for s in range(max_steps)]
+
+    # the usual shape: warmup, stable at the peak, then the last fifth decays linearly to the minimum
+    assert lrs(10, warmup_steps=2) == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.55, 0.1]
+    # a decay that would overlap the warmup starts at its end: the lr reaches its peak first, then falls
+    # without a jump (it started at step 0 before, hidden by the warmup: 0.5, 1.0, then 0.73)
+    overlap = lrs(10, warmup_steps=2, decay_fraction=1.0)
+    assert overlap[:2] == [0.5, 1.0] and overlap[-1] == 0.1
+    assert all(b < a for a, b in itertools.pairwise(overlap[1:]))
+    assert overlap[2] == round(1.0 - 0.9 / 8, 4)  # the decay's 8 steps are the ones after the warmup
+    assert lrs(10, warmup_steps=9, decay_fraction=0.5) == [round((s + 1) / 9, 4) for s in range(9)] + [0.1]
+
+
 def test_pretrain_refuses_fine_tuning_keys_and_names_them(tmp_path, corpus, capsys):
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={tmp_path / 'run'}", *TINY,
                    "finetune.replay=[general.txt]", "lora.rank=4") == 2

@@ -111,9 +111,11 @@ class TrainConfig:
     stop_after: int | None = None
     """Stop after this step as if interrupted, keeping the schedule of max_steps (for resume tests)."""
     early_stop_metric: str | None = None
-    """Keep the best model by this evaluation figure (val_loss, val_accuracy, val_macro_f1, ...)."""
+    """Keep the best model by this evaluation figure (val_loss, val_accuracy, val_macro_f1, ...); needs
+    evaluations (train.eval_every > 0) and validation data."""
     patience: int | None = None
-    """With early_stop_metric: stop after this many evaluations without improvement."""
+    """With early_stop_metric: stop after this many evaluations without improvement (>= 1); None
+    never stops early (the best model is still kept). Needs evaluations (train.eval_every > 0)."""
 
 
 @dataclass
@@ -137,7 +139,9 @@ class OptimConfig:
     schedule: str = "cosine"
     """'cosine' (warmup then cosine to min), 'wsd' (warmup, stable, linear decay) or 'constant'."""
     decay_fraction: float = 0.2
-    """For 'wsd': the share of steps spent decaying at the end."""
+    """For 'wsd': the share of steps spent decaying linearly to the minimum at the end, in (0, 1]. The
+    decay starts no earlier than the end of the warmup, so the lr always reaches its peak: when warmup
+    and decay together exceed train.max_steps, the decay is shortened to the steps after the warmup."""
 
 
 @dataclass
@@ -366,6 +370,15 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(f"finetune.fold={f.fold} needs finetune.cv=k and 0 <= fold < k (cross-validation sets it)")
     if t.patience is not None and not t.early_stop_metric:
         p.append("train.patience needs train.early_stop_metric (for example val_loss or val_accuracy)")
+    if t.patience is not None and t.patience < 1:
+        p.append(f"train.patience={t.patience} must be >= 1: the evaluations without improvement after which "
+                 "the run stops; leave train.patience unset (null) to keep the best model without stopping early")
+    if t.early_stop_metric and not t.eval_every:
+        p.append(f"train.early_stop_metric={t.early_stop_metric!r} needs evaluations, but train.eval_every=0 "
+                 "turns them off; set train.eval_every to N > 0, or unset train.early_stop_metric")
+    elif t.early_stop_metric and not d.val and not d.val_fraction and not cfg.finetune.cv:
+        p.append(f"train.early_stop_metric={t.early_stop_metric!r} needs validation data, but data.val is empty "
+                 "and data.val_fraction=0; give data.val or data.val_fraction > 0, or unset train.early_stop_metric")
     watched = eval_figures(cfg)
     if t.early_stop_metric and t.early_stop_metric not in watched:
         p.append(f"train.early_stop_metric={t.early_stop_metric!r} is not an evaluation figure of this run; "
@@ -373,6 +386,9 @@ def validate_run(cfg: Config) -> list[str]:
     for key, (value, options) in choices.items():
         if value not in options:
             p.append(f"{key}={value!r} is not one of {', '.join(options)}")
+    if not 0 < o.decay_fraction <= 1:
+        p.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]: the share of train.max_steps "
+                 "that optim.schedule=wsd spends decaying at the end (for example 0.2)")
     if not 0 <= o.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
     if not 0 <= d.test_fraction < 1:

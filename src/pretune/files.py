@@ -11,6 +11,23 @@ from pathlib import Path
 
 _UMASK: int | None = None
 
+# The names of what is on its way in or out, beside its final name NAME: `.NAME.tmp-XXXXXXXX`
+# (tempfile's 8 random characters: a file of atomic_write_bytes or a directory of atomic_dir) and
+# `.NAME.old-PID` (the copy atomic_dir is replacing). checkpoint.sweep_debris and overwrite=true know
+# pretune's own temporary files by exactly these names, never by a looser look-alike.
+TEMP_RANDOM = "[a-z0-9_]{8}"
+OLD_INFIX = ".old-"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary file or directory that becomes `name`: `.NAME.tmp-`."""
+    return f".{name}.tmp-"
+
+
+def old_name(name: str) -> str:
+    """Where atomic_dir keeps the copy it replaces while it renames the new one in."""
+    return f".{name}{OLD_INFIX}{os.getpid()}"
+
 
 def umask() -> int:
     """The process's umask, read once (Linux's /proc tells it without changing it; elsewhere it is
@@ -53,7 +70,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync it, rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         _chmod_as_created(Path(tmp))
         with os.fdopen(fd, "wb") as fh:
@@ -73,10 +90,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 @contextmanager
 def atomic_dir(final: str | Path):
-    """Yield a temporary directory; on success fsync its files and rename it to `final`."""
+    """Yield a temporary directory; on success fsync it and its files and rename it to `final`.
+
+    An existing `final` is first renamed to `.NAME.old-PID`, then the new copy takes its name. If the
+    second rename fails the old copy gets its name back; a kill between the two renames leaves the old
+    copy under `.NAME.old-PID`, which checkpoint.sweep_debris restores when `final` is missing."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
+    old = None
     try:
         _chmod_as_created(tmp, directory=True)
         yield tmp
@@ -84,8 +106,12 @@ def atomic_dir(final: str | Path):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        for d in [*(d for d in tmp.rglob("*") if d.is_dir()), tmp]:  # their entries too
+            _fsync_dir(d)
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(old_name(final.name))
+            if old.exists():  # a superseded copy left by an earlier process with this pid
+                shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -93,5 +119,13 @@ def atomic_dir(final: str | Path):
             tmp.rename(final)
         _fsync_dir(final.parent)
     except BaseException:
+        if old is not None and old.exists():
+            if final.exists():  # the new copy is in place: the old one is not needed
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # the new copy did not take the name: the old one gets it back
+                try:
+                    old.rename(final)
+                except OSError:
+                    pass  # left as .NAME.old-PID, which sweep_debris restores on resume
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -183,6 +183,9 @@ class StudyConfig:
         if b.min_steps < 1 or b.max_steps < b.min_steps or b.epochs <= 0:
             p.append(f"budget: need epochs > 0 and 1 <= min_steps <= max_steps (got epochs={b.epochs}, "
                      f"min_steps={b.min_steps}, max_steps={b.max_steps})")
+        if b.patience is not None and (b.patience < 1 or b.eval_every < 1):
+            p.append(f"budget: patience={b.patience} and eval_every={b.eval_every} must be >= 1 (patience: the "
+                     "evaluations without improvement after which a run stops; leave it unset for no early stopping)")
         return p
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretune.errors import UserError
-from pretune.files import atomic_dir, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from pretune.files import TEMP_RANDOM, atomic_dir, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 from pretune.model.io import checkpoint_step, load_model_state, model_state
 
 CKPT_PREFIX = "step-"
@@ -52,10 +52,11 @@ RUN_ENTRIES = frozenset({
     "demo-study.yaml", "world", "study",  # pretune demo
 })
 _FOLD = re.compile(r"fold-\d+")  # finetune.cv's folds, each a run
-# files and directories on their way in or out (files.atomic_write_bytes, files.atomic_dir, rotation)
-# (tempfile's 8 random characters, or a pid)
-_TEMP = re.compile(r"\.(?P<name>.+?)\.(tmp-[a-z0-9_]{8}|old-\d+|trash-\d+|[a-z0-9_]{8})")
-_CKPT_DEBRIS = re.compile(rf"\.{CKPT_PREFIX}\d+\.(tmp-[a-z0-9_]{{8}}|old-\d+|trash-\d+)")
+# files and directories on their way in or out, exactly as pretune names them: .NAME.tmp-XXXXXXXX
+# (files.atomic_write_bytes, files.atomic_dir: tempfile's 8 random characters), .NAME.old-PID (the copy
+# atomic_dir replaces) and .NAME.trash-PID (rotation). A user's .config.yaml.original is none of them.
+_TEMP = re.compile(rf"\.(?P<name>.+?)\.(?P<kind>tmp-{TEMP_RANDOM}|old-\d+|trash-\d+)")
+_CKPT = re.compile(rf"{CKPT_PREFIX}\d+")
 LOCK_FILE = ".lock"
 
 
@@ -139,28 +140,65 @@ def sweep_debris(run_dir: str | Path) -> list[Path]:
     """Remove what a killed run leaves behind and nothing reads: checkpoints being written
     (checkpoints/.step-N.tmp-*), replaced or rotated out (.old-*, .trash-*), an old checkpoint that
     rotation was deleting (no state.json), and the run's own temporary files and directories
-    (.model.tmp-*, .summary.json.XXXXXXXX, best/.model.safetensors.XXXXXXXX). Hold the run's lock
-    first (lock_run_dir): a live run's temporary files look the same. Returns what was removed."""
+    (.model.tmp-*, .summary.json.tmp-*, best/.model.safetensors.tmp-*). A copy that atomic_dir was
+    replacing (.model.old-PID) whose new copy never took its name is the only one left: it is renamed
+    back (restore_replaced), not removed. Hold the run's lock first (lock_run_dir): a live run's
+    temporary files look the same. Returns what was removed."""
     run_dir = Path(run_dir)
     gone = []
     root = run_dir / "checkpoints"
+    restore_replaced(root, lambda name: bool(_CKPT.fullmatch(name)))
+    restore_replaced(run_dir, lambda name: name in RUN_ENTRIES)
     if root.is_dir():
         for d in root.iterdir():
             torn = d.is_dir() and checkpoint_step(d) is not None and not (d / "state.json").is_file()
-            if _CKPT_DEBRIS.fullmatch(d.name) or torn:
+            temp = _TEMP.fullmatch(d.name)
+            if (temp and _CKPT.fullmatch(temp["name"]) and _debris(d, temp)) or torn:
                 gone.append(d)
     for e in run_dir.iterdir() if run_dir.is_dir() else ():
         temp = _TEMP.fullmatch(e.name)
-        if temp and temp["name"] in RUN_ENTRIES:
+        if temp and temp["name"] in RUN_ENTRIES and _debris(e, temp):
             gone.append(e)
     best = run_dir / "best"  # early stopping's model.safetensors, written in place
-    gone += [f for f in best.glob(".model.safetensors.*")] if best.is_dir() else []
+    for f in best.iterdir() if best.is_dir() else ():
+        temp = _TEMP.fullmatch(f.name)
+        if temp and temp["name"] == "model.safetensors" and temp["kind"].startswith("tmp-"):
+            gone.append(f)
     for p in gone:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
     return gone
+
+
+def restore_replaced(directory: Path, ours) -> list[Path]:
+    """Rename each `.NAME.old-PID` in `directory` (NAME accepted by `ours`) back to NAME when NAME is
+    missing: atomic_dir was killed between moving the old copy aside and moving the new one in, and the
+    old copy is the only one. The newest wins when there are several. Returns what was restored."""
+    if not directory.is_dir():
+        return []
+    found = [(e, m["name"]) for e in directory.iterdir()
+             if (m := _TEMP.fullmatch(e.name)) and m["kind"].startswith("old-") and ours(m["name"])]
+    restored = []
+    for e, name in sorted(found, key=lambda x: x[0].lstat().st_mtime, reverse=True):
+        target = directory / name
+        if target.exists() or target.is_symlink():
+            continue  # the new copy is in place (or an older copy was just restored): debris
+        try:
+            e.rename(target)
+        except OSError:
+            continue  # left where it is: sweep_debris does not remove it while NAME is missing
+        restored.append(target)
+    return restored
+
+
+def _debris(path: Path, temp: re.Match) -> bool:
+    """Whether a temporary name matched by _TEMP may go: all but an old copy whose NAME is missing."""
+    if not temp["kind"].startswith("old-"):
+        return True
+    final = path.with_name(temp["name"])
+    return final.exists() or final.is_symlink()
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:

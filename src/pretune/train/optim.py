@@ -45,10 +45,10 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "constant":
         return peak
     if cfg.schedule == "wsd":
-        decay_steps = max(1, int(round(cfg.decay_fraction * max_steps)))
-        start = max_steps - decay_steps
+        # the decay starts no earlier than the warmup's end: the lr reaches its peak first
+        start = max(warm, max_steps - max(1, round(cfg.decay_fraction * max_steps)))
         if step < start:
             return peak
-        return low + (peak - low) * (1 - (step - start + 1) / decay_steps)
+        return low + (peak - low) * (1 - (step - start + 1) / (max_steps - start))
     progress = (step - warm) / max(1, max_steps - warm)
     return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -10,7 +10,14 @@ ends. Only rank 0 tracks. Both packages are imported lazily, on use, and come wi
     for t in trackers: t.close(summary)      # None: the run failed
 
 A resumed run continues its MLflow run (the id is kept in OUT_DIR/mlflow_run_id) and appends to its
-TensorBoard events, hiding the old events of the steps it logs again.
+TensorBoard events, hiding the old events of the steps it logs again. MLflow cannot delete or replace a
+metric's points, so a resumed run does not log a figure again at the steps its MLflow run already holds
+(those the killed session logged after the checkpoint it resumes from): each step appears once, with
+the killed session's value, which is the resumed session's own unless the resume changed a setting
+(optim.lr) or training is not deterministic (metrics.jsonl and TensorBoard hold the resumed session's).
+The summary/ figures are always logged: the newest is the run's. An interim record (the partial
+logging interval where train.stop_after cut a run short; metrics.jsonl drops it on resume) is not sent
+to the trackers.
 """
 
 from __future__ import annotations
@@ -122,6 +129,8 @@ class TensorBoardTracker:
         return self.writer
 
     def log(self, record: dict) -> None:
+        if record.get("interim"):
+            return  # a partial interval (train.stop_after), which a resume logs again whole
         step = int(record.get("step", self.last_step))
         writer = self._writer(step)
         for key, value in numeric_items(record):
@@ -175,6 +184,7 @@ class MLflowTracker:
             # MLflow 3 keeps the file store in maintenance mode and refuses it unless told otherwise;
             # it is what track.mlflow_uri=None promises (./mlruns), so opt in unless the user opted out.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.logged: dict[str, int] = {}  # a continued run's figures: the last step it holds of each
         try:
             self.client = MlflowClient(tracking_uri=uri)
             experiment_id = self._experiment(cfg.track.experiment)
@@ -208,6 +218,7 @@ class MLflowTracker:
             run = self._existing_run(id_file.read_text().strip())
             if run is not None:
                 self.client.update_run(run.info.run_id, status="RUNNING")
+                self.logged = self._last_steps(run)
                 return run.info.run_id, dict(run.data.params)
         tags = {"pretune.run_dir": str(self.run_dir.resolve())}
         run = self.client.create_run(experiment_id, run_name=str(self.run_dir), tags=tags)
@@ -221,14 +232,28 @@ class MLflowTracker:
             return None
         return run if run.info.lifecycle_stage == "active" else None
 
-    def _log_metrics(self, items: Iterable[tuple[str, float]], step: int) -> None:
+    def _last_steps(self, run) -> dict[str, int]:
+        """The last step of each figure (not summary/) a continued run already holds."""
+        last = {}
+        for key in run.data.metrics:
+            if not key.startswith("summary/"):
+                steps = [m.step for m in self.client.get_metric_history(run.info.run_id, key)]
+                if steps:
+                    last[key] = max(steps)
+        return last
+
+    def _log_metrics(self, items: Iterable[tuple[str, float]], step: int, again: bool = True) -> None:
+        """Log figures at `step`; again=False leaves out those the run already holds at or after it."""
         now = int(time.time() * 1000)
-        metrics = [self.Metric(_clean_key(k), v, now, step) for k, v in items]
+        metrics = [self.Metric(key, v, now, step) for key, v in ((_clean_key(k), v) for k, v in items)
+                   if again or step > self.logged.get(key, -1)]
         for batch in _chunks(metrics, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=batch)
 
     def log(self, record: dict) -> None:
-        self._log_metrics(numeric_items(record), int(record.get("step", 0)))
+        if record.get("interim"):
+            return  # a partial interval (train.stop_after), which a resume logs again whole
+        self._log_metrics(numeric_items(record), int(record.get("step", 0)), again=False)
 
     def close(self, summary: dict | None) -> None:
         if summary is not None:
