@@ -392,3 +392,69 @@ def test_rouge_counts_words_of_any_script_and_scores_english_as_rouge_score_does
         want = plain.score(gold, pred)
         assert M.rouge([pred], [gold]) == pytest.approx(
             {"rouge_1": want["rouge1"].fmeasure, "rouge_2": want["rouge2"].fmeasure, "rouge_l": want["rougeL"].fmeasure})
+
+
+def test_the_trackers_get_the_scored_summary(tmp_path, base_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, val = sentiment(tmp_path / "t.jsonl", 40), sentiment(tmp_path / "v.jsonl", 12, seed=3)
+    test = sentiment(tmp_path / "te.jsonl", 12, seed=4)
+    out = tmp_path / "run"
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"data.train={train}",
+                   f"data.val={val}", f"data.test={test}", f"out_dir={out}", "train.max_steps=2", *FT,
+                   "track.tensorboard=true") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and "test_accuracy" in summary
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    # closed once summary.json was final: the test figures are there, not only the loop's
+    assert {"summary/test_accuracy", "summary/accuracy"} <= set(tags)
+    assert acc.Scalars("summary/test_accuracy")[-1].value == pytest.approx(summary["test_accuracy"])
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_kill_while_the_final_model_is_written_leaves_no_model_with_files_missing(tmp_path, base_run,
+                                                                                    monkeypatch, method):
+    import pretune.finetune as F
+    from pretune.model.io import find_model_dir
+
+    real = F.atomic_write_json
+
+    def killed_at_task_json(path, obj):
+        if str(path).endswith("task.json"):
+            raise KeyboardInterrupt("killed")
+        return real(path, obj)
+
+    monkeypatch.setattr(F, "atomic_write_json", killed_at_task_json)
+    train = sentiment(tmp_path / "t.jsonl", 40)
+    out = tmp_path / "run"
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"method={method}",
+                   "lora.rank=2", f"data.train={train}", f"out_dir={out}", "train.max_steps=2", *FT) == 130
+    # model/ (and a LoRA run's adapter/, written first) is whole or absent, never without task.json
+    assert not (out / "model").exists() and not (out / "adapter").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
+    assert find_model_dir(out).parent.name == "checkpoints"  # what is found is the last checkpoint
+    monkeypatch.undo()
+    assert run_cli("finetune", f"resume={out}") == 0  # the resumed run writes them whole
+    assert {"task.json", "head.safetensors", "model.safetensors"} <= {p.name for p in (out / "model").iterdir()}
+    if method == "lora":
+        assert {"task.json", "adapter.safetensors", "lora.json"} <= {p.name for p in (out / "adapter").iterdir()}
+
+
+def test_cross_validation_with_a_stopped_fold_is_not_reported_completed(tmp_path, base_run, capsys):
+    train = sentiment(tmp_path / "t.jsonl", 40)
+    out = tmp_path / "cv"
+    assert run_cli("finetune", f"init_from={base_run}", "task=classification", f"data.train={train}",
+                   f"out_dir={out}", "finetune.cv=2", "train.max_steps=4", "train.stop_after=2", *FT) == 0
+    fold = json.loads((out / "fold-0" / "summary.json").read_text())
+    root = json.loads((out / "summary.json").read_text())
+    assert fold["status"] == "stopped" and fold["steps"] == 2
+    # the cross-validation stopped with its fold: no means over partly trained folds, the fold named
+    assert root["status"] == "stopped" and root["stopped_fold"] == 0 and "mean" not in root
+    assert not (out / "fold-1").exists()
+    assert "in fold 0" in capsys.readouterr().out
+    assert run_cli("finetune", f"resume={out}") == 0
+    root = json.loads((out / "summary.json").read_text())
+    assert root["status"] == "completed" and "accuracy" in root["mean"]

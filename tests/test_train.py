@@ -348,3 +348,125 @@ def test_prefetched_batches_are_the_batches_of_each_step():
     assert [inline.get(s)[0]["input_ids"][0, 0].item() for s in (0, 1, 4)] == [0, 10, 40]
     inline.close()
     assert data.threads == {threading.current_thread().name}
+
+
+# ----------------------------------------------------------------------------- early stopping and run ends
+
+SMALL = [*TINY, "model.n_layer=1", "model.d_model=32", "model.n_head=2"]
+EARLY = ["train.max_steps=200", "train.eval_every=2", "optim.lr=0.08", "optim.warmup_steps=0",
+         "optim.schedule=constant", "train.early_stop_metric=val_loss", "train.patience=2"]
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tmp_path_factory):
+    """A pre-training run that patience stops (checkpoints every 2 steps, a loss line only at the end)."""
+    from conftest import make_corpus
+
+    root = tmp_path_factory.mktemp("early")
+    corpus = make_corpus(root / "corpus.txt", lines=600)
+    out = root / "run"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", *SMALL, *EARLY, "train.save_every=2",
+                   "train.log_every=1000") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "early_stopped" and summary["steps"] < 200
+    return out
+
+
+def test_a_resume_at_the_early_stop_step_ends_there_as_the_run_did(tmp_path, early_stopped):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    shutil.copytree(early_stopped, run, ignore=shutil.ignore_patterns(".lock"))
+    whole = json.loads((run / "summary.json").read_text())
+    stop = whole["steps"]
+    assert (run / "checkpoints" / f"step-{stop:06d}").is_dir()
+    # killed after the checkpoint of the early-stop step, before model/ and summary.json were written
+    shutil.rmtree(run / "model")
+    (run / "summary.json").unlink()
+    assert run_cli("pretrain", f"resume={run}") == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert (again["status"], again["steps"], again["best_step"]) == ("early_stopped", stop, whole["best_step"])
+    assert (again["train_loss"], again["val_loss"], again["tokens"]) == (whole["train_loss"], whole["val_loss"],
+                                                                          whole["tokens"])
+    assert max(r["step"] for r in read_metrics(run)) == stop  # not one step more
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (early_stopped, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_pretrain_summary_reports_the_figures_of_the_best_model_it_saved(early_stopped):
+    summary = json.loads((early_stopped / "summary.json").read_text())
+    evals = {r["step"]: r for r in read_metrics(early_stopped) if "val_loss" in r}
+    best, last = evals[summary["best_step"]], evals[max(evals)]
+    assert summary["best_step"] < summary["steps"] and last["val_loss"] != best["val_loss"]
+    for k in ("val_loss", "val_ppl", "val_bpb"):  # the best evaluation's figures, not the last one's
+        assert summary[k] == pytest.approx(best[k], abs=1e-5)
+    assert summary["eval_step"] == summary["best_step"]  # the step the figures come from
+
+
+def test_an_early_stop_between_log_steps_logs_and_saves_its_last_interval(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", *SMALL, *EARLY, "train.log_every=1000",
+                   "train.save_every=1000") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    stop = summary["steps"]
+    assert summary["status"] == "early_stopped" and stop < 200
+    losses = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in losses] == [stop]  # the early-stop step is logged as a last step is
+    assert summary["train_loss"] == pytest.approx(losses[-1]["loss"], abs=1e-6)
+    assert [d.name for d in (out / "checkpoints").iterdir()] == [f"step-{stop:06d}"]  # and saved
+
+
+def test_a_resume_takes_the_best_weights_its_checkpoint_records_not_those_a_killed_session_left(tmp_path, corpus):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", *SMALL, "train.max_steps=12",
+                   "train.eval_every=2", "train.save_every=4", "train.keep_last=10",
+                   "train.early_stop_metric=val_loss") == 0
+    assert json.loads((out / "summary.json").read_text())["best_step"] > 4
+    stale = load_file(str(out / "best" / "model.safetensors"))
+    # killed after step 4's checkpoint: best/ holds the weights of a later, better step
+    for d in (out / "checkpoints").iterdir():
+        if d.name != "step-000004":
+            shutil.rmtree(d)
+    shutil.rmtree(out / "model")
+    (out / "summary.json").unlink()
+    # the resumed session does not beat step 4 (a learning rate far too high), so step 4 stays the best
+    assert run_cli("pretrain", f"resume={out}", "optim.lr=0.5") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 4
+    final = load_file(str(out / "model" / "model.safetensors"))
+    step4 = load_file(str(out / "checkpoints" / "step-000004" / "model.safetensors"))
+    assert all(torch.equal(final[k], step4[k]) for k in final)
+    assert not all(torch.equal(final[k], stale[k]) for k in final)
+
+
+def test_a_diverged_run_without_a_checkpoint_names_none_as_null(tmp_path, corpus):
+    from pretune.config import Config, load_config
+    from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
+    from pretune.model.config import resolve_model_config
+    from pretune.model.gpt import GPT
+    from pretune.train.dist import setup
+    from pretune.train.loop import TrainingDiverged, train
+    from pretune.train.objectives import LMObjective
+
+    class PoisonAt(LMObjective):
+        calls = 0
+
+        def __call__(self, model, batch):
+            PoisonAt.calls += 1
+            loss = super().__call__(model, batch)
+            return loss * float("nan") if PoisonAt.calls == 3 else loss
+
+    cfg = load_config(Config, None, [f"data.train={corpus}", f"out_dir={tmp_path}", "train.max_steps=8", *SMALL])
+    tok = build_tokenizer(cfg.data)
+    model = GPT(resolve_model_config(cfg.model, tok.vocab_size))
+    data = PretrainData(load_corpus(cfg.data, tok, 32), 32, 8, None, 0)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        train(model, cfg, setup("cpu"), tmp_path, data, PoisonAt(), tokenizer=tok, log=lambda m: None)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["last_checkpoint"] is None

@@ -25,7 +25,7 @@ from pretune.data.shards import BatchSampler, load_source
 from pretune.data.tokenizer import Tokenizer
 from pretune.errors import ConfigError
 from pretune.eval.scoring import evaluate_task, uses_head, write_predictions
-from pretune.files import atomic_write_json
+from pretune.files import atomic_dir, atomic_write_json
 from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.heads import ClassifierModel
@@ -35,7 +35,7 @@ from pretune.stages import (ignored_model_keys, inputs_of, lineage_parent, open_
                             parent_tokenizer, save_run_config)
 from pretune.train import checkpoint as ck
 from pretune.train import dist
-from pretune.train.loop import train
+from pretune.train.loop import MetricsLog, train
 from pretune.train.objectives import L2SP, ClassifierObjective, DPOObjective, LMObjective
 
 HELP_CONFIG = Config
@@ -46,6 +46,9 @@ def cmd_finetune(argv: list[str]) -> None:
 
     summary = run_finetune(_run_config(argv))
     figures = ("accuracy", "macro_f1", "rouge_l", "chrf", "exact_match", "pref_accuracy")
+    if "cv" in summary and "mean" not in summary:  # a fold stopped part-way: nothing to average yet
+        print(f"summary: {summary['cv']}-fold cross-validation {summary['status']} in fold {summary['stopped_fold']}")
+        return
     if "cv" in summary:  # k folds: each figure's mean and standard deviation across them
         mean, std = summary["mean"], summary["std"]
         print(f"summary: {summary['cv']}-fold cross-validation, " + ", ".join(
@@ -129,7 +132,8 @@ def build_task_model(cfg: Config, tok: Tokenizer, n_labels: int) -> torch.nn.Mod
 
 def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
     """How model/ is written: a plain model directory (LoRA merged, adapter/ beside it), plus the
-    classification head and the label names when there is one."""
+    classification head and the label names when there is one. Each directory is written whole under
+    a temporary name and then renamed into place (files.atomic_dir): never there with files missing."""
 
     def task_files(model: torch.nn.Module, directory: Path) -> None:
         """task.json (task, label names, classifier), and head.safetensors when there is a head."""
@@ -150,19 +154,17 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
         lm = model.lm if isinstance(model, ClassifierModel) else model
         state = None
         if lora_layers(lm):
-            adapter = model_dir.parent / "adapter"
-            adapter.mkdir(parents=True, exist_ok=True)
             from safetensors.torch import save_file
-            save_file(lora_state_dict(lm), str(adapter / "adapter.safetensors"))
-            atomic_write_json(adapter / "lora.json", {
-                "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                "targets": list(cfg.lora.targets), "base": _base_path(cfg)})
-            task_files(model, adapter)
+            with atomic_dir(model_dir.parent / "adapter") as adapter:
+                save_file(lora_state_dict(lm), str(adapter / "adapter.safetensors"))
+                atomic_write_json(adapter / "lora.json", {
+                    "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                    "targets": list(cfg.lora.targets), "base": _base_path(cfg)})
+                task_files(model, adapter)
             if cfg.lora.save == "adapter":
                 return
             state = merged_state(lm)  # the model itself stays unmerged: a DPO reference still works
-        save_model_dir(lm, model_dir, tok, state=state)
-        task_files(model, model_dir)
+        save_model_dir(lm, model_dir, tok, state=state, extra_files=lambda d: task_files(model, d))
     return save
 
 
@@ -231,9 +233,25 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
 
     extra = {"stage": "finetune", "task": cfg.task, "method": cfg.method, "train_examples": len(train_ex),
              "skipped_records": stats.skipped, "truncated_examples": truncated_train}
-    summary = train(model, cfg, rt, run_dir, data, objective, evaluate if val_ex else None, tok, log, extra,
-                    save_final_factory(cfg, tok, labels), scored_after=True)
-    model = dist.final_model(model)  # under FSDP: rank 0's plain copy with the gathered weights
+    # the trackers (TensorBoard, MLflow) are closed once summary.json holds the test figures
+    metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, cfg)
+    try:
+        summary = train(model, cfg, rt, run_dir, data, objective, evaluate if val_ex else None, tok, log, extra,
+                        save_final_factory(cfg, tok, labels), scored_after=True, metrics=metrics)
+        summary = _score(cfg, rt, run_dir, dist.final_model(model), summary, val_ex, test_ex, tok, labels, objective)
+    except BaseException:
+        metrics.close(None)  # an error or an interrupt: the trackers' runs end as failed
+        raise
+    metrics.close(summary)
+    ck.unlock_run_dir(run_dir)
+    dist.teardown()
+    return summary
+
+
+def _score(cfg: Config, rt, run_dir: Path, model, summary: dict, val_ex, test_ex, tok, labels, objective) -> dict:
+    """Score the final model (`model`: under FSDP rank 0's plain copy) on the test set, or on val, with
+    generation; write predictions.jsonl and the finished summary.json."""
+    device = rt.device
     if summary["status"] in ("completed", "early_stopped") and rt.is_main:
         final, per_example = {}, {}
         plain = "test" if test_ex else "val"
@@ -253,8 +271,6 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
         final.update({k[len(plain) + 1:]: v for k, v in final.items() if k.startswith(plain + "_")})
         summary.update(final)
         atomic_write_json(run_dir / "summary.json", summary)
-    ck.unlock_run_dir(run_dir)
-    dist.teardown()
     return summary
 
 
@@ -351,7 +367,9 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
 
     The root holds the run's config.yaml, tokenizer and lineage, so `resume=ROOT` continues: finished
     folds are read back, an interrupted one resumes from its checkpoint, the rest start afresh. Each
-    fold's config names its fold (finetune.fold), so `resume=ROOT/fold-i` finds the same split too."""
+    fold's config names its fold (finetune.fold), so `resume=ROOT/fold-i` finds the same split too.
+    A fold that stops before it finishes (train.stop_after) stops the cross-validation there, as an
+    interruption would: the root summary says "stopped", names the fold, and has no mean or std."""
     root = Path(cfg.resume or cfg.out_dir)
     parent = starting_model(cfg)
     if cfg.data.val:
@@ -376,6 +394,15 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
             finetune=dataclasses.replace(cfg.finetune, fold=i))
         summary = run_one(fold_cfg, tok, [train_recs[j] for j in tr], [train_recs[j] for j in va], test_recs,
                           labels, log)
+        if summary.get("status") not in ("completed", "early_stopped"):
+            log(f"fold {i}: {summary.get('status')} at step {summary.get('steps')}; resume={root} continues "
+                f"the cross-validation from there")
+            summary = {"status": "stopped", "cv": len(folds),
+                       "folds": [str(root / f"fold-{j}") for j in range(len(folds))], "finished_folds": i,
+                       "stopped_fold": i, "stopped_fold_status": summary.get("status"),
+                       "fold_validation_sizes": [len(va) for _, va in folds]}
+            atomic_write_json(root / "summary.json", summary)
+            return summary
         results.append(_count_skipped(summary, stats, fold_dir))
     names = [n for n, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and all(isinstance(r.get(n), (int, float)) for r in results)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -52,11 +53,14 @@ def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict
 
 
 def save_model_dir(model: torch.nn.Module, directory: str | Path, tokenizer=None,
-                   extra_config: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """model.safetensors (the model's weights, or `state`) + config.json (+ tokenizer files),
-    written atomically."""
+                   extra_config: dict | None = None, state: dict[str, torch.Tensor] | None = None,
+                   extra_files: Callable[[Path], None] | None = None) -> Path:
+    """model.safetensors (the model's weights, or `state`) + config.json (+ tokenizer files, + what
+    `extra_files` writes into the directory it is given), written atomically: all of it or none."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
+        if extra_files is not None:
+            extra_files(tmp)
         save_file(model_state(model) if state is None else state, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         cfg = asdict(model.cfg) if hasattr(model, "cfg") else {}

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save
 
 from pretune.config import Config
-from pretune.errors import ConfigError, UserError
-from pretune.files import atomic_write_bytes
-from pretune.model.io import load_model_state
+from pretune.errors import UserError
+from pretune.train import best as bm
 from pretune.train import checkpoint as ck
 from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, full_state_dict,
                                 grad_sync, replicate_from_rank0, unsharded, wrap_model)
@@ -40,24 +38,6 @@ class StepData(Protocol):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or a gradient became NaN or infinite; nothing after the last good checkpoint was saved."""
-
-
-LOWER_IS_BETTER = ("loss", "ppl", "bpb", "perplexity")
-
-
-def _track_best(state: dict, metric: str, step: int) -> bool:
-    """Record an evaluation figure; True when it is the best so far."""
-    if metric not in state["eval"]:
-        raise ConfigError(f"train.early_stop_metric={metric!r} is not among the evaluation figures "
-                          f"({', '.join(sorted(state['eval'])) or 'none'})")
-    value = float(state["eval"][metric])
-    lower = metric.endswith(LOWER_IS_BETTER)
-    best = state["best"]
-    if best is None or (value < best["value"] if lower else value > best["value"]):
-        state["best"], state["bad_evals"] = {"step": step, "value": value}, 0
-        return True
-    state["bad_evals"] += 1
-    return False
 
 
 def count_targets(micro: list[dict], objective, kinds: tuple[str, ...], rt: Runtime,
@@ -141,13 +121,16 @@ def _round(x):
 def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data: StepData, objective,
           evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer=None,
           log: Callable[[str], None] = print, summary_extra: dict | None = None,
-          save_final: Callable[[torch.nn.Module, Path], None] | None = None, scored_after: bool = False) -> dict:
+          save_final: Callable[[torch.nn.Module, Path], None] | None = None, scored_after: bool = False,
+          metrics: MetricsLog | None = None) -> dict:
     """Run (or resume) the optimisation; write metrics.jsonl, checkpoints, model/ and summary.json.
 
     With train.early_stop_metric the best weights by that figure are kept in best/ and become the
     final model; train.patience stops the run after that many evaluations without improvement.
     With `scored_after` the caller scores the final model and writes the finished summary itself:
     until then summary.json says "scoring", so a run killed in between is not taken for finished.
+    A `metrics` log given by the caller is closed here only on an error: the caller closes it (its
+    trackers) once the summary is final.
     """
     t_cfg = cfg.train
     device = rt.device
@@ -172,9 +155,11 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     fwd = wrap_model(model, cfg, rt)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, device)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, cfg)
+    own_log = metrics is None
+    if own_log:
+        metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, cfg)
     state = {"tokens": 0, "target_tokens": 0, "wall_s": 0.0, "flops": 0.0, "train_loss": None,
-             "eval": {}, "best": None, "bad_evals": 0}
+             "eval": {}, "eval_step": None, "best": None, "bad_evals": 0}
     start = 0
     if cfg.resume:
         last = ck.latest_checkpoint(run_dir)
@@ -185,6 +170,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         start = state["step"]
         torn = metrics.truncate_after(start)
         if rt.is_main:
+            bm.restore_on_resume(run_dir, state)  # best/ as this checkpoint knew it, not as a killed session left it
             log(f"resumed from {last} at step {start}")
             if torn:
                 log(f"warning: dropped {torn} unreadable line(s) of {metrics.path} (a write cut short)")
@@ -198,6 +184,17 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     energy_before = state.get("energy_j", 0.0)
     max_steps = t_cfg.max_steps
     stop = t_cfg.stop_after or max_steps
+
+    def out_of_patience(s: int) -> bool:
+        if not (t_cfg.patience and state["bad_evals"] >= t_cfg.patience):
+            return False
+        log(f"early stopping at step {s}: {t_cfg.early_stop_metric} has not improved for {t_cfg.patience} "
+            f"evaluations (best {state['best']['value']:.4f} at step {state['best']['step']})")
+        return True
+
+    patience_out = out_of_patience(start)
+    if patience_out:  # resumed at the step where patience ran out: the run ends there, as it did
+        stop = start
     if rt.is_main and start == 0 and (cfg.optim.warmup_steps or 0) >= max_steps > 1:
         log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than the run's {max_steps} "
             f"steps, so the learning rate never decays from its warmup; leave optim.warmup_steps unset "
@@ -226,7 +223,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     train_s = state.get("train_s", 0.0)  # training time of the intervals logged (and of earlier sessions)
     flops_logged = state["flops"]
     wall_before = state["wall_s"]
-    status = "completed"
+    status = "early_stopped" if patience_out else "completed"
     last_good_ckpt = ck.latest_checkpoint(run_dir)
     model.train()
 
@@ -299,14 +296,25 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 check_finite(s)
 
             is_last = s == stop
-            # a stop part-way (train.stop_after) logs where it stands; the interval goes on on resume
-            interim = is_last and s % t_cfg.log_every != 0 and s != max_steps
             do_log = s % t_cfg.log_every == 0 or is_last
             do_eval = evaluate is not None and t_cfg.eval_every and (s % t_cfg.eval_every == 0 or s == max_steps)
             do_save = t_cfg.save_every and (s % t_cfg.save_every == 0 or is_last)
             if do_log or do_eval or do_save:
                 check_finite(s)
                 interval_tokens += flush_counts()
+            if do_eval:
+                t_eval = time.perf_counter()
+                state["eval"], state["eval_step"] = evaluate(model), s
+                t_interval += time.perf_counter() - t_eval  # evaluation time is not training throughput
+                if t_cfg.early_stop_metric and bm.track_best(state, t_cfg.early_stop_metric, s):
+                    best_sd = full_state_dict(model, rt)  # a collective under FSDP
+                    if rt.is_main:
+                        bm.save_best(run_dir, best_sd, s)
+            # patience runs out: the run ends here, logged and saved as at its last step
+            patience_out = out_of_patience(s)
+            do_log, do_save = do_log or patience_out, do_save or (t_cfg.save_every and patience_out)
+            # a stop part-way (train.stop_after) logs where it stands; the interval goes on on resume
+            interim = is_last and not patience_out and s % t_cfg.log_every != 0 and s != max_steps
             if do_log:
                 total_loss = float(all_reduce_sum(interval_loss.clone(), rt)) / max(interval_steps, 1)
                 elapsed = time.perf_counter() - t_interval
@@ -326,18 +334,10 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                     interval_steps = 0
                 interval_tokens = 0
             if do_eval:
-                t_eval = time.perf_counter()
-                state["eval"] = evaluate(model)
                 if do_log and not interim:
                     record.update(state["eval"])
                 else:
                     metrics.write({"step": s, **{k: _round(v) for k, v in state["eval"].items()}})
-                t_interval += time.perf_counter() - t_eval  # evaluation time is not training throughput
-                if t_cfg.early_stop_metric and _track_best(state, t_cfg.early_stop_metric, s):
-                    best_sd = full_state_dict(model, rt)  # a collective under FSDP
-                    if rt.is_main:
-                        atomic_write_bytes(run_dir / "best" / "model.safetensors",
-                                           save(best_sd, metadata={"step": str(s)}))
             if do_log:
                 metrics.write({k: _round(v) for k, v in record.items()})
                 msg = f"step {s}/{max_steps} loss {total_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
@@ -350,7 +350,6 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 t_interval = time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            patience_out = bool(t_cfg.patience and state["bad_evals"] >= t_cfg.patience)
             if do_save:
                 t_save = time.perf_counter()
                 state["wall_s"] = wall_before + t_save - t_run
@@ -358,6 +357,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                 state["energy_j"] = energy_before + run_joules()  # a collective
                 state["interval"] = {"loss": float(all_reduce_sum(interval_loss.clone(), rt)),
                                      "steps": interval_steps}
+                if rt.is_main:  # the best weights this checkpoint records stay on disk with it
+                    bm.keep_for_checkpoint(run_dir, state)
                 if sharded_ckpt:  # every rank writes its shards (DCP)
                     last_good_ckpt = ck.save_checkpoint_sharded(run_dir, s, model, optimizer, state,
                                                                 t_cfg.keep_last, rt, tokenizer)
@@ -366,19 +367,19 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
                     if rt.is_main:
                         last_good_ckpt = ck.save_checkpoint(run_dir, s, model, optimizer, state,
                                                             t_cfg.keep_last, tokenizer, rank_rng=rank_rng)
+                if rt.is_main:
+                    bm.prune(run_dir)  # best weights that no checkpoint refers to any longer
                 t_interval += time.perf_counter() - t_save  # saving is not training throughput either
             if patience_out:
                 status = "early_stopped"
-                log(f"early stopping at step {s}: {t_cfg.early_stop_metric} has not improved for "
-                    f"{t_cfg.patience} evaluations (best {state['best']['value']:.4f} at step "
-                    f"{state['best']['step']})")
                 break
     except TrainingDiverged as e:
         if frozen is not None:
             frozen.restore()
         if rt.is_main:
+            where = str(last_good_ckpt) if last_good_ckpt else None  # null, not "None", when there is none
             ck.atomic_write_json(run_dir / "summary.json", {"status": "diverged", "error": str(e),
-                                                            "last_checkpoint": str(last_good_ckpt)})
+                                                            "last_checkpoint": where})
         metrics.close(None)
         raise
     except BaseException:
@@ -400,15 +401,14 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     final = unsharded(model, rt) if status != "stopped" else model
     if state["best"] is not None and status != "stopped":  # the final model is the best one
         if final is not None and rt.is_main:  # rank 0 wrote best/ (on its machine) and goes on with the model
-            where = next(final.parameters()).device
-            load_model_state(final, load_file(str(run_dir / "best" / "model.safetensors"), device=str(where)))
-        summary_extra = dict(summary_extra or {}, best_step=state["best"]["step"],
-                             best_metric=t_cfg.early_stop_metric, best_value=state["best"]["value"])
+            bm.load_best(final, run_dir, state)
+        # the figures of the model saved: the best evaluation's, not the last one's
+        summary_extra = dict(summary_extra or {}, **bm.final_figures(state, t_cfg.early_stop_metric))
     wall = wall_before + time.perf_counter() - t_run
     summary = {
         "status": status, "steps": final_step, "tokens": state["tokens"],
         "target_tokens": state["target_tokens"], "train_loss": state["train_loss"],
-        **{k: v for k, v in state["eval"].items()},
+        **{k: v for k, v in state["eval"].items()}, **({"eval_step": state["eval_step"]} if state["eval"] else {}),
         # throughput over the training time alone (wall_s also holds evaluations, checkpoints, set-up)
         "wall_s": wall, "train_s": train_s, "tokens_per_s": state["tokens"] / max(train_s, 1e-9),
         "flops": state["flops"], "flops_per_token": fpt,
@@ -429,7 +429,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             (save_final or (lambda m, d: save_model_dir(m, d, tokenizer)))(final, run_dir / "model")
         on_disk = dict(summary, status="scoring") if scored_after and status != "stopped" else summary
         ck.atomic_write_json(run_dir / "summary.json", {k: _round(v) for k, v in on_disk.items()})
-    metrics.close(summary)
+    if own_log:
+        metrics.close(summary)
     if final is not None and final is not model:
         # FSDP: rank 0's gathered copy was built on the CPU, with the shards and the optimiser state
         # on the GPU; it moves there for what follows (the test set) once the optimiser is gone
