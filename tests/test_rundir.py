@@ -302,3 +302,52 @@ def test_a_run_that_failed_before_writing_anything_can_be_started_again(tmp_path
     assert [e.name for e in out.iterdir()] == [".lock"]
     corpus = make_corpus(tmp_path / "corpus.txt", lines=200)
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=2", *TINY) == 0
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_started_training(tmp_path, capsys):
+    from conftest import TINY, make_corpus, run_cli
+
+    corpus = make_corpus(tmp_path / "c.txt", lines=300)
+    out = tmp_path / "run"
+    base = ["pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=2", *TINY]
+    assert run_cli(*base) == 0
+    before = (out / "summary.json").read_bytes()
+    # a check that only fails once the tokenizer is built, after the old run was set aside
+    assert run_cli(*base, "overwrite=true", "model.vocab_size=3") == 2
+    assert "is back in" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before and (out / "model").is_dir()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert run_cli(*base, "overwrite=true", "train.max_steps=3") == 0  # a good replacement replaces it
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_saved_config_reads_the_same_data_from_any_directory(tmp_path, monkeypatch):
+    from conftest import TINY, make_corpus, run_cli
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    make_corpus(tmp_path / "a" / "c.txt", lines=300)
+    make_corpus(tmp_path / "b" / "c.txt", lines=100, seed=5)  # same name, other text, elsewhere
+    monkeypatch.chdir(tmp_path / "a")
+    assert run_cli("pretrain", "data.train=c.txt", "out_dir=run", "train.max_steps=2", *TINY) == 0
+    saved = (tmp_path / "a" / "run" / "config.yaml").read_text()
+    assert str(tmp_path / "a" / "c.txt") in saved
+    monkeypatch.chdir(tmp_path / "b")
+    assert run_cli("pretrain", str(tmp_path / "a" / "run" / "config.yaml"), "out_dir=again") == 0
+    first, again = (json.loads((tmp_path / d / "lineage.json").read_text()) for d in ("a/run", "b/again"))
+    # the same text: b/c.txt, a third as long, would give other counts
+    assert list(first["data"]["train"].values()) == list(again["data"]["train"].values())
+
+
+def test_resuming_a_finished_run_touches_nothing(tmp_path, capsys):
+    from conftest import TINY, make_corpus, run_cli
+
+    corpus = make_corpus(tmp_path / "c.txt", lines=300)
+    out = tmp_path / "run"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=2", *TINY) == 0
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_cli("pretrain", f"resume={out}") == 0
+    assert "already finished (completed at step 2): nothing to resume" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files

@@ -129,3 +129,32 @@ def atomic_dir(final: str | Path):
                     pass  # left as .NAME.old-PID, which sweep_debris restores on resume
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# A directory that overwrite=true replaces is set aside, not deleted, until the new run has started
+# training: a run that fails its set-up (a config check, missing data) gives the old one back.
+_ASIDE: dict[str, Path] = {}
+
+
+def set_aside(directory: Path) -> None:
+    """Rename `directory` to `.NAME.replaced-PID` beside it; settle_aside decides its fate."""
+    directory = Path(directory)
+    aside = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    directory.rename(aside)
+    _ASIDE[str(directory.absolute())] = aside
+
+
+def settle_aside(directory: Path, restore: bool) -> bool:
+    """What set_aside kept of `directory`: deleted once the new run has started (restore=False), or
+    put back in place of what the new run wrote (restore=True). True when there was one."""
+    aside = _ASIDE.pop(str(Path(directory).absolute()), None)
+    if aside is None or not aside.exists():
+        return False
+    if restore:
+        shutil.rmtree(directory, ignore_errors=True)
+        aside.rename(directory)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+    return True

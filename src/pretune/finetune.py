@@ -31,8 +31,8 @@ from pretune.model.gpt import GPT
 from pretune.model.heads import ClassifierModel
 from pretune.model.io import save_model_dir
 from pretune.model.lora import apply_lora, lora_layers, lora_state_dict, merged_state
-from pretune.stages import (ignored_model_keys, inputs_of, lineage_parent, open_run, parent_model,
-                            parent_tokenizer, save_run_config)
+from pretune.stages import (finished_run, ignored_model_keys, inputs_of, lineage_parent, open_run, parent_model,
+                            parent_tokenizer, restore_replaced, save_run_config)
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.loop import MetricsLog, train
@@ -194,6 +194,16 @@ def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels
     """One fine-tuning run (one fold) in cfg.out_dir."""
     rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)
     run_dir = open_run(cfg, rt)
+    try:
+        return _run_one(cfg, rt, run_dir, tok, train_recs, val_recs, test_recs, labels, log)
+    except BaseException:
+        restore_replaced(run_dir, rt)  # does nothing once training has started
+        raise
+
+
+def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train_recs, val_recs, test_recs,
+             labels, log) -> dict:
+    """run_one's set-up (model, examples, batches, run files), training and scoring."""
     stats = T.TaskStats()
     model = build_task_model(cfg, tok, len(labels or []))
     lm = model.lm if isinstance(model, ClassifierModel) else model
@@ -333,6 +343,9 @@ def run_finetune(cfg: Config, log=print) -> dict:
         raise ConfigError("pretune finetune needs task=classification|instruction|text2text|preference")
     if not cfg.data.train:
         raise ConfigError("pretune finetune needs data.train (JSONL, CSV or TSV records)")
+    done = finished_run(cfg, log)
+    if done is not None:
+        return done
     if cfg.resume:
         tok = Tokenizer.load(cfg.resume)
     elif cfg.init_from:

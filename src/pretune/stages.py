@@ -5,6 +5,7 @@ pre-training (`init_from`) with optional replay through a data mixture.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from pretune.config import Config, finetune_only_keys
 from pretune.config_io import save_config
 from pretune.errors import ConfigError
+from pretune.files import settle_aside
 from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
 from pretune.data.tokenizer import Tokenizer
 from pretune.eval.evaluate import combine_lm_metrics, lm_metrics
@@ -30,10 +32,41 @@ def open_run(cfg: Config, rt: dist.Runtime) -> Path:
     if rt.is_main:
         if cfg.overwrite and not cfg.resume and run_dir.exists():
             check_inputs(cfg)  # a mistyped path must not cost the run it would have replaced
-        ck.prepare_out_dir(run_dir, cfg.overwrite, bool(cfg.resume), keep=inputs_of(cfg))
+        # a replaced run is set aside until this one starts training (train() drops it; a failed
+        # set-up gives it back: restore_replaced)
+        ck.prepare_out_dir(run_dir, cfg.overwrite, bool(cfg.resume), keep=inputs_of(cfg), until_started=True)
         ck.lock_run_dir(run_dir)  # one process per run: a second resume of a live run is refused
     dist.barrier(rt)
     return run_dir
+
+
+def finished_run(cfg: Config, log=print) -> dict | None:
+    """With resume=RUN: the run's summary when it has already finished (completed at train.max_steps
+    or beyond, or stopped early), said in the log; None when there is something to resume."""
+    import json
+
+    path = Path(cfg.resume or "") / "summary.json"
+    if not cfg.resume or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return None
+    status, steps = summary.get("status"), summary.get("steps")
+    done = status == "early_stopped" or (status == "completed" and (steps is None or steps >= cfg.train.max_steps))
+    if done:
+        log(f"{cfg.resume} has already finished ({status}" + (f" at step {steps}" if steps is not None else "")
+            + "): nothing to resume" + ("; raise train.max_steps to train it further" if status == "completed"
+                                        and steps is not None else ""))
+    return summary if done else None
+
+
+def restore_replaced(run_dir: Path, rt: dist.Runtime) -> None:
+    """A run that failed before it started training: the run overwrite=true replaced comes back."""
+    if rt.is_main:
+        ck.unlock_run_dir(run_dir)
+        if settle_aside(run_dir, restore=True):
+            print(f"note: the run that overwrite=true was replacing is back in {run_dir}", file=sys.stderr)
 
 
 def save_run_config(cfg: Config, run_dir: Path) -> None:
@@ -46,7 +79,24 @@ def save_run_config(cfg: Config, run_dir: Path) -> None:
 
         saved = run_dir / "config.yaml"
         parent = (read_yaml(saved) if saved.is_file() else {}).get("init_from") or lineage_parent(run_dir)
-    save_config(dataclasses.replace(cfg, resume=None, overwrite=False, init_from=parent), run_dir / "config.yaml")
+    save_config(absolute_inputs(dataclasses.replace(cfg, resume=None, overwrite=False, init_from=parent)),
+                run_dir / "config.yaml")
+
+
+def absolute_inputs(cfg: Config) -> Config:
+    """`cfg` with the local paths it reads made absolute (data sources, a tokenizer file, an init_from
+    that is a path rather than a hub id), so that its config.yaml reads the same files wherever it is
+    run from again."""
+    def absolute(path: str) -> str:
+        return str(Path(path).absolute()) if path else path
+
+    d, ft = cfg.data, cfg.finetune
+    data = dataclasses.replace(d, train=[absolute(x) for x in d.train], val=[absolute(x) for x in d.val],
+                               test=[absolute(x) for x in d.test],
+                               tokenizer=d.tokenizer if d.tokenizer in ("char", "bpe") else absolute(d.tokenizer))
+    local = cfg.init_from and Path(cfg.init_from).exists()
+    return dataclasses.replace(cfg, data=data, finetune=dataclasses.replace(ft, replay=[absolute(x) for x in ft.replay]),
+                               init_from=absolute(cfg.init_from) if local else cfg.init_from)
 
 
 SOURCE_KEYS = ("data.train", "data.val", "data.test", "finetune.replay")
@@ -202,8 +252,23 @@ def run_pretrain(cfg: Config, log=print) -> dict:
                           f"finetune` for a task; for replay in continued pre-training, list the general text in "
                           f"data.train with data.weights (data.train=[domain.txt,general.txt] "
                           f"data.weights=[0.75,0.25])")
+    done = finished_run(cfg, log)
+    if done is not None:
+        return done
     rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)
     run_dir = open_run(cfg, rt)
+    try:
+        return _pretrain(cfg, rt, run_dir, log)
+    except BaseException:
+        restore_replaced(run_dir, rt)  # does nothing once training has started
+        raise
+    finally:
+        ck.unlock_run_dir(run_dir)
+        dist.teardown()
+
+
+def _pretrain(cfg: Config, rt: dist.Runtime, run_dir: Path, log) -> dict:
+    """run_pretrain's set-up (tokenizer, model, data, run files) and training."""
     if cfg.resume:
         tok = Tokenizer.load(run_dir)
     elif cfg.init_from:
@@ -245,9 +310,4 @@ def run_pretrain(cfg: Config, log=print) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{'continued pre-training' if stage == 'cpt' else 'pre-training'}: {n_params:,} parameters, "
         f"{sum(s.n_tokens for s in corpus.train):,} training tokens, device {rt.device}")
-    try:
-        return train(model, cfg, rt, run_dir, data, LMObjective(), evaluate, tok, log,
-                     {"stage": stage})
-    finally:
-        ck.unlock_run_dir(run_dir)
-        dist.teardown()
+    return train(model, cfg, rt, run_dir, data, LMObjective(), evaluate, tok, log, {"stage": stage})

@@ -103,8 +103,10 @@ def _continue_or_start(cfg: Config) -> Config:
 
 def _check_same(cfg: Config, run_dir: Path) -> None:
     """Refuse to reuse a finished run that was made with a different config."""
+    from pretune.stages import absolute_inputs
+
     saved = flat_keys(read_yaml(run_dir / "config.yaml"))
-    want = flat_keys(json.loads(json.dumps(to_dict(cfg))))
+    want = flat_keys(json.loads(json.dumps(to_dict(absolute_inputs(cfg)))))  # as save_run_config saved it
     diff = [k for k in sorted(set(saved) | set(want))
             if not any(k == v or k.startswith(v + ".") for v in VOLATILE) and saved.get(k) != want.get(k)
             # the saved model is the resolved architecture: the parent's under init_from

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretune.errors import UserError
-from pretune.files import TEMP_RANDOM, atomic_dir, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from pretune.files import (TEMP_RANDOM, atomic_dir, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
+                           set_aside)
 from pretune.model.io import checkpoint_step, load_model_state, model_state
 
 CKPT_PREFIX = "step-"
@@ -60,13 +61,16 @@ _CKPT = re.compile(rf"{CKPT_PREFIX}\d+")
 LOCK_FILE = ".lock"
 
 
-def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tuple = ()) -> Path:
+def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tuple = (),
+                    until_started: bool = False) -> Path:
     """Create out_dir, refusing one that holds another run unless told to overwrite or resume.
 
     overwrite=true replaces only a directory that pretune wrote (RUN_MARKERS) and that holds nothing
     else (RUN_ENTRIES), and never one that holds a path in `keep` (the parent model, the data): those
     would be lost with it. Resuming takes the run's lock (lock_run_dir), then clears the debris a
-    killed run left (sweep_debris). Call it on one process (rank 0)."""
+    killed run left (sweep_debris). With `until_started` the replaced run is set aside rather than
+    deleted (files.set_aside), until the new run starts training or fails before that
+    (files.settle_aside). Call it on one process (rank 0)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{'resume' if resume else 'out_dir'}={out} is a file, not a directory; "
@@ -99,7 +103,10 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tu
                               "writes: overwrite=true would delete them with it. Remove or move them, or "
                               "choose another out_dir")
         _refuse_if_locked(out)
-        shutil.rmtree(out)
+        if until_started:
+            set_aside(out)
+        else:
+            shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

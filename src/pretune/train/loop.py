@@ -17,6 +17,7 @@ import torch
 
 from pretune.config import Config
 from pretune.errors import UserError
+from pretune.files import settle_aside
 from pretune.train import best as bm
 from pretune.train import checkpoint as ck
 from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, full_state_dict,
@@ -254,6 +255,8 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         pending_targets, pending_tokens, pending_flops = 0.0, 0, 0.0
         return tokens
 
+    if rt.is_main:  # set up: the run that overwrite=true replaces goes now (files.set_aside)
+        settle_aside(run_dir, restore=False)
     batches = Prefetcher(data, rt.rank, rt.world, device)  # on CUDA the next step is built during this one
     try:
         step = start
