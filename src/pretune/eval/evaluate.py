@@ -29,6 +29,8 @@ def lm_metrics(model: torch.nn.Module, windows: Iterable[np.ndarray], token_byte
 
     With a distributed runtime `rt`, each rank scores its share of the batches and the per-batch
     sums are combined in batch order, so the figures do not depend on the number of processes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
     was_training = model.training
     model.eval()
     nbytes_of = torch.tensor(token_bytes, dtype=torch.float64, device=device)

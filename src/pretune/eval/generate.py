@@ -19,7 +19,12 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1:  # top_p 0 keeps the most likely token alone
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
+        # the smallest set whose mass reaches top_p: a token goes once the more likely ones before it
+        # reach top_p (an exact tie counts as reaching it, as in transformers' TopPLogitsWarper); the
+        # mass before each token is summed over those tokens alone, so a tie is not lost to rounding
+        before = torch.cat([torch.zeros_like(sorted_p[..., :1]), sorted_p[..., :-1].cumsum(-1)], dim=-1)
+        drop = before >= top_p
+        drop[..., 0] = False  # the most likely token always stays
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)

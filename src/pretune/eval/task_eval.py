@@ -25,14 +25,46 @@ from pretune.data import tasks as T
 from pretune.data.sources import DataError
 from pretune.errors import ConfigError
 from pretune.model.heads import ClassifierModel
-from pretune.model.io import find_model_dir, load_model
+from pretune.model.io import (
+    checkpoint_head,
+    find_model_dir,
+    load_model,
+    read_run_config,
+    run_of_checkpoint,
+    unfinished,
+)
 from pretune.train.objectives import pair_log_ratios
 
 
 def read_task_info(model_path: str | Path) -> dict:
-    """model/task.json of a fine-tuned model ({} for a plain language model)."""
-    f = find_model_dir(model_path) / "task.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    """model/task.json of a fine-tuned model ({} for a plain language model); for the checkpoint of
+    a fine-tuning run that has not finished, what its task.json will say (`checkpoint_task_info`)."""
+    model_dir = find_model_dir(model_path)
+    f = model_dir / "task.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    return checkpoint_task_info(model_dir) if run_of_checkpoint(model_dir) is not None else {}
+
+
+def checkpoint_task_info(ckpt: Path) -> dict:
+    """The task.json that a fine-tuning run writes with model/ (finetune.save_final_factory), from the
+    run's config.yaml, for one of its checkpoints ({} for a pre-training run). A classification
+    head's label order is known only when data.labels gave it; without it the checkpoint is refused."""
+    raw = read_run_config(run_of_checkpoint(ckpt))
+    task = raw.get("task")
+    if task not in TASKS:
+        return {}
+    tuned, data = raw.get("finetune") or {}, raw.get("data") or {}
+    classifier = tuned.get("classifier", FinetuneConfig.classifier) if task == "classification" else None
+    labels = [str(x) for x in data["labels"]] if task == "classification" and data.get("labels") else None
+    if classifier == "head" and not labels:
+        raise unfinished(ckpt, "the order of its classification head's labels is written only with model/ "
+                               "(data.labels was not set)", " (or give task=lm to evaluate its language model alone)")
+    info = {"task": task, "labels": labels, "classifier": classifier,
+            "format": {k: tuned[k] for k in ("max_len", "truncation", "prompt_loss", "turns") if tuned.get(k) is not None}}
+    if task == "preference" and tuned.get("dpo_beta") is not None:
+        info["dpo_beta"] = tuned["dpo_beta"]
+    return info
 
 
 def load_task_model(model_path: str | Path, info: dict, device) -> tuple[torch.nn.Module, object]:
@@ -42,11 +74,21 @@ def load_task_model(model_path: str | Path, info: dict, device) -> tuple[torch.n
         raise ConfigError(f"{model_path} has no tokenizer files; evaluation needs the model's tokenizer")
     model: torch.nn.Module = lm
     if info.get("classifier") == "head":
-        head_file = find_model_dir(model_path) / "head.safetensors"
-        if not head_file.is_file():
+        model_dir = find_model_dir(model_path)
+        head_file = model_dir / "head.safetensors"
+        if head_file.is_file():
+            head = load_file(str(head_file), device=str(device))
+        elif run_of_checkpoint(model_dir) is not None and not (model_dir / "task.json").is_file():
+            head = checkpoint_head(model_dir)  # a run that has not finished: the head in its training state
+            if not head:
+                raise unfinished(model_dir, "its config.yaml names a classification head, which the checkpoint lacks")
+            if head["weight"].shape[0] != len(info["labels"]):
+                raise unfinished(model_dir, f"its head has {head['weight'].shape[0]} outputs, but data.labels in "
+                                            f"config.yaml names {len(info['labels'])} labels")
+        else:
             raise ConfigError(f"{model_path}: task.json names a classification head but {head_file.name} is missing")
         model = ClassifierModel(lm, len(info["labels"])).to(device)
-        model.head.load_state_dict(load_file(str(head_file), device=str(device)))
+        model.head.load_state_dict(head)
     return model.eval().requires_grad_(False), tok
 
 

@@ -1,7 +1,9 @@
 """Model directories: model.safetensors + config.json (+ tokenizer files), and loading them.
 
 A path given to any verb may be a run directory (its model/, else its last checkpoint) or a model
-directory.
+directory. A checkpoint of a fine-tuning run that has not finished loads as its model/ would: a
+classifier's language model without its `lm.` prefix (the head apart, `checkpoint_head`), LoRA adapters
+folded into their weights with the lora.alpha of the run's config.yaml.
 """
 
 from __future__ import annotations
@@ -160,7 +162,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
         for key, value in overrides.items():
             setattr(cfg, key, value)
         model = GPT(cfg)
-        load_model_state(model, load_file(str(model_dir / "model.safetensors")))
+        weights = load_file(str(model_dir / "model.safetensors"))
+        if run_of_checkpoint(model_dir) is not None:
+            weights = _as_final_weights(weights, model_dir)
+        load_model_state(model, weights)
     model.to(device)
     tok = None
     for candidate in (model_dir, Path(path), model_dir.parent):
@@ -168,3 +173,67 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
             tok = Tokenizer.load(candidate)
             break
     return model, tok
+
+
+# ----------------------------------------------------------------------------- checkpoints of a run
+
+
+def run_of_checkpoint(model_dir: str | Path) -> Path | None:
+    """The run directory of a checkpoint (RUN/checkpoints/step-N), else None."""
+    p = Path(model_dir)
+    return p.parent.parent if checkpoint_step(p) is not None and p.parent.name == "checkpoints" else None
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """A run's config.yaml as plain data ({} when there is none): what a checkpoint's weights need."""
+    import yaml
+
+    f = Path(run_dir) / "config.yaml"
+    try:
+        raw = yaml.safe_load(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ModelDirError(f"{f} cannot be read ({e})") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def unfinished(ckpt: Path, why: str, instead: str = "") -> ModelDirError:
+    """The error for a checkpoint that cannot load as the finished run's model: says where the run
+    stopped and how to finish it (`instead`: what else may be done)."""
+    run = run_of_checkpoint(ckpt)
+    return ModelDirError(f"{run} stopped at step {checkpoint_step(ckpt)} before writing model/, and its checkpoint "
+                         f"cannot be loaded as that model: {why}. Finish the run with `pretune finetune resume={run}` "
+                         f"and use its model/{instead}")
+
+
+def _as_final_weights(sd: dict[str, torch.Tensor], ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's training state as the language model's weights of the finished run's model/:
+    a classifier's `lm.` prefix taken off and its head left out, each LoRA adapter folded into its
+    weight as LoRALinear.merged_weight does, W + (B A) alpha / r."""
+    if any(k.startswith("lm.") for k in sd):
+        sd = {k[3:]: v for k, v in sd.items() if k.startswith("lm.")}
+    adapted = sorted(k[: -len(".lora_a")] for k in sd if k.endswith(".lora_a"))
+    if not adapted:
+        return sd
+    lora = read_run_config(run_of_checkpoint(ckpt)).get("lora")
+    if not isinstance(lora, dict) or not isinstance(lora.get("alpha"), (int, float)):
+        raise unfinished(ckpt, "it holds LoRA adapters, and the run's config.yaml, which gives their lora.alpha, "
+                               "is missing or has no lora settings")
+    sd = dict(sd)
+    for name in adapted:
+        a, b = sd.pop(f"{name}.lora_a"), sd.pop(f"{name}.lora_b")
+        rank = a.shape[0]
+        if lora.get("rank") != rank:
+            raise unfinished(ckpt, f"its adapter {name} has rank {rank}, but the run's config.yaml says "
+                                   f"lora.rank={lora.get('rank')}")
+        sd[f"{name}.weight"] = sd[f"{name}.weight"] + (b @ a) * (lora["alpha"] / rank)
+    return sd
+
+
+def checkpoint_head(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The classification head's weights in a checkpoint of a classifier run (head.weight -> weight),
+    as the finished run's head.safetensors holds them; {} when it has none."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(ckpt) / "model.safetensors"), "pt") as f:
+        names = [k for k in f.keys() if k.startswith("head.")]  # noqa: SIM118 (a safetensors file, not a dict)
+        return {k[len("head."):]: f.get_tensor(k) for k in names}
