@@ -178,13 +178,19 @@ def test_a_stopped_lora_instruction_run_generates_and_evaluates_as_its_finished_
     assert b["task"] == "instruction" and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
-def test_a_stopped_classifier_without_its_label_order_is_refused_saying_how_to_finish(tmp_path, base_run, capsys):
+def test_a_stopped_classifier_evaluates_with_the_label_order_its_lineage_keeps(tmp_path, base_run, capsys):
     train = sentiment(tmp_path / "train.jsonl")
     out = tmp_path / "cls_stop"
     assert run_cli("finetune", f"init_from={base_run}", f"out_dir={out}", "task=classification", "method=lora",
                    "lora.rank=4", f"data.train={train}", "train.max_steps=6", "train.save_every=2",
                    "train.stop_after=2", *FT) == 0
     assert not (out / "model").exists()
+    assert run_cli("evaluate", out, f"data.val={train}", "device=cpu", f"out={tmp_path / 'e.json'}") == 0
+    assert 0 <= json.loads((tmp_path / "e.json").read_text())["accuracy"] <= 1
+    # a run whose lineage does not keep them (written before it did): refused, saying how to finish
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage.pop("labels") == ["negative", "positive"]
+    (out / "lineage.json").write_text(json.dumps(lineage))
     capsys.readouterr()
     assert run_cli("evaluate", out, f"data.val={train}", "device=cpu") == 2
     err = capsys.readouterr().err

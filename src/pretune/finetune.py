@@ -234,7 +234,8 @@ def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train
         save_run_config(cfg, run_dir)
         tok.save(run_dir)
         if not cfg.resume:
-            ck.write_lineage(run_dir, "finetune", cfg.init_from, task=cfg.task, method=cfg.method,
+            # the labels in the order of the head's outputs: a checkpoint loads as a classifier with them
+            ck.write_lineage(run_dir, "finetune", cfg.init_from, task=cfg.task, method=cfg.method, labels=labels,
                              examples={"train": len(train_ex), "val": len(val_ex), "test": len(test_ex)})
 
     def evaluate(m):

@@ -49,7 +49,8 @@ def read_task_info(model_path: str | Path) -> dict:
 def checkpoint_task_info(ckpt: Path) -> dict:
     """The task.json that a fine-tuning run writes with model/ (finetune.save_final_factory), from the
     run's config.yaml, for one of its checkpoints ({} for a pre-training run). A classification
-    head's label order is known only when data.labels gave it; without it the checkpoint is refused."""
+    head's label order comes from data.labels or the run's lineage.json; a run that kept it in
+    neither (made before lineage.json held it) is refused."""
     raw = read_run_config(run_of_checkpoint(ckpt))
     task = raw.get("task")
     if task not in TASKS:
@@ -57,9 +58,12 @@ def checkpoint_task_info(ckpt: Path) -> dict:
     tuned, data = raw.get("finetune") or {}, raw.get("data") or {}
     classifier = tuned.get("classifier", FinetuneConfig.classifier) if task == "classification" else None
     labels = [str(x) for x in data["labels"]] if task == "classification" and data.get("labels") else None
+    lineage = run_of_checkpoint(ckpt) / "lineage.json"
+    if task == "classification" and not labels and lineage.is_file():  # the order the run gave them
+        labels = json.loads(lineage.read_text()).get("labels")
     if classifier == "head" and not labels:
-        raise unfinished(ckpt, "the order of its classification head's labels is written only with model/ "
-                               "(data.labels was not set)", " (or give task=lm to evaluate its language model alone)")
+        raise unfinished(ckpt, "the order of its classification head's labels is in neither data.labels nor "
+                               "its lineage.json", " (or give task=lm to evaluate its language model alone)")
     info = {"task": task, "labels": labels, "classifier": classifier,
             "format": {k: tuned[k] for k in ("max_len", "truncation", "prompt_loss", "turns") if tuned.get(k) is not None}}
     if task == "preference" and tuned.get("dpo_beta") is not None:
