@@ -122,3 +122,110 @@ def test_wsd_decay_fraction_must_be_a_share_of_the_run():
             load_config(Config, None, ["optim.schedule=wsd", f"optim.decay_fraction={f}"])
     for f in ("0.01", "0.2", "1"):
         load_config(Config, None, ["optim.schedule=wsd", f"optim.decay_fraction={f}"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optim.lr=nan"], "optim.lr=nan must be a finite number > 0"),  # NaN fails both < 0 and == 0
+    (["optim.lr=inf"], "optim.lr=inf must be a finite number > 0"),
+    (["optim.lr=.nan"], "optim.lr=nan must be a finite number > 0"),  # YAML's spelling too
+    (["lora.alpha=nan"], "lora.alpha=nan must be a finite number > 0"),
+    (["train.grad_clip=nan"], "train.grad_clip=nan must be a finite number >= 0"),
+    (["data.train=[a,b]", "data.weights=[1,nan]"], r"data.weights=\[1.0, nan\] must be finite"),
+    (["optim.beta1=1.5"], r"optim.beta1=1.5 must be in \[0, 1\)"),
+    (["optim.beta2=-0.1"], r"optim.beta2=-0.1 must be in \[0, 1\)"),
+    (["optim.eps=-1"], "optim.eps=-1.0 must be > 0"),
+    (["optim.weight_decay=-3"], "optim.weight_decay=-3.0 must be >= 0"),
+    (["train.eval_batch_size=0"], "train.eval_batch_size=0 must be > 0"),
+    (["train.eval_tokens=-5"], "train.eval_tokens=-5 must be > 0; set train.eval_every=0"),
+    (["train.threads=0"], r"train.threads=0 must be > 0; leave train.threads unset \(null\)"),
+    (["finetune.max_new_tokens=-1"], "finetune.max_new_tokens=-1 must be > 0"),
+    (["finetune.replay_weight=nan"], "finetune.replay_weight=nan must be a finite number >= 0"),
+    (["meter.device_power_w=-5"], "meter.device_power_w=-5.0 must be >= 0"),
+    (["lora.rank=0"], "lora.rank=0 must be > 0"),
+    (["freeze.last_k=-1"], "freeze.last_k=-1 must be >= 1"),
+    (["model.n_layer=0"], r"model.n_layer=0 must be >= 1; leave it unset \(null\)"),
+    (["model.n_head=0"], "model.n_head=0 must be >= 1"),  # was a ZeroDivisionError at build time
+    (["model.d_model=0"], "model.d_model=0 must be >= 1"),
+    (["model.head_dim=0"], "model.head_dim=0 must be >= 1"),
+    (["model.d_model=66"], "model.d_model=66 is not divisible by model.n_head=4"),
+    (["model.preset=tinyy"], "unknown model.preset 'tinyy'; choose one of tiny"),
+    (["method=freeze", "freeze.last_k=99"], r"freeze.last_k=99 must be in 1..2 \(model.n_layer"),
+])
+def test_out_of_range_and_nan_values_are_refused_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Config, None, args)
+
+
+def test_range_checks_accept_the_edges_and_leave_an_unknown_architecture_to_build_time():
+    load_config(Config, None, ["optim.beta1=0", "optim.beta2=0.999", "optim.weight_decay=0", "train.threads=1",
+                               "method=freeze", "freeze.last_k=2", "finetune.eval_examples=0"])
+    # the parent's n_layer is only known when it is loaded (finetune.set_trainable checks it there)
+    load_config(Config, None, ["init_from=runs/base", "method=freeze", "freeze.last_k=12"])
+    load_config(Config, None, ["init_from=runs/base", "model.preset=whatever"])  # ignored with a warning
+
+
+def test_override_text_is_kept_for_string_fields():
+    from pretune.eval.options import GenerateConfig
+
+    for text in ("no", "12:30", "#the", "1e3", "on", " leading space", "a: b", "[x]"):
+        assert load_config(GenerateConfig, None, [f"prompt={text}"]).prompt == text
+    assert load_config(GenerateConfig, None, ["prompt="]).prompt == ""
+    cfg = load_config(Config, None, ["data.labels=[no,yes]", "out_dir=2024-01-01", "lora.targets=[on, off]",
+                                     "data.train=[a.txt, 'b,c.txt']", "track.mlflow_uri=0123"])
+    assert cfg.data.labels == ["no", "yes"] and cfg.out_dir == "2024-01-01" and cfg.lora.targets == ["on", "off"]
+    assert cfg.data.train == ["a.txt", "b,c.txt"] and cfg.track.mlflow_uri == "0123"
+    # numbers and booleans are still parsed, strictly, by the field's type
+    cfg = load_config(Config, None, ["train.max_steps=1e3", "optim.lr=3e-4", "train.progress=no",
+                                     "data.train=[a,b]", "data.weights=[1, 0.5]"])
+    assert cfg.train.max_steps == 1000 and cfg.optim.lr == pytest.approx(3e-4) and cfg.train.progress is False
+    assert cfg.data.weights == [1.0, 0.5]
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ["train.progress=maybe", "train.max_steps=1.5", "optim.lr=fast"])
+    assert {"train.progress: expected true or false, got 'maybe'", "train.max_steps: expected an integer, got '1.5'",
+            "optim.lr: expected a number, got 'fast'"} == set(e.value.problems)
+    with pytest.raises(ConfigError, match=r"data.train=\[a,b is not a list; write data.train=\[a,b\]"):
+        load_config(Config, None, ["data.train=[a,b"])
+
+
+def test_a_yaml_file_that_turns_text_into_a_bool_or_number_is_refused(tmp_path):
+    path = tmp_path / "yn.yaml"
+    path.write_text("data:\n  labels: [no, yes]\nout_dir: 12:30\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, path, [])
+    msg = str(e.value)
+    assert "data.labels[0]: expected text, but YAML read the unquoted value as true/false (False); quote" in msg
+    assert "out_dir: expected text, but YAML read the unquoted value as a number (750)" in msg
+    path.write_text("data:\n  labels: ['no', 'yes']\nout_dir: '12:30'\ntrain:\n  compile: false\n")
+    cfg = load_config(Config, path, [])
+    assert cfg.data.labels == ["no", "yes"] and cfg.out_dir == "12:30"
+    assert cfg.train.compile == "false"  # the one text key whose values are true/false: a YAML bool is meant
+
+
+def test_null_or_none_unsets_an_optional_key_and_is_refused_elsewhere():
+    from pretune.eval.options import EvaluateConfig
+
+    for word in ("null", "None", "~"):
+        cfg = load_config(Config, None, [f"data.cache_dir={word}", f"init_from={word}", f"train.seq_len={word}",
+                                         f"train.early_stop_metric={word}", f"data.labels={word}"])
+        assert (cfg.data.cache_dir, cfg.init_from, cfg.train.seq_len, cfg.train.early_stop_metric,
+                cfg.data.labels) == (None,) * 5
+        assert load_config(EvaluateConfig, None, [f"seq_len={word}"]).seq_len is None
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ["out_dir=None", "train.max_steps=null"])
+    assert e.value.problems == [f"{k}: null is not allowed: this key has no unset value; give one, or leave the "
+                                "key out for its default" for k in ("out_dir", "train.max_steps")]
+    with pytest.raises(ConfigError, match=r"data.train=None: null is not allowed: this key is a list; give data.train=\[\]"):
+        load_config(Config, None, ["data.train=None"])
+    # a wrong value for an optional key says how to unset it
+    with pytest.raises(ConfigError, match=r"train.seq_len: expected an integer, got 'none' \(or null to leave it unset\)"):
+        load_config(Config, None, ["train.seq_len=none"])
+
+
+def test_a_mapping_key_takes_a_mapping_or_says_how_to_set_it():
+    cfg = load_config(Config, None, ["model.rope_scaling={factor: 8, original_max_position_embeddings: 256}"])
+    assert cfg.model.rope_scaling == {"factor": 8, "original_max_position_embeddings": 256}
+    assert load_config(Config, None, ["model.rope_scaling.factor=2"]).model.rope_scaling == {"factor": 2}
+    assert load_config(Config, None, ["model.rope_scaling=null"]).model.rope_scaling is None
+    with pytest.raises(ConfigError, match=r"model.rope_scaling: expected a mapping, got 2; give one as "
+                                          r"model.rope_scaling=\{name: value, ...\}.*model.rope_scaling.NAME=VALUE"):
+        load_config(Config, None, ["model.rope_scaling=2"])

@@ -53,7 +53,7 @@ def test_evaluate_seq_len_zero_says_to_leave_it_unset_and_a_window_must_fit_max_
     assert load_config(EvaluateConfig, None, []).seq_len is None  # unset: the model's context
 
 
-@pytest.mark.parametrize("setting", ["batch_size=0", "max_tokens=0", "seq_len=-4"])
+@pytest.mark.parametrize("setting", ["batch_size=0", "max_tokens=0", "seq_len=-4", "max_tokens=5"])
 def test_evaluate_cli_refuses_bad_sizes_instead_of_crashing_or_printing_nan(tmp_path, base_run, setting, capsys):
     text = make_corpus(tmp_path / "val.txt", lines=100, seed=3)
     assert run_cli("evaluate", base_run, f"data.val={text}", "device=cpu", setting) == 2

@@ -1,16 +1,19 @@
 """`pretune plan` against a real allocation on the CPU: parameter count and parameter + gradient +
-AdamW bytes exact, activations within 15% of the tensors autograd saves (see pretune.plan)."""
+AdamW bytes exact, activations within 15% of the tensors autograd saves (see pretune.plan); and
+the run it plans is the one that would happen (vocabulary, resume, classification head,
+finetune.max_len, device), refusing what the run refuses."""
 
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import TINY, make_corpus, run_cli, sentiment
 from pretune.config import load_config
 from pretune.model.config import resolve_model_config
 from pretune.model.gpt import GPT, cross_entropy_sum
-from pretune.plan import PlanConfig, estimate
+from pretune.plan import PlanConfig, estimate, format_plan, resolve_arch, trainable_shapes
 from pretune.train.optim import build_optimizer
 
 ARCH = ["gpu=cpu", "model.preset=custom", "model.n_layer=3", "model.n_head=4", "model.n_kv_head=2",
@@ -19,7 +22,10 @@ ARCH = ["gpu=cpu", "model.preset=custom", "model.n_layer=3", "model.n_head=4", "
 
 
 def saved_activation_bytes(model: torch.nn.Module, idx: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward (each storage once; weights excluded)."""
+    """Bytes of the tensors autograd saves for backward (each storage once; weights excluded): the
+    language-model loss, or a classification head's on each row's last token (ClassifierObjective)."""
+    from pretune.model.heads import ClassifierModel
+
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
@@ -30,15 +36,26 @@ def saved_activation_bytes(model: torch.nn.Module, idx: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = cross_entropy_sum(model(idx), idx)
+        if isinstance(model, ClassifierModel):
+            last = torch.full((len(idx),), idx.shape[1] - 1)
+            labels = torch.arange(len(idx)) % model.head.out_features
+            loss = F.cross_entropy(model(idx, last).float(), labels, reduction="sum")
+        else:
+            loss = cross_entropy_sum(model(idx), idx)
     loss.backward()
     return sum(seen.values())
 
 
 def build(cfg) -> torch.nn.Module:
+    """The model as the run builds it: a classification head when the task has one, the method applied."""
+    from pretune.eval.scoring import uses_head
+    from pretune.model.heads import ClassifierModel
+
     torch.manual_seed(0)
     model = GPT(resolve_model_config(cfg.model))
-    if cfg.method != "full":
+    if uses_head(cfg):
+        model = ClassifierModel(model, len(cfg.data.labels))
+    if cfg.method != "full" or uses_head(cfg):
         from pretune.finetune import set_trainable  # the fine-tuning methods as the verb applies them
         set_trainable(model, cfg)
     if cfg.dist.activation_checkpointing:
@@ -47,18 +64,40 @@ def build(cfg) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    """A tokenizer.json for task runs from scratch (the run refuses a char/bpe one to train)."""
+    from pretune.data.tokenizer import train_char
+
+    path = tmp_path_factory.mktemp("tok")
+    train_char(["the cat sat on the mat, positive and negative."]).save(path)
+    return path / "tokenizer.json"
+
+
+# a classification head (3 labels) on sequences of finetune.max_len: the model's context is 512
+CLS = ["task=classification", "data.labels=[neg,neu,pos]", "finetune.max_len=64"]
+
+
 @pytest.mark.parametrize("extra", [
     [], ["model.tie_embeddings=false"], ["method=freeze", "freeze.last_k=1"],
     ["method=lora", "lora.rank=4"], ["method=lora", "lora.rank=4", "lora.dropout=0", "lora.targets=[q_proj,v_proj]"],
     ["method=lora", "lora.rank=4", "lora.dropout=0"],
     ["dist.activation_checkpointing=true"], ["train.seq_len=300"],
-], ids=["full", "untied", "freeze", "lora", "lora-qv", "lora-fused", "checkpointing", "long-context"])
-def test_plan_matches_a_real_allocation(extra):
-    seq = [e for e in extra if e.startswith("train.seq_len")] or ["train.seq_len=64"]
-    cfg = load_config(PlanConfig, None, ARCH + seq + [e for e in extra if e not in seq])
+    CLS, CLS + ["model.tie_embeddings=false"], CLS + ["method=lora", "lora.rank=4"],
+    CLS + ["method=freeze", "freeze.last_k=1", "model.tie_embeddings=false"],
+    CLS[:2] + ["finetune.max_len=300"],
+], ids=["full", "untied", "freeze", "lora", "lora-qv", "lora-fused", "checkpointing", "long-context",
+        "head", "head-untied", "head-lora", "head-freeze", "head-max-len-300"])
+def test_plan_matches_a_real_allocation(extra, char_tokenizer):
+    task = "task=classification" in extra
+    seq = [e for e in extra if e.startswith("train.seq_len")] or ([] if task else ["train.seq_len=64"])
+    tok = [f"data.tokenizer={char_tokenizer}"] if task else []
+    cfg = load_config(PlanConfig, None, ARCH + seq + tok + [e for e in extra if e not in seq])
     plan = estimate(cfg)
     model = build(cfg)
-    T = cfg.train.seq_len
+    T = plan["seq_len"]
+    # a fine-tuning run's sequences are at most finetune.max_len tokens, whatever the model's context
+    assert T == (cfg.finetune.max_len if task else cfg.train.seq_len)
     assert plan["params"] == sum(p.numel() for p in model.parameters())
     assert plan["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     measured = saved_activation_bytes(model, torch.randint(0, 300, (4, T)))
@@ -160,3 +199,124 @@ def test_plan_and_meter_agree_on_what_trains_and_its_flops(extra):
     live = live_flops(model, 64)
     assert {k: plan["flops_per_token"][k] for k in ("trainable", "frozen", "attention")} == \
         {k: live[k] for k in ("trainable", "frozen", "attention")}
+
+
+# ----------------------------------------------------------------------------- the run it plans
+
+
+def test_plan_counts_a_char_vocabulary_on_the_data_as_the_run_trains_it(tmp_path, monkeypatch):
+    from pretune import plan_inputs
+    from pretune.data.corpus import build_tokenizer
+
+    corpus = make_corpus(tmp_path / "corpus.txt", lines=300)
+    args = ["gpu=cpu", "model.preset=tiny", "data.tokenizer=char", f"data.train={corpus}", "train.seq_len=32"]
+    cfg = load_config(PlanConfig, None, args)
+    plan = estimate(cfg)
+    tok = build_tokenizer(cfg.data)  # what the run trains
+    assert plan["model"]["vocab_size"] == tok.vocab_size < 40  # not the 256 that was assumed before
+    assert plan["params"] == sum(p.numel() for p in GPT(resolve_model_config(cfg.model, tok.vocab_size)).parameters())
+    assert "distinct characters" in plan["vocab_source"] and "assumed" not in plan["vocab_source"]
+    # too much text to count: assumed, and said
+    monkeypatch.setattr(plan_inputs, "CHAR_COUNT_MAX_BYTES", 100)
+    plan = estimate(cfg)
+    assert plan["model"]["vocab_size"] == 256 and "assumed 256" in plan["vocab_source"]
+    assert any("assumed" in n for n in plan["notes"])
+    # a BPE tokenizer to train: data.vocab_size, its most
+    bpe = estimate(load_config(PlanConfig, None, args[:2] + ["data.tokenizer=bpe", "data.vocab_size=1000"]))
+    assert bpe["model"]["vocab_size"] == 1000 and "at most" in bpe["vocab_source"]
+
+
+def test_plan_of_resume_plans_the_resumed_run(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus.txt", lines=300)
+    run = tmp_path / "run"
+    assert run_cli("pretrain", *TINY, f"data.train={corpus}", "train.max_steps=4", "train.save_every=2",
+                   "train.stop_after=2", "train.batch_size=4", f"out_dir={run}") == 0
+    summary = json.loads((run / "summary.json").read_text())
+    out = tmp_path / "plan.json"
+    capsys.readouterr()
+    assert run_cli("plan", f"resume={run}", "gpu=cpu", f"json_out={out}") == 0
+    p = json.loads(out.read_text())
+    from pretune.data.tokenizer import Tokenizer
+    assert p["model"]["vocab_size"] == Tokenizer.load(run).vocab_size < 256
+    assert p["params"] == summary["params"]
+    assert p["seq_len"] == 32 and p["micro_batch"] == 4 and p["steps"] == 2  # the run's, and what is left
+    assert p["tokens"] == 2 * 4 * 32
+    assert "step 2 of 4" in capsys.readouterr().out
+    # resume written in a YAML file (with a plan key in it) plans the same run
+    yaml_file = tmp_path / "r.yaml"
+    yaml_file.write_text(f"resume: {run}\ngpu: cpu\n")
+    assert run_cli("plan", str(yaml_file), f"json_out={out}") == 0
+    assert json.loads(out.read_text())["params"] == summary["params"]
+    # what the resumed run refuses, plan refuses
+    assert run_cli("plan", f"resume={run}", "model.n_layer=5") == 2
+    assert "cannot change" in capsys.readouterr().err
+
+
+def test_plan_counts_the_classification_head_and_plans_finetune_max_len(tmp_path, char_tokenizer):
+    from pretune.train.meter import flops_per_token as live_flops
+
+    data = sentiment(tmp_path / "sent.jsonl", n=40)
+    common = ARCH + [f"data.tokenizer={char_tokenizer}", "task=classification", f"data.train={data}",
+                     "finetune.max_len=32", "train.batch_size=8", "train.max_steps=10"]
+    cfg = load_config(PlanConfig, None, common + ["method=lora", "lora.rank=4"])
+    plan = estimate(cfg)
+    assert plan["n_labels"] == 2  # from the records: positive, negative
+    assert "head.weight" in trainable_shapes(cfg, resolve_arch(cfg), 2)[1]
+    model = build(load_config(PlanConfig, None, common + ["method=lora", "lora.rank=4", "data.labels=[a,b]"]))
+    assert plan["params"] == sum(p.numel() for p in model.parameters())
+    assert plan["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # the sequences of finetune.max_len, not the model's context of 512
+    assert plan["seq_len"] == 32 and plan["tokens"] == 10 * 8 * 32
+    live = live_flops(model, 32)
+    for key in ("trainable", "frozen", "attention", "total", "lm_head", "cls_head"):
+        assert plan["flops_per_token"][key] == live[key], key
+    # task batches of a head never run the vocabulary projection; the head runs once per example
+    fpt = plan["flops_per_token"]
+    assert plan["flops"] == 10 * 8 * (32 * (fpt["total"] - fpt["lm_head"]) + fpt["cls_head"])
+    # without data.labels and records that can be read: assumed, and said
+    assumed = estimate(load_config(PlanConfig, None, [c for c in common if not c.startswith("data.train")]))
+    assert assumed["n_labels"] == 2 and any("assumed 2" in n for n in assumed["notes"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["method=freeze", "freeze.last_k=0"], "freeze.last_k=0"),
+    (["method=freeze", "freeze.last_k=99"], "freeze.last_k=99"),
+    (["method=freeze", "freeze.last_k=-1"], "freeze.last_k=-1"),
+    (["method=freeze", "freeze.pattern=[nomatch*]"], "matches no parameter"),
+    (["method=lora", "lora.targets=[]"], "matched no linear layer"),
+    (["method=lora", "lora.targets=[nothing]"], "matched no linear layer"),
+    (["train.seq_len=4096"], "exceeds model.max_seq_len=256"),
+    (["model.vocab_size=10", "data.tokenizer=TOK"], "smaller than the tokenizer"),
+    (["task=classification"], "needs a tokenizer"),
+    (["gpu=H100", "train.device=cpu"], "train.device=cpu"),
+], ids=["last_k-0", "last_k-99", "last_k-negative", "pattern", "targets-empty", "targets-none", "seq_len",
+        "vocab", "finetune-from-scratch", "gpu-on-cpu"])
+def test_plan_refuses_what_the_run_refuses(extra, message, capsys, char_tokenizer):
+    extra = [e.replace("TOK", str(char_tokenizer)) for e in extra]
+    assert run_cli("plan", "model.preset=tiny", "model.vocab_size=300", "train.device=cpu", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_on_the_cpu_claims_no_gpu(capsys, monkeypatch):
+    from pretune import plan_inputs
+
+    cpu = estimate(load_config(PlanConfig, None, ["model.preset=tiny", "model.vocab_size=300", "train.device=cpu"]))
+    assert cpu["device"] == "cpu" and cpu["precision"] == "fp32" and cpu["time_s"] is None
+    assert cpu["gpu_memory_gb"] is None and cpu["energy_j"] is None
+    text = format_plan(cpu)
+    assert "H100" not in text and "memory per GPU" not in text and "time: not estimated for the CPU" in text
+    bf16 = estimate(load_config(PlanConfig, None, ["model.vocab_size=300", "train.device=cpu", "train.precision=bf16"]))
+    assert bf16["precision"] == "bf16"
+    rated = estimate(load_config(PlanConfig, None, ["model.vocab_size=300", "gpu=cpu", "peak_tflops=1", "mfu=0.5"]))
+    assert rated["time_s"] == pytest.approx(rated["flops"] / 0.5e12)
+    # no gpu= given: this machine's GPU when the table knows it, else an H100 with a note
+    for name, device, note in [("NVIDIA H200", "H200", "this machine's NVIDIA H200"),
+                               ("NVIDIA H100 PCIe", "H100 PCIe", "this machine's"),
+                               ("Tesla K80", "H100", "not in the peak FLOP/s table"),
+                               (None, "cpu", "no GPU here")]:
+        monkeypatch.setattr(plan_inputs, "detected_gpu", lambda name=name: name)
+        p = estimate(load_config(PlanConfig, None, ["model.vocab_size=300"]))
+        assert p["device"] == device and any(note in n for n in p["notes"]), (name, p["notes"])
+    p = estimate(load_config(PlanConfig, None, ["model.vocab_size=300", "train.device=cuda"]))
+    assert p["device"] == "H100" and p["precision"] == "bf16" and any("no GPU here" in n for n in p["notes"])
+    assert estimate(load_config(PlanConfig, None, ["model.vocab_size=300", "gpu=V100"]))["precision"] == "fp32"

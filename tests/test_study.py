@@ -264,3 +264,14 @@ def test_a_parent_made_again_within_the_same_second_is_told_apart(tmp_path):
     assert parent_changed(run) is None
     write_lineage(base, "pretrain", None)  # made again at once: the same `created`, another id
     assert "made again" in parent_changed(run)
+
+
+def test_study_overrides_are_read_by_each_keys_type(tmp_path):
+    from pretune.config_io import parse_overrides
+    from pretune.study.config import StudyConfig
+
+    from pretune.config_io import from_dict
+
+    raw = parse_overrides(["name=no", "parallel=2", "seeds=[1,2]"], StudyConfig)
+    cfg = from_dict(StudyConfig, raw)
+    assert (cfg.name, cfg.parallel, cfg.seeds) == ("no", 2, [1, 2])  # the text 'no' is not false

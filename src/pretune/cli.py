@@ -71,30 +71,51 @@ def _split(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
 
 
 def _run_config(argv: list[str]):
-    """Config from YAML + overrides; `resume=DIR` starts from DIR's saved config.yaml."""
+    """Config from YAML + overrides; `resume=DIR` (given either way) starts from DIR's saved config.yaml.
+
+    Layers, lowest first: the resumed run's config.yaml, the YAML file, the overrides. A YAML file
+    that repeats the run's own values (a copy of its config.yaml) asks nothing of them, so a resume
+    from it clears the saved train.stop_after as `resume=DIR` does."""
     from pretune.config import Config, load_config
-    from pretune.config_io import parse_overrides, read_yaml
+    from pretune.config_io import deep_merge, flat_keys, parse_overrides, read_yaml
     from pretune.errors import ConfigError
 
     yaml_path, extra, overrides = _split(argv)
     if extra is not None:
         raise ConfigError(f"unexpected argument {extra!r}; this verb takes [CONFIG.yaml] [KEY=VALUE ...]")
-    base = None
-    given = parse_overrides(overrides)
-    resume = given.get("resume")
-    if resume:
-        saved = Path(resume) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"resume={resume}: no config.yaml there; is it a run directory?")
-        base = read_yaml(saved)
-        before = dict(base)
-        base.update(init_from=None, resume=str(resume), out_dir=str(resume), overwrite=False)
-        base.setdefault("train", {})["stop_after"] = None  # a stop asked of the first part is not asked again
-        overrides = [o for o in overrides if not o.startswith("out_dir=")]
-        cfg = load_config(Config, yaml_path, overrides, base=base)
-        _check_resume_changes(before, cfg, given, resume)
-        return cfg
-    return load_config(Config, yaml_path, overrides, base=base)
+    from_file = read_yaml(yaml_path) if yaml_path else {}
+    given = parse_overrides(overrides, Config)
+    resume = given["resume"] if "resume" in given else from_file.get("resume")
+    if not resume:
+        return load_config(Config, None, overrides, base=from_file)
+    resume = str(resume)
+    saved = Path(resume) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"resume={resume}: no config.yaml there; is it a run directory?")
+    before = read_yaml(saved)
+    kept, unset = flat_keys(before), object()
+    from_file = {k: v for k, v in flat_keys(from_file).items() if k != "resume" and kept.get(k, unset) != v}
+    asked = deep_merge(_nest(from_file), given)
+    # a stop asked of the first part is not asked again
+    base = deep_merge(before, {"init_from": None, "resume": resume, "out_dir": resume, "overwrite": False,
+                               "train": {"stop_after": None}})
+    base = deep_merge(base, _nest({k: v for k, v in from_file.items() if k != "out_dir"}))
+    overrides = [o for o in overrides if not o.startswith("out_dir=")]
+    cfg = load_config(Config, None, overrides, base=base)
+    _check_resume_changes(before, cfg, asked, resume)
+    return cfg
+
+
+def _nest(flat: dict) -> dict:
+    """{dotted.key: value} as a nested mapping (flat_keys' inverse)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 # Keys a resumed run may change and still give the losses of a run that never stopped.
@@ -128,10 +149,35 @@ def _check_resume_changes(saved: dict, cfg, given: dict, resume: str) -> None:
                   "run will not give the losses of one that never stopped", file=sys.stderr)
 
 
+# The keys `pretune prepare` reads: the sources, how they are tokenised and cached, and where the
+# tokenizer comes from (a resumed run's or init_from's own).
+PREPARE_KEYS = ("data.train", "data.val", "data.val_fraction", "data.tokenizer", "data.vocab_size",
+                "data.text_field", "data.encoding_errors", "data.cache_dir", "data.shard_tokens", "train.seq_len",
+                "init_from", "resume")
+
+
+def _check_prepare_keys(argv: list[str], cfg=None) -> None:
+    """Refuse keys prepare does not read: any key given as KEY=VALUE (checked before the config is
+    validated), and with `cfg` the fine-tuning keys from anywhere (pretrain refuses them too). A
+    pretrain config file may hold run keys: prepare reads its data."""
+    from pretune.config import Config, finetune_only_keys
+    from pretune.config_io import flat_keys, parse_overrides
+    from pretune.errors import ConfigError
+
+    stray = ([k for k in flat_keys(parse_overrides(_split(argv)[2], Config)) if k not in PREPARE_KEYS]
+             if cfg is None else finetune_only_keys(cfg))
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: pretune prepare does not read {'it' if len(stray) == 1 else 'them'}; "
+                          f"it only tokenises the corpus, with the keys {', '.join(PREPARE_KEYS)}. Give run keys "
+                          "to pretune pretrain or finetune")
+
+
 def cmd_prepare(argv):
     from pretune.data.corpus import load_corpus
 
+    _check_prepare_keys(argv)
     cfg = _run_config(argv)
+    _check_prepare_keys(argv, cfg)
     tok = _prepare_tokenizer(cfg)
     corpus = load_corpus(cfg.data, tok, cfg.train.seq_len or 1)
     for split, stores in (("train", corpus.train), ("val", corpus.val)):
@@ -213,6 +259,31 @@ def cmd_generate(argv):
         sys.stdout.write(text.flush() + "\n" + ("-" * 40 + "\n" if i + 1 < g.num_samples else ""))
 
 
+# The data keys `pretune evaluate` reads: the text or records (data.val), how text is read and cached,
+# and the task records' field names and labels (as pretune finetune reads them).
+EVALUATE_DATA_KEYS = ("val", "text_field", "encoding_errors", "cache_dir", "shard_tokens", "label_field",
+                      "prompt_field", "response_field", "messages_field", "source_field", "target_field",
+                      "chosen_field", "rejected_field", "labels", "on_error")
+
+
+def _check_evaluate_data_keys(e) -> None:
+    """Refuse data keys evaluate would ignore (data.train, data.weights, data.tokenizer, ...): the
+    figures would not change, and the user would think they had."""
+    import dataclasses
+
+    from pretune.errors import ConfigError
+
+    default = type(e.data)()
+    stray = [f"data.{f.name}={getattr(e.data, f.name)!r}" for f in dataclasses.fields(e.data)
+             if f.name not in EVALUATE_DATA_KEYS and getattr(e.data, f.name) != getattr(default, f.name)]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: pretune evaluate does not read {'it' if len(stray) == 1 else 'them'} "
+                          "(it scores the model, with its own tokenizer, on all of data.val); leave "
+                          f"{'it' if len(stray) == 1 else 'them'} out. Its data keys: data.val, the records' field "
+                          "names (data.text_field, data.label_field, ...), data.labels, data.on_error, "
+                          "data.encoding_errors, data.cache_dir and data.shard_tokens")
+
+
 def cmd_evaluate(argv):
     import json
 
@@ -227,6 +298,7 @@ def cmd_evaluate(argv):
 
     yaml_path, model_path, overrides = _split(argv)
     e = load_config(EvaluateConfig, yaml_path, overrides)
+    _check_evaluate_data_keys(e)
     if not e.data.val:
         raise ConfigError("pretune evaluate needs the text or records to evaluate on: data.val=FILE (or a glob)")
     device = pick_device(e.device)
@@ -239,7 +311,11 @@ def cmd_evaluate(argv):
             Path(e.out).write_text(json.dumps(r, indent=2))
         return
     model, tok = load_model(model_path, device)
-    seq_len = e.seq_len or model.cfg.max_seq_len
+    seq_len = e.seq_len if e.seq_len is not None else model.cfg.max_seq_len
+    if e.max_tokens < seq_len:  # not one window to score (problems() cannot see the model's context)
+        raise ConfigError(f"max_tokens={e.max_tokens} is less than one window of seq_len={seq_len} tokens (the "
+                          f"model's context when seq_len is unset); set max_tokens >= {seq_len} or seq_len <= "
+                          f"{e.max_tokens}")
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len} tokens); "
                           f"set seq_len <= {model.cfg.max_seq_len} or leave it unset")
@@ -287,53 +363,6 @@ def _handler(verb: str):
     return getattr(importlib.import_module(module), name)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every field, for `pretune VERB --help`."""
-    import ast
-    import dataclasses
-    import inspect
-    import typing
-    from dataclasses import fields, is_dataclass
-
-    docs: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):  # a subclass's fields too
-        try:
-            tree = ast.parse(inspect.getsource(klass))
-            body = tree.body[0].body
-            for a, b in zip(body, body[1:]):
-                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                    docs[a.target.id] = " ".join(str(b.value.value).split())
-        except (OSError, TypeError):
-            pass
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        tp = hints[f.name]
-        if is_dataclass(tp):
-            rows += describe(tp, f"{prefix}{f.name}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
-        rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
-    return rows
-
-
-def _verb_help(verb: str) -> str:
-    import importlib
-
-
-    module, name = CONFIG_OF.get(verb) or (EXTERNAL[verb][0], "HELP_CONFIG")
-    mod = importlib.import_module(module)
-    cls = getattr(mod, name, None)  # an external verb's module names its config class HELP_CONFIG
-    if cls is None:
-        return f"pretune {verb}: {VERBS[verb]}\n\n" + (mod.__doc__ or "")
-    rows = describe(cls)
-    width = max(len(k) for k, _, _ in rows)
-    lines = [f"pretune {verb}: {VERBS[verb]}", "", "keys (KEY=VALUE, or in a YAML file):"]
-    lines += [f"  {k:<{width}}  {d}  [default {v}]" for k, v, d in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
@@ -355,12 +384,14 @@ def _main(argv: list[str]) -> int:
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         import difflib
-        hint = difflib.get_close_matches(verb, HANDLERS, n=1)
+        hint = difflib.get_close_matches(verb, VERBS, n=1)
         print(f"error: unknown verb {verb!r}" + (f"; did you mean {hint[0]}?" if hint else "") +
               "\nrun `pretune --help` for the list", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):
-        print(_verb_help(verb))
+        from pretune.cli_help import verb_help
+
+        print(verb_help(verb))
         return 0
     from pretune.errors import UserError
 

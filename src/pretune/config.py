@@ -2,7 +2,9 @@
 
 Every field documents itself with a docstring. Loading collects every problem (unknown keys with a
 "did you mean" hint, wrong types, impossible values) and reports them all at once, naming the key
-and the fix, before any model is built.
+and the fix, before any model is built. A KEY=VALUE override is read by the type of its field
+(config_io.parse_overrides): text stays text, null or None unsets an optional key; the semantic
+checks live in config_checks.validate_run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretune.config_checks import validate_run
 from pretune.config_io import deep_merge, from_dict, parse_overrides, read_yaml
 from pretune.errors import ConfigError
 from pretune.model.config import ModelConfig
@@ -65,7 +68,8 @@ class DataConfig:
     rejected_field: str = "rejected"
     """Preference: field with the rejected response."""
     labels: list[str] | None = None
-    """Classification: the label names in id order; None collects them from the training data."""
+    """Classification: the label names in id order; None collects them from the training data. In a YAML
+    file, quote words YAML reads as booleans or numbers: ['no', 'yes']."""
     on_error: str = "fail"
     """A malformed task record: 'fail' (name file, line and field) or 'skip' (count it in summary.json)."""
     max_examples: int | None = None
@@ -100,8 +104,9 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 turns clipping off."""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
-    compile: str = "auto"
-    """torch.compile the model: 'auto' (on for CUDA, off for CPU), 'true' or 'false'."""
+    compile: str | bool = "auto"
+    """torch.compile the model: 'auto' (on for CUDA, off for CPU), 'true' or 'false' (a YAML true/false
+    is taken as 'true'/'false')."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda' or 'cuda:N'."""
     threads: int | None = None
@@ -116,6 +121,10 @@ class TrainConfig:
     patience: int | None = None
     """With early_stop_metric: stop after this many evaluations without improvement (>= 1); None
     never stops early (the best model is still kept). Needs evaluations (train.eval_every > 0)."""
+
+    def __post_init__(self):
+        if isinstance(self.compile, bool):  # `compile: false` in a YAML file: the text it stands for
+            self.compile = "true" if self.compile else "false"
 
 
 @dataclass
@@ -283,11 +292,12 @@ class Config:
 
 def load_config(cls: type = Config, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None):
-    """YAML file, then KEY=VALUE overrides, then strict validation."""
+    """`base`, then the YAML file, then KEY=VALUE overrides (each read by its field's type in `cls`),
+    then strict validation: every problem at once, as one ConfigError."""
     data = dict(base or {})
     if path is not None:
         data = deep_merge(data, read_yaml(path))
-    data = deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, parse_overrides(overrides or [], cls))  # each value read by its field's type
     cfg = from_dict(cls, data)
     # Semantic checks: a registered validator, or the config class's own problems() method.
     problems = _VALIDATORS[cls](cfg) if cls in _VALIDATORS else (
@@ -295,124 +305,6 @@ def load_config(cls: type = Config, path: str | Path | None = None, overrides: l
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def validate_run(cfg: Config) -> list[str]:
-    """Semantic checks of a training run; every problem is returned, each naming key and fix."""
-    p: list[str] = []
-    t, o, d = cfg.train, cfg.optim, cfg.data
-
-    def positive(key: str, value, allow_zero=False):
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            p.append(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
-
-    positive("train.max_steps", t.max_steps)
-    positive("train.batch_size", t.batch_size)
-    positive("train.micro_batch_size", t.micro_batch_size)
-    positive("train.seq_len", t.seq_len)
-    positive("train.eval_every", t.eval_every, allow_zero=True)
-    positive("train.save_every", t.save_every, allow_zero=True)
-    positive("train.log_every", t.log_every)
-    positive("train.keep_last", t.keep_last)
-    positive("train.grad_clip", t.grad_clip, allow_zero=True)
-    positive("optim.lr", o.lr)
-    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
-        p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size="
-                 f"{t.micro_batch_size}; pick a micro-batch size that divides it")
-    choices = {"train.precision": (t.precision, ("auto", "fp32", "bf16")),
-               "train.compile": (t.compile, ("auto", "true", "false")),
-               "optim.schedule": (o.schedule, ("cosine", "wsd", "constant")),
-               "data.encoding_errors": (d.encoding_errors, ("replace", "strict")),
-               "dist.strategy": (cfg.dist.strategy, ("ddp", "fsdp")),
-               "method": (cfg.method, ("full", "freeze", "lora")),
-               "finetune.classifier": (cfg.finetune.classifier, ("head", "verbalizer")),
-               "finetune.truncation": (cfg.finetune.truncation, ("left", "right")),
-               "finetune.turns": (cfg.finetune.turns, ("last", "all")),
-               "lora.save": (cfg.lora.save, ("merged", "adapter")),
-               "data.on_error": (d.on_error, ("fail", "skip"))}
-    if cfg.task is not None and cfg.task not in TASKS:
-        p.append(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
-    if cfg.finetune.cv == 1 or cfg.finetune.cv < 0:
-        p.append(f"finetune.cv={cfg.finetune.cv}: give k >= 2 folds, or 0 for no cross-validation")
-    f = cfg.finetune
-    if not 0 <= f.replay_ratio < 1:
-        p.append(f"finetune.replay_ratio={f.replay_ratio} must be in [0, 1)")
-    elif f.replay and t.batch_size:
-        n_replay = round(t.batch_size * f.replay_ratio)  # whole rows of each batch
-        if n_replay >= t.batch_size:
-            p.append(f"finetune.replay_ratio={f.replay_ratio} leaves no task rows in a batch of "
-                     f"train.batch_size={t.batch_size}; lower it or raise the batch size")
-        elif f.replay_ratio > 0 and n_replay == 0:
-            p.append(f"finetune.replay_ratio={f.replay_ratio} rounds to no replay rows in a batch of "
-                     f"train.batch_size={t.batch_size}; raise one of them (a row needs a ratio of at least "
-                     f"{0.5 / t.batch_size:.3g})")
-    if f.replay_weight < 0:
-        p.append(f"finetune.replay_weight={f.replay_weight} must be >= 0")
-    if f.replay_ratio > 0 and not f.replay:
-        p.append("finetune.replay_ratio > 0 needs finetune.replay (general text files)")
-    positive("finetune.epochs", f.epochs)
-    positive("finetune.l2sp", f.l2sp, allow_zero=True)
-    positive("finetune.dpo_beta", f.dpo_beta)
-    positive("lora.rank", cfg.lora.rank)
-    positive("lora.alpha", cfg.lora.alpha)
-    positive("data.max_examples", d.max_examples)
-    positive("data.shard_tokens", d.shard_tokens)
-    if d.tokenizer == "bpe" and d.vocab_size < BPE_MIN_VOCAB:
-        p.append(f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: byte-level BPE needs "
-                 f"at least {BPE_MIN_VOCAB} (256 byte tokens and 4 special tokens); set "
-                 f"data.vocab_size >= {BPE_MIN_VOCAB}")
-    if f.max_len < 2:
-        p.append(f"finetune.max_len={f.max_len}: an example needs at least 2 tokens (a prompt token and a target)")
-    if not 0 <= cfg.lora.dropout < 1:
-        p.append(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
-    if f.fold is not None and not (f.cv and 0 <= f.fold < f.cv):
-        p.append(f"finetune.fold={f.fold} needs finetune.cv=k and 0 <= fold < k (cross-validation sets it)")
-    if t.patience is not None and not t.early_stop_metric:
-        p.append("train.patience needs train.early_stop_metric (for example val_loss or val_accuracy)")
-    if t.patience is not None and t.patience < 1:
-        p.append(f"train.patience={t.patience} must be >= 1: the evaluations without improvement after which "
-                 "the run stops; leave train.patience unset (null) to keep the best model without stopping early")
-    if t.early_stop_metric and not t.eval_every:
-        p.append(f"train.early_stop_metric={t.early_stop_metric!r} needs evaluations, but train.eval_every=0 "
-                 "turns them off; set train.eval_every to N > 0, or unset train.early_stop_metric")
-    elif t.early_stop_metric and not d.val and not d.val_fraction and not cfg.finetune.cv:
-        p.append(f"train.early_stop_metric={t.early_stop_metric!r} needs validation data, but data.val is empty "
-                 "and data.val_fraction=0; give data.val or data.val_fraction > 0, or unset train.early_stop_metric")
-    watched = eval_figures(cfg)
-    if t.early_stop_metric and t.early_stop_metric not in watched:
-        p.append(f"train.early_stop_metric={t.early_stop_metric!r} is not an evaluation figure of this run; "
-                 f"one of {', '.join(watched)}")
-    for key, (value, options) in choices.items():
-        if value not in options:
-            p.append(f"{key}={value!r} is not one of {', '.join(options)}")
-    if not 0 < o.decay_fraction <= 1:
-        p.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]: the share of train.max_steps "
-                 "that optim.schedule=wsd spends decaying at the end (for example 0.2)")
-    if not 0 <= o.min_lr_ratio <= 1:
-        p.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
-    if not 0 <= d.test_fraction < 1:
-        p.append(f"data.test_fraction={d.test_fraction} must be in [0, 1)")
-    if not 0 <= d.val_fraction < 1:
-        p.append(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.weights is not None and len(d.weights) != len(d.train):
-        p.append(f"data.weights has {len(d.weights)} entries but data.train has {len(d.train)} sources; "
-                 "give one weight per source")
-    if d.weights is not None and (any(w < 0 for w in d.weights) or sum(d.weights) <= 0):
-        p.append("data.weights must be non-negative and not all zero")
-    if cfg.resume and cfg.init_from:
-        p.append("resume and init_from are both set: resume continues a run, init_from starts a new "
-                 "one from a parent's weights; keep one")
-    if t.stop_after is not None and not 0 < t.stop_after <= t.max_steps:
-        p.append(f"train.stop_after={t.stop_after} must be in 1..train.max_steps")
-    for key in ("dropout", "attn_dropout"):
-        value = getattr(cfg.model, key)
-        if not 0 <= value < 1:
-            p.append(f"model.{key}={value} must be in [0, 1)")
-    if cfg.track.tensorboard or cfg.track.mlflow:  # a missing package is found before any work
-        from pretune.train.tracking import tracker_problems
-        p += tracker_problems(cfg)
-    return p
 
 
 TASKS = ("classification", "instruction", "text2text", "preference")
@@ -442,4 +334,6 @@ def finetune_only_keys(cfg: Config) -> list[str]:
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(mine)
                  if getattr(mine, f.name) != getattr(base, f.name)]
     return keys
+
+
 _VALIDATORS: dict[type, Any] = {Config: validate_run}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -18,28 +19,98 @@ import yaml
 
 from pretune.errors import ConfigError
 
+NULL_TEXT = ("null", "Null", "NULL", "~", "None")
+"""Override text meaning None: YAML's null words, and Python's None as a synonym."""
 
-def parse_overrides(items: list[str]) -> dict:
-    """Turn ["a.b=1", "c=x"] into a nested dict, values parsed as YAML scalars/lists."""
+
+def parse_overrides(items: list[str], cls: type | None = None) -> dict:
+    """Turn ["a.b=1", "c=x"] into a nested dict.
+
+    With `cls` (the config class the overrides are for) a value is read by the type of the field it
+    sets: a str field keeps the text as written (prompt=no stays 'no', 12:30 stays '12:30'), list
+    items stay text ([no,yes] -> ['no', 'yes']), bool/int/float text is parsed strictly by from_dict,
+    null or None is None (an error for a field that cannot be None), and a mapping field (or a key of
+    no known type) takes a YAML value. Without `cls`, values are parsed as YAML scalars/lists."""
     out: dict = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"argument {item!r} is not KEY=VALUE (for example train.max_steps=200)")
         key, _, raw = item.partition("=")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, dict):  # "a: b" was meant as text, not a mapping
-            value = raw
+        key = key.strip()
+        parts = key.split(".")
+        tp = _field_type(cls, parts) if cls is not None else None
+        value = _yaml_value(raw) if tp is None else _from_text(raw, tp, key)
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is given both as a value and as a section")
         node[parts[-1]] = value
     return out
+
+
+def _yaml_value(raw: str) -> Any:
+    """An override's text as a YAML scalar or list (a mapping-looking text such as "a: b" stays text)."""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return raw if isinstance(value, dict) else value
+
+
+def _field_type(cls: type, parts: list[str]) -> Any:
+    """The annotated type of the field `parts` names in dataclass `cls` (model.rope_scaling ->
+    dict | None); None for an unknown key, a section, or an entry inside a mapping field."""
+    tp: Any = cls
+    for part in parts:
+        if not is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in {f.name for f in fields(tp)}:
+            return None
+        tp = hints[part]
+    return None if is_dataclass(tp) else tp
+
+
+def _from_text(raw: str, tp: Any, key: str) -> Any:
+    """An override's text as a value for a field of type `tp`; from_dict then checks it (so a
+    malformed number is reported with the other problems)."""
+    text = raw.strip()
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text in NULL_TEXT or not text:
+            return None
+        return _from_text(raw, args[0], key) if len(args) == 1 else _yaml_value(raw)
+    if text in NULL_TEXT and (origin is list or tp is list):
+        raise ConfigError(f"{key}={raw}: null is not allowed: this key is a list; give {key}=[] for an empty one")
+    if text in NULL_TEXT:
+        return None  # from_dict: this key cannot be null
+    if origin is list or tp is list:
+        item_tp = (typing.get_args(tp) or (Any,))[0]
+        if not text:
+            return []
+        if not text.startswith("["):
+            return [raw if item_tp is str else _from_text(raw, item_tp, key)]
+        try:  # BaseLoader: flow syntax and quotes, every item kept as the text written
+            items = yaml.load(text, Loader=yaml.BaseLoader)
+        except yaml.YAMLError:
+            items = None
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}={raw} is not a list; write {key}=[a,b] (items separated by commas) "
+                              f"or {key}=a for one item")
+        return [v if item_tp is str or not isinstance(v, str) else _from_text(v, item_tp, key) for v in items]
+    if tp is str:
+        return raw
+    if tp in (bool, int, float):
+        return text
+    if tp is dict or origin is dict:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        return value
+    return _yaml_value(raw)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -87,12 +158,22 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message, and how to unset it
             trial: list[str] = []
+            out = _coerce(value, options[0], key, trial)
+            problems += [f"{t} (or null to leave it unset)" for t in trial]
+            return out
+        for arg in options:
+            trial = []
             out = _coerce(value, arg, key, trial)
             if not trial:
                 return out
         problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if value is None and tp in (bool, int, float, str, dict):
+        problems.append(f"{key}: null is not allowed: this key has no unset value; give one, or leave the key "
+                        "out for its default")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
@@ -102,7 +183,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(items)]
     if tp is Any or tp is dict:
         if tp is dict and value is not None and not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
+            problems.append(f"{key}: expected a mapping, got {value!r}; give one as {key}={{name: value, ...}} "
+                            f"(in a YAML file, nested keys), or set one entry with {key}.NAME=VALUE")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -127,17 +209,24 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
-            try:
-                return float(value)
+            try:  # Python's forms (1e-3, nan, inf), then YAML's (.inf, -.inf, .nan)
+                return float(value.lower().replace(".inf", "inf").replace(".nan", "nan"))
             except ValueError:
                 pass
         problems.append(f"{key}: expected a number, got {value!r}")
         return value
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, bool):
-            return str(value).lower()
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (bool, int, float, datetime.date)):
+            # A YAML file's unquoted no, 12:30 or 010 is already false, 750 or 8: the text written is
+            # gone, so it is refused rather than kept as a text the user did not write.
+            kind = "true/false" if isinstance(value, bool) else (
+                "a date" if isinstance(value, datetime.date) else "a number")
+            problems.append(f"{key}: expected text, but YAML read the unquoted value as {kind} ({value!r}); "
+                            "quote the text in the file, for example 'no' or '12:30' (unquoted, YAML turns "
+                            "no/yes into false/true, 12:30 into 750 and 010 into 8)")
+            return value
         problems.append(f"{key}: expected a string, got {value!r}")
         return value
     return value

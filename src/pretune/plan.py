@@ -5,6 +5,9 @@ gradients, AdamW state and activations for the strategy (full, freeze, LoRA), pr
 and world size (DDP replicates everything, FSDP divides parameters, gradients and optimiser state by
 the number of processes); and for the whole run: FLOPs, time and energy at a given MFU.
 
+What run the config describes (the resumed run's config, the tokenizer's vocabulary, a classification
+head, fine-tuning's finetune.max_len, the device, the run's own refusals) is found in plan_inputs.
+
 How the figures are counted:
 - Parameters come from the same names and shapes the model builds (`param_shapes`), so the count
   is exact, and so are gradient (fp32, trainable only) and AdamW state (two fp32 moments per
@@ -27,12 +30,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from pretune.config import Config, load_config, validate_run
+from pretune.config import Config, validate_run
 from pretune.errors import ConfigError
-from pretune.model.config import ModelConfig, resolve_model_config
+from pretune.model.config import ModelConfig
+from pretune.plan_inputs import NO_BF16, load_plan_config, run_arch, run_inputs
 
 # Memory (GB) and board power (W) by GPU model; peak bf16 FLOP/s come from train.meter.PEAK_FLOPS.
 # Memory per GPU in GiB: the "80 GB" of an H100 is 80 GiB of HBM (about 79.6 GiB usable); a plan fits
@@ -52,8 +56,10 @@ class PlanConfig(Config):
 
     world_size: int = 1
     """Processes (GPUs) the run will use: ddp replicates the model, fsdp divides its state."""
-    gpu: str = "H100"
-    """GPU model for peak FLOP/s, memory and power (H100, H200, A100, L4, ...), or 'cpu'."""
+    gpu: str | None = None
+    """GPU model for peak FLOP/s, memory and power (H100, H200, A100, L4, ...), or 'cpu'. None: the CPU
+    with train.device=cpu, else this machine's GPU (an H100, with a note, when it is not in the table or
+    train.device=cuda and there is none here), else the CPU (where train.device=auto would run)."""
     mfu: float = 0.4
     """Model FLOPs utilisation to assume for the time estimate (0.3-0.5 is typical)."""
     power_w: float | None = None
@@ -71,31 +77,14 @@ HELP_CONFIG = PlanConfig
 
 
 def resolve_arch(cfg: Config) -> ModelConfig:
-    """The architecture the run will build: init_from's config when set, else model.* (the
-    vocabulary from data.tokenizer when it is a file, else data.vocab_size for BPE, 256 for char)."""
-    if cfg.init_from:
-        from pretune.model.io import find_model_dir, is_hf_model_dir, read_model_config
-
-        model_dir = find_model_dir(cfg.init_from)
-        if is_hf_model_dir(model_dir):
-            from pretune.interop.hf import hf_to_model_config, read_hf_config
-
-            return resolve_model_config(hf_to_model_config(read_hf_config(model_dir)))
-        return resolve_model_config(read_model_config(model_dir))
-    vocab = cfg.model.vocab_size
-    if vocab is None:
-        tok = Path(cfg.data.tokenizer)
-        if cfg.data.tokenizer not in ("char", "bpe") and (tok.is_file() or (tok / "tokenizer.json").is_file()):
-            from pretune.data.tokenizer import Tokenizer
-
-            vocab = Tokenizer.load(tok).vocab_size  # as training counts it (special tokens once)
-        else:
-            vocab = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 256
-    return resolve_model_config(replace(cfg.model, vocab_size=vocab))
+    """The architecture the run will build (plan_inputs.run_arch: the resumed run's, init_from's, or
+    model.* with the vocabulary of the tokenizer the run will use)."""
+    return run_arch(cfg)[0]
 
 
-def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape, as GPT builds them (a tied output head is not repeated)."""
+def param_shapes(c: ModelConfig, n_labels: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, as GPT builds them (a tied output head is not repeated),
+    and a classification head's (model.heads.ClassifierModel: nn.Linear(d_model, n_labels))."""
     q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (c.vocab_size, c.d_model)}
     for i in range(c.n_layer):
@@ -113,6 +102,8 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes["norm.weight"] = (c.d_model,)
     if not c.tie_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.d_model)
+    if n_labels is not None:
+        shapes["head.weight"], shapes["head.bias"] = (n_labels, c.d_model), (n_labels,)
     return shapes
 
 
@@ -123,12 +114,14 @@ def _layer(name: str) -> int:
     return -1 if name.startswith("tok_emb") else 10 ** 9
 
 
-def trainable_shapes(cfg: Config, c: ModelConfig) -> tuple[dict, dict, list[str]]:
-    """(all parameters, trainable ones, LoRA-adapted linear layers) for cfg.method.
+def trainable_shapes(cfg: Config, c: ModelConfig, n_labels: int | None = None) -> tuple[dict, dict, list[str]]:
+    """(all parameters, trainable ones, LoRA-adapted linear layers) for cfg.method; a
+    classification head always trains (finetune.set_trainable).
 
     Read defensively: the fine-tuning keys (method, lora.*, freeze.*) may be absent."""
-    shapes = param_shapes(c)
+    shapes = param_shapes(c, n_labels)
     method = getattr(cfg, "method", "full") or "full"
+    head = {n: s for n, s in shapes.items() if n.startswith("head.")}
     if method == "full":
         return shapes, dict(shapes), []
     if method == "freeze":
@@ -141,12 +134,11 @@ def trainable_shapes(cfg: Config, c: ModelConfig) -> tuple[dict, dict, list[str]
         else:
             first = c.n_layer - int(getattr(fz, "last_k", 2))
             names = [n for n in shapes if n.startswith(("norm.", "lm_head.")) or 0 <= first <= _layer(n) < 10 ** 9]
-        return shapes, {n: shapes[n] for n in names}, []
+        return shapes, {**{n: shapes[n] for n in names}, **head}, []
     if method == "lora":
         lc = getattr(cfg, "lora", None)
         rank = int(getattr(lc, "rank", 8))
-        targets = list(getattr(lc, "targets", None) or
-                       ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        targets = list(getattr(lc, "targets", None) or [])  # none matches nothing, as apply_lora says
         adapted, extra = [], {}
         for n, shp in shapes.items():
             module = n.rsplit(".", 1)[0]
@@ -157,12 +149,15 @@ def trainable_shapes(cfg: Config, c: ModelConfig) -> tuple[dict, dict, list[str]
                 extra[module + ".lora_b"] = (shp[0], rank)
         if not adapted:
             raise ConfigError(f"lora.targets={targets} matches no linear layer of the model")
-        return {**shapes, **extra}, extra, adapted
+        return {**shapes, **extra}, {**extra, **head}, adapted
     raise ConfigError(f"method={method!r} is not one of full, freeze, lora")
 
 
 def flops_per_token(c: ModelConfig, shapes: dict, trainable: dict, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token, counted as train.meter counts them on the live model."""
+    """Training FLOPs per token, counted as train.meter counts them on the live model: `lm_head` is
+    the vocabulary projection's part (in total, as if it ran at every token) and `cls_head` a
+    classification head's (not in total: it runs once per example); `forward`, `forward_attention`
+    and `lm_head_forward` are a forward pass's (DPO's reference model)."""
     from pretune.train.meter import matmul_cost
 
     matmul = {n: s for n, s in shapes.items() if len(s) == 2 and not n.startswith("tok_emb")}
@@ -171,16 +166,24 @@ def flops_per_token(c: ModelConfig, shapes: dict, trainable: dict, seq_len: int)
     first = min((_layer(n) for n in trainable), default=10 ** 9)
     if c.tie_embeddings and "tok_emb.weight" in trainable:
         trainable = dict(trainable, **{"lm_head.weight": shapes["tok_emb.weight"]})
-    t = f = 0.0
+    t = f = lm_head = cls_head = forward = 0.0
     for n, s in matmul.items():
         cost = matmul_cost(n, n in trainable, first if trainable else None)
         if n in trainable:
             t += cost * math.prod(s)
         else:
             f += cost * math.prod(s)
+        if n.startswith("lm_head."):
+            lm_head += cost * math.prod(s)
+        elif n.startswith("head."):
+            cls_head += cost * math.prod(s)
+        else:
+            forward += 2 * math.prod(s)
     unit = c.n_head * c.head_dim * seq_len
     attn = sum((12 if i >= first else 4) * unit for i in range(c.n_layer))
-    return {"trainable": t, "frozen": f, "attention": float(attn), "total": t + f + attn}
+    return {"trainable": t, "frozen": f, "attention": float(attn), "total": t + f + attn - cls_head,
+            "lm_head": lm_head, "cls_head": cls_head, "forward": forward,
+            "forward_attention": float(4 * unit * c.n_layer), "lm_head_forward": 2.0 * c.vocab_size * c.d_model}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -188,7 +191,7 @@ def flops_per_token(c: ModelConfig, shapes: dict, trainable: dict, seq_len: int)
 
 def activation_bytes(c: ModelConfig, micro_batch: int, seq_len: int, a: int, device: str, method: str,
                      first_grad_layer: int, adapted: set[str], lora_rank: int, lora_dropout: float,
-                     head_trainable: bool, checkpointing: bool) -> dict[str, float]:
+                     head_trainable: bool, checkpointing: bool, n_labels: int | None = None) -> dict[str, float]:
     """Bytes autograd saves for backward in one micro-batch (a: bytes per element in compute).
 
     Per token and block (H heads, Hkv key/value heads, D head width, F the MLP width): both norm
@@ -199,7 +202,9 @@ def activation_bytes(c: ModelConfig, micro_batch: int, seq_len: int, a: int, dev
     frozen base layers keep nothing. On the CPU the concatenated q/k/v and gate/up weights are kept
     per block (adapted ones too, when no adapter dropout keeps them apart). Blocks below the first
     layer that gradients reach keep nothing. The head keeps the final norm's input, the output
-    projection's input when it trains, fp32 log-probabilities and the token ids."""
+    projection's input when it trains, fp32 log-probabilities and the token ids; a classification
+    head (n_labels) instead the final norm's input and, per sequence, its last position's hidden
+    state and the classes' fp32 log-probabilities (no vocabulary projection runs)."""
     d, H, Hkv, D, F, V, r = c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size, lora_rank
     tokens = micro_batch * seq_len
     cpu = device == "cpu"
@@ -248,7 +253,11 @@ def activation_bytes(c: ModelConfig, micro_batch: int, seq_len: int, a: int, dev
     recompute = 0.0
     if checkpointing and grad_layers:  # each block keeps its input; one is recomputed at a time
         blocks, recompute = grad_layers * tokens * 4 * d, per_block
-    head = tokens * (4 * d + (a * d if head_trainable else 0) + 4 * V + (8 if first_grad_layer < 0 else 0))
+    ids = 8 if first_grad_layer < 0 else 0  # the embedding's backward keeps the token ids
+    if n_labels is None:
+        head = tokens * (4 * d + (a * d if head_trainable else 0) + 4 * V + ids)
+    else:
+        head = tokens * (4 * d + ids) + micro_batch * (a * d + 4 * n_labels)
     return {"blocks": float(blocks), "head": float(head), "recompute": float(recompute),
             "total": float(blocks + head + recompute)}
 
@@ -257,69 +266,104 @@ def estimate(cfg: PlanConfig) -> dict:
     """Every figure `pretune plan` prints, as a dict (bytes, FLOPs, seconds, joules)."""
     from pretune.train.meter import PEAK_FLOPS
 
-    c = resolve_arch(cfg)
-    shapes, trainable, adapted = trainable_shapes(cfg, c)
+    run = run_inputs(cfg)
+    c, seq_len, n_labels = run.arch, run.seq_len, run.n_labels
+    shapes, trainable, adapted = trainable_shapes(cfg, c, n_labels)
     world = cfg.world_size
     fsdp = world > 1 and cfg.dist.strategy == "fsdp"
-    device = "cpu" if cfg.gpu.lower() == "cpu" else "cuda"
+    cpu = run.device == "cpu"
     precision = cfg.train.precision
-    bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
+    bf16 = precision == "bf16" or (precision == "auto" and not cpu and run.device not in NO_BF16)
     a = 2 if bf16 else 4
-    seq_len = cfg.train.seq_len or c.max_seq_len
-    if cfg.train.batch_size % world:
+    # a step's rows: the task's examples (a preference example is two sequences) and replay text
+    f = cfg.finetune
+    n_replay = round(cfg.train.batch_size * f.replay_ratio) if cfg.task and f.replay and f.replay_ratio > 0 else 0
+    task_rows = cfg.train.batch_size - n_replay
+    if cfg.task:  # each rank gets as many rows (tasks.TaskBatches fills a short share up)
+        if n_replay % world:
+            raise ConfigError(f"finetune.replay_ratio={f.replay_ratio} gives {n_replay} replay rows per batch, "
+                              f"which the {world} processes cannot share evenly")
+        local = -(-task_rows // world)
+    elif cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world_size={world}")
-    local = cfg.train.batch_size // world
+    else:
+        local = cfg.train.batch_size // world
     micro = min(cfg.train.micro_batch_size or local, local)
+    per_row = 2 if cfg.task == "preference" else 1
 
+    # a classification head's task batches never run the (untied) vocabulary projection: no gradient
+    unused = {"lm_head.weight"} if n_labels is not None and not n_replay and not c.tie_embeddings else set()
+    learning = {n: s for n, s in trainable.items() if n not in unused}
     n_params = sum(math.prod(s) for s in shapes.values())
     n_train = sum(math.prod(s) for s in trainable.values())
+    n_learn = sum(math.prod(s) for s in learning.values())
     shard = world if fsdp else 1
     # bf16 without FSDP: frozen linear weights are stored in bf16 for the run (train/frozen.py)
     linear = {n: math.prod(s) for n, s in shapes.items() if n.endswith(("proj.weight", "proj.bias", "lm_head.weight"))}
     frozen_bf16 = sum(v for n, v in linear.items() if n not in trainable) if bf16 and not fsdp else 0
     params_b = (4 * n_params - 2 * frozen_bf16) / shard
-    grads_b = 4 * n_train / shard
+    grads_b = 4 * n_learn / shard
     if fsdp and micro < local:  # FSDP2 accumulates unsharded fp32 gradients until the last micro-batch
-        grads_b += 4 * n_train
-    optim_b = (8 * n_train + 4 * len(trainable)) / shard
+        grads_b += 4 * n_learn
+    optim_b = (8 * n_learn + 4 * len(learning)) / shard
     first = min((_layer(n) for n in trainable), default=10 ** 9)
     lc = getattr(cfg, "lora", None)
     head_trainable = "lm_head.weight" in trainable or (c.tie_embeddings and "tok_emb.weight" in trainable)
-    acts = activation_bytes(c, micro, seq_len, a, device, getattr(cfg, "method", "full") or "full", first,
-                            {m.rsplit(".", 1)[-1] for m in adapted}, int(getattr(lc, "rank", 8)),
-                            float(getattr(lc, "dropout", 0.0)), head_trainable, cfg.dist.activation_checkpointing)
+
+    def acts_of(rows: int, labels: int | None) -> dict[str, float]:
+        return activation_bytes(c, rows, seq_len, a, "cpu" if cpu else "cuda", getattr(cfg, "method", "full") or "full",
+                                first, {m.rsplit(".", 1)[-1] for m in adapted}, int(getattr(lc, "rank", 8)),
+                                float(getattr(lc, "dropout", 0.0)), head_trainable, cfg.dist.activation_checkpointing,
+                                labels)
+
+    acts = acts_of(micro * per_row, n_labels)
+    if n_replay:  # the replay rows are a micro-batch of their own, of language modelling
+        acts = max(acts, acts_of(n_replay // world, None), key=lambda x: x["total"])
     block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("blocks.0."))
     root = n_params - c.n_layer * block
     if fsdp:  # gathered blocks (current and prefetched) and the root's gathered weights, in compute dtype
         transient = a * (2 * block + root) + 4 * block
     elif bf16:  # autocast keeps a bf16 copy of every fp32 (trainable) matmul weight from forward to backward
         transient = 2 * sum(math.prod(s) for n, s in shapes.items()
-                            if len(s) == 2 and not n.startswith("tok_emb") and n in trainable)
+                            if len(s) == 2 and not n.startswith("tok_emb") and n in learning)
     else:
         transient = 0.0
     total_mem = params_b + grads_b + optim_b + acts["total"] + transient
 
     fpt = flops_per_token(c, shapes, trainable, seq_len)
-    tokens = cfg.train.max_steps * cfg.train.batch_size * seq_len
-    flops = fpt["total"] * tokens
-    gpu_key = next((k for k in PEAK_FLOPS if k.lower() == cfg.gpu.lower()), None)
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (PEAK_FLOPS.get(gpu_key) if gpu_key else None)
+    if cfg.task:  # per sequence of at most seq_len tokens (meter.batch_flops counts the real batches)
+        per_seq = seq_len * (fpt["total"] - fpt["lm_head"]) + (
+            fpt["cls_head"] if n_labels is not None else seq_len * fpt["lm_head"])
+        if cfg.task == "preference":  # DPO's reference model: a forward pass over the same sequences
+            per_seq += seq_len * (fpt["forward"] + fpt["forward_attention"] + fpt["lm_head_forward"])
+        tokens = run.steps * (task_rows * per_row + n_replay) * seq_len
+        flops = run.steps * (task_rows * per_row * per_seq + n_replay * seq_len * fpt["total"])
+    else:
+        tokens = run.steps * cfg.train.batch_size * seq_len
+        flops = fpt["total"] * tokens
+    gpu = None if cpu else (run.device if run.device in PEAK_FLOPS else None)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (PEAK_FLOPS.get(gpu) if gpu else None)
     seconds = flops / (cfg.mfu * peak * world) if peak else None
-    power = cfg.power_w or (GPU_POWER_W.get(gpu_key) if gpu_key else None)
+    power = cfg.power_w or (GPU_POWER_W.get(gpu) if gpu else None)
     energy = seconds * power * world if (seconds is not None and power) else None
-    capacity = GPU_MEMORY_GB.get(gpu_key) if gpu_key else None
+    capacity = GPU_MEMORY_GB.get(gpu) if gpu else None
+    notes = list(run.notes)
+    if peak and not cfg.peak_tflops and not bf16:
+        notes.append(f"time: the run is fp32 but {run.device}'s peak is its bf16 figure; set peak_tflops= to "
+                     "its fp32 (TF32) rate")
     return {
         "model": {k: getattr(c, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
                                              "max_seq_len", "tie_embeddings")},
+        "vocab_source": run.vocab, "task": cfg.task, "n_labels": n_labels, "steps": run.steps,
         "method": getattr(cfg, "method", "full"), "strategy": cfg.dist.strategy if world > 1 else "single",
-        "world_size": world, "precision": "bf16" if bf16 else "fp32", "device": cfg.gpu,
-        "micro_batch": micro, "seq_len": seq_len, "grad_accum": local // micro,
+        "world_size": world, "precision": "bf16" if bf16 else "fp32", "device": run.device,
+        "micro_batch": micro, "seq_len": seq_len, "grad_accum": -(-local // micro),
         "params": n_params, "trainable_params": n_train, "trainable_tensors": len(trainable),
         "memory": {"params": params_b, "grads": grads_b, "optimizer": optim_b, "activations": acts["total"],
                    "transient": float(transient), "total": total_mem},
         "activation_parts": acts, "gpu_memory_gb": capacity, "fits": (total_mem <= capacity * GIB * 0.95) if capacity else None,
         "flops_per_token": fpt, "tokens": tokens, "flops": flops, "mfu": cfg.mfu,
-        "peak_flops": peak, "time_s": seconds, "power_w": power, "energy_j": energy,
+        "peak_flops": peak, "time_s": seconds, "power_w": power, "energy_j": energy, "notes": notes,
     }
 
 
@@ -338,14 +382,20 @@ def _duration(s: float) -> str:
 def format_plan(p: dict) -> str:
     """The figures as a short report."""
     m, mem = p["model"], p["memory"]
+    cpu = p["device"] == "cpu"
+    task = f"task {p['task']}, " if p["task"] else ""
+    upto = "at most " if p["task"] else ""
+    head = f"; classification head {m['d_model']} x {p['n_labels']} + bias" if p["n_labels"] is not None else ""
     lines = [
         f"model: {m['n_layer']} layers x {m['d_model']} wide, {m['n_head']} heads ({m['n_kv_head']} kv), "
-        f"d_ff {m['d_ff']}, vocab {m['vocab_size']:,}, context {p['seq_len']}",
-        f"parameters: {p['params']:,} (trainable {p['trainable_params']:,}, method {p['method']})",
-        f"run: {p['strategy']} on {p['world_size']} x {p['device']}, {p['precision']}, micro-batch {p['micro_batch']} "
+        f"d_ff {m['d_ff']}, vocab {m['vocab_size']:,}, context {m['max_seq_len']}",
+        f"vocabulary: {p['vocab_source']}",
+        f"parameters: {p['params']:,} (trainable {p['trainable_params']:,}, {task}method {p['method']}{head})",
+        f"run: {p['strategy']} on {p['world_size']} x {'CPU' if cpu else p['device']}, {p['precision']}, "
+        f"{p['steps']:,} steps of {upto}{p['seq_len']} tokens per sequence, micro-batch {p['micro_batch']} "
         f"x {p['grad_accum']} accumulation step(s) per rank",
         "",
-        "memory per GPU:" if p["device"].lower() != "cpu" else "memory:",
+        "memory:" if cpu else "memory per GPU:",
         f"  parameters   {_gib(mem['params']):>14}",
         f"  gradients    {_gib(mem['grads']):>14}",
         f"  AdamW state  {_gib(mem['optimizer']):>14}",
@@ -354,26 +404,26 @@ def format_plan(p: dict) -> str:
         f"  total        {_gib(mem['total']):>14}" + (
             f"   of {p['gpu_memory_gb']} GiB: {'fits' if p['fits'] else 'does NOT fit'}" if p["gpu_memory_gb"] else ""),
         "",
-        f"compute: {p['flops_per_token']['total']:.4g} FLOPs/token x {p['tokens']:,} tokens = {p['flops']:.4g} FLOPs",
+        f"compute: {p['flops'] / max(p['tokens'], 1):.4g} FLOPs/token x {upto}{p['tokens']:,} tokens = "
+        f"{upto}{p['flops']:.4g} FLOPs",
     ]
     if p["time_s"] is not None:
         lines.append(f"time at MFU {p['mfu']:.0%} of {p['peak_flops'] / 1e12:,.0f} TFLOP/s x {p['world_size']}: "
                      f"{_duration(p['time_s'])}")
+    elif cpu:
+        lines.append("time: not estimated for the CPU (no peak table); give peak_tflops= (the CPU's sustained "
+                     "TFLOP/s in the run's precision) and mfu= to estimate it")
     else:
         lines.append(f"time: no peak FLOP/s known for gpu={p['device']}; set peak_tflops=... (or gpu=H100, A100, L4)")
     if p["energy_j"] is not None:
         lines.append(f"energy at {p['power_w']:,.0f} W x {p['world_size']}: {p['energy_j'] / 3.6e6:,.3f} kWh")
+    lines += [f"note: {n}" for n in p["notes"]]
     return "\n".join(lines)
 
 
 def cmd_plan(argv: list[str]) -> int:
-    """`pretune plan [CONFIG.yaml] [KEY=VALUE ...]`."""
-    from pretune.cli import _split
-
-    yaml_path, extra, overrides = _split(argv)
-    if extra is not None:
-        raise ConfigError(f"unexpected argument {extra!r}; pretune plan takes [CONFIG.yaml] [KEY=VALUE ...]")
-    cfg = load_config(PlanConfig, yaml_path, overrides)
+    """`pretune plan [CONFIG.yaml] [KEY=VALUE ...]`; with resume=RUN, the plan of the resumed run."""
+    cfg = load_plan_config(PlanConfig, argv)
     problems = validate_run(cfg)
     if cfg.world_size < 1:
         problems.append(f"world_size={cfg.world_size} must be >= 1")

@@ -344,7 +344,7 @@ class Study:
 def load_study(path: str | None, overrides: list[str] | None = None, base: dict | None = None) -> Study:
     """Read, merge and check a study; every problem is reported at once."""
     raw = deep_merge(dict(base or {}), read_yaml(path) if path else {})
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw = deep_merge(raw, parse_overrides(overrides or [], StudyConfig))  # read by each key's type
     cfg = load_config(StudyConfig, None, None, base=raw)
     problems: list[str] = []
     tasks = {}

@@ -1,0 +1,116 @@
+"""The command line itself: resume given in a file or as an override, the keys each verb reads and
+refuses, and each verb's --help."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from pretune.cli import _run_config
+from pretune.config import Config, load_config
+from pretune.config_io import save_config, to_dict
+from pretune.errors import ConfigError
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A run directory as a run stopped at step 10 of 20 leaves it (its config.yaml is all _run_config reads)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(Config, None, [f"out_dir={run}", "data.train=corpus.txt", "data.tokenizer=char",
+                                     "train.max_steps=20", "train.stop_after=10", "optim.lr=0.01"])
+    save_config(dataclasses.replace(cfg, resume=None), run / "config.yaml")
+    return run
+
+
+def test_resume_in_a_yaml_file_takes_the_path_of_resume_given_as_an_override(stopped_run, tmp_path, capsys):
+    by_override = _run_config([f"resume={stopped_run}", "optim.lr=5e-3"])
+    warned = capsys.readouterr().err
+    assert "warning: resume with optim.lr=0.005 (the run had 0.01)" in warned
+    assert by_override.train.stop_after is None and by_override.out_dir == str(stopped_run)
+
+    copy = yaml.safe_load((stopped_run / "config.yaml").read_text())  # the run's own config, resume added
+    copy["resume"] = str(stopped_run)
+    (tmp_path / "copy.yaml").write_text(yaml.safe_dump(copy))
+    (tmp_path / "only.yaml").write_text(yaml.safe_dump({"resume": str(stopped_run)}))
+    for path in ("copy.yaml", "only.yaml"):
+        cfg = _run_config([str(tmp_path / path), "optim.lr=5e-3"])
+        assert capsys.readouterr().err == warned  # the same warning, and the saved stop_after cleared
+        assert to_dict(cfg) == to_dict(by_override)
+    # a change written in the file is a change asked for, refused or warned about as an override is
+    (tmp_path / "lr.yaml").write_text(yaml.safe_dump({"resume": str(stopped_run), "optim": {"lr": 0.002}}))
+    assert _run_config([str(tmp_path / "lr.yaml")]).optim.lr == 0.002
+    assert "optim.lr=0.002 (the run had 0.01)" in capsys.readouterr().err
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump({"resume": str(stopped_run), "model": {"n_layer": 3}}))
+    with pytest.raises(ConfigError, match="model.n_layer=3 cannot change"):
+        _run_config([str(tmp_path / "arch.yaml")])
+    # an override of resume wins over the file's, null included
+    cfg = _run_config([str(tmp_path / "only.yaml"), "resume=null", "data.train=x.txt"])
+    assert cfg.resume is None and cfg.data.train == ["x.txt"] and cfg.train.stop_after is None
+
+
+def test_evaluate_refuses_the_data_keys_it_does_not_read(tmp_path, capsys):
+    code = run_cli("evaluate", tmp_path / "model", "data.val=v.txt", "data.weights=[1,2]", "data.train=t.txt",
+                   "data.tokenizer=bpe")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.train=['t.txt'], data.weights=[1.0, 2.0]: pretune evaluate does not read them" in err
+    assert "data.tokenizer" not in err.split(":")[1]  # the default: not given
+
+
+def test_prepare_refuses_run_keys_given_to_it_but_reads_a_pretrain_config_file(tmp_path, corpus, capsys):
+    assert run_cli("prepare", f"data.train={corpus}", "data.tokenizer=char", "method=lora",
+                   "task=classification", "optim.lr=5", "train.max_steps=7") == 2
+    assert ("method, task, optim.lr, train.max_steps: pretune prepare does not read them"
+            in capsys.readouterr().err)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"data": {"train": [str(corpus)]}, "lora": {"rank": 4}}))
+    assert run_cli("prepare", tmp_path / "ft.yaml") == 2  # fine-tuning keys: pretrain refuses them too
+    assert "lora.rank: pretune prepare does not read it" in capsys.readouterr().err
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump({"data": {"train": [str(corpus)], "tokenizer": "char"},
+                                                       "optim": {"lr": 0.01}, "train": {"max_steps": 5}}))
+    assert run_cli("prepare", tmp_path / "pre.yaml", "data.val_fraction=0.2") == 0
+    assert "tokenizer: " in capsys.readouterr().out
+
+
+def help_of(verb: str, capsys) -> str:
+    assert run_cli(verb, "--help") == 0
+    return capsys.readouterr().out
+
+
+def test_each_verb_has_a_usage_line_and_lists_only_the_keys_it_reads(capsys):
+    from pretune.cli import VERBS
+
+    for verb in VERBS:
+        text = help_of(verb, capsys)
+        assert text.startswith(f"usage: pretune {verb} "), verb
+    assert help_of("generate", capsys).startswith("usage: pretune generate MODEL [CONFIG.yaml] [KEY=VALUE ...]")
+    evaluate = help_of("evaluate", capsys)
+    assert "usage: pretune evaluate MODEL" in evaluate and "  data.val " in evaluate
+    assert "  data.label_field " in evaluate and "  max_tokens " in evaluate
+    for ignored in ("data.train ", "data.weights ", "data.tokenizer ", "data.vocab_size ", "data.val_fraction "):
+        assert ignored not in evaluate
+    prepare = help_of("prepare", capsys)
+    keys = [line.split()[0] for line in prepare.splitlines() if line.startswith("  ")]
+    assert set(keys) == {"data.train", "data.val", "data.val_fraction", "data.tokenizer", "data.vocab_size",
+                         "data.text_field", "data.encoding_errors", "data.cache_dir", "data.shard_tokens",
+                         "train.seq_len", "init_from", "resume"}
+    imp, exp = help_of("import", capsys), help_of("export", capsys)
+    assert "usage: pretune import SRC OUT" in imp and "usage: pretune export RUN OUT" in exp
+    for key in ("format", "adapter", "lm_only"):
+        assert f"  {key} " not in imp and f"  {key} " in exp
+    for key in ("max_seq_len", "revision"):
+        assert f"  {key} " in imp and f"  {key} " not in exp
+    for verb in ("import", "export", "demo"):  # they take no YAML file
+        assert "YAML" not in help_of(verb, capsys)
+    for verb in ("pretrain", "finetune", "generate", "evaluate"):
+        assert "keys (KEY=VALUE, or in the YAML file)" in help_of(verb, capsys)
+
+
+@pytest.mark.parametrize("typo, verb", [("finetun", "finetune"), ("exprot", "export"), ("pretrian", "pretrain"),
+                                        ("serv", "serve"), ("imprt", "import")])
+def test_an_unknown_verb_is_answered_with_the_closest_of_every_verb(typo, verb, capsys):
+    assert run_cli(typo) == 2
+    assert f"unknown verb '{typo}'; did you mean {verb}?" in capsys.readouterr().err
