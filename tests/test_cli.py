@@ -61,18 +61,22 @@ def test_evaluate_refuses_the_data_keys_it_does_not_read(tmp_path, capsys):
     assert "data.tokenizer" not in err.split(":")[1]  # the default: not given
 
 
-def test_prepare_refuses_run_keys_given_to_it_but_reads_a_pretrain_config_file(tmp_path, corpus, capsys):
+def test_prepare_refuses_fine_tuning_keys_and_names_the_run_keys_it_does_not_read(tmp_path, corpus, capsys):
     assert run_cli("prepare", f"data.train={corpus}", "data.tokenizer=char", "method=lora",
-                   "task=classification", "optim.lr=5", "train.max_steps=7") == 2
-    assert ("method, task, optim.lr, train.max_steps: pretune prepare does not read them"
-            in capsys.readouterr().err)
+                   "task=classification") == 2
+    assert "task, method: fine-tuning keys, which pretune prepare does not read" in capsys.readouterr().err
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"data": {"train": [str(corpus)]}, "lora": {"rank": 4}}))
     assert run_cli("prepare", tmp_path / "ft.yaml") == 2  # fine-tuning keys: pretrain refuses them too
-    assert "lora.rank: pretune prepare does not read it" in capsys.readouterr().err
+    assert "lora.rank: fine-tuning keys" in capsys.readouterr().err
+    # the pretrain command line prepares its data: its run keys are named as not read
+    assert run_cli("prepare", f"data.train={corpus}", "data.tokenizer=char", "optim.lr=5", "train.max_steps=7") == 0
+    out = capsys.readouterr().out
+    assert "does not read optim.lr, train.max_steps (pretrain will)" in out and "tokenizer: " in out
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump({"data": {"train": [str(corpus)], "tokenizer": "char"},
                                                        "optim": {"lr": 0.01}, "train": {"max_steps": 5}}))
     assert run_cli("prepare", tmp_path / "pre.yaml", "data.val_fraction=0.2") == 0
-    assert "tokenizer: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tokenizer: " in out and "does not read" not in out
 
 
 def help_of(verb: str, capsys) -> str:

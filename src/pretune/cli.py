@@ -156,26 +156,27 @@ PREPARE_KEYS = ("data.train", "data.val", "data.val_fraction", "data.tokenizer",
                 "init_from", "resume")
 
 
-def _check_prepare_keys(argv: list[str], cfg=None) -> None:
-    """Refuse keys prepare does not read: any key given as KEY=VALUE (checked before the config is
-    validated), and with `cfg` the fine-tuning keys from anywhere (pretrain refuses them too). A
-    pretrain config file may hold run keys: prepare reads its data."""
+def _check_prepare_keys(argv: list[str], cfg) -> None:
+    """Refuse the fine-tuning keys (pretrain refuses them too); name the other run keys given as
+    KEY=VALUE, which prepare accepts so that the pretrain command line prepares its data, but does not
+    read."""
     from pretune.config import Config, finetune_only_keys
     from pretune.config_io import flat_keys, parse_overrides
     from pretune.errors import ConfigError
 
-    stray = ([k for k in flat_keys(parse_overrides(_split(argv)[2], Config)) if k not in PREPARE_KEYS]
-             if cfg is None else finetune_only_keys(cfg))
+    stray = finetune_only_keys(cfg)
     if stray:
-        raise ConfigError(f"{', '.join(stray)}: pretune prepare does not read {'it' if len(stray) == 1 else 'them'}; "
-                          f"it only tokenises the corpus, with the keys {', '.join(PREPARE_KEYS)}. Give run keys "
-                          "to pretune pretrain or finetune")
+        raise ConfigError(f"{', '.join(stray)}: fine-tuning keys, which pretune prepare does not read; it only "
+                          f"tokenises a pre-training corpus, with the keys {', '.join(PREPARE_KEYS)}")
+    unread = [k for k in flat_keys(parse_overrides(_split(argv)[2], Config)) if k not in PREPARE_KEYS]
+    if unread:
+        print(f"note: pretune prepare only tokenises the corpus; it does not read {', '.join(unread)} "
+              "(pretrain will)")
 
 
 def cmd_prepare(argv):
     from pretune.data.corpus import load_corpus
 
-    _check_prepare_keys(argv)
     cfg = _run_config(argv)
     _check_prepare_keys(argv, cfg)
     tok = _prepare_tokenizer(cfg)

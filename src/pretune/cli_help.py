@@ -89,7 +89,7 @@ def verb_help(verb: str) -> str:
     width = max(len(k) for k, _, _ in rows)
     where = "KEY=VALUE, or in the YAML file" if ".yaml" in VERB_USAGE[verb] else "KEY=VALUE"
     if verb == "prepare":
-        where += "; a pretrain config file works too: prepare reads only these keys of it"
+        where += "; a pretrain config file and command line work too: prepare reads only these keys of them"
     lines = [*head, "", f"keys ({where}):"]
     lines += [f"  {k:<{width}}  {d}  [default {v}]" for k, v, d in rows]
     return "\n".join(lines)
