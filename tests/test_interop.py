@@ -134,7 +134,7 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused_by_every_verb(tmp_pat
 
 def test_cli_errors_are_user_errors(tmp_path, capsys):
     assert run_cli("import", tmp_path / "absent", tmp_path / "out") == 2
-    assert "neither a Hugging Face model directory nor a hub id" in capsys.readouterr().err
+    assert "does not exist: there is no such local directory" in capsys.readouterr().err
     assert run_cli("export", tmp_path / "absent", tmp_path / "out", "--format", "onnx") == 2
     assert "format='onnx'" in capsys.readouterr().err
     assert run_cli("export", tmp_path / "absent") == 2
@@ -432,3 +432,79 @@ def test_lm_eval_scores_an_exported_model_on_a_local_task(tmp_path, char, monkey
         assert ours == pytest.approx(theirs, abs=1e-3)
         correct += max(range(len(ours)), key=ours.__getitem__) == doc["answer"]
     assert out["results"]["tiny_local"]["acc,none"] == pytest.approx(correct / len(rows))
+
+
+# ----------------------------------------------------------------------------- later additions
+
+
+def test_import_of_a_missing_directory_says_so_rather_than_a_network_error(tmp_path, capsys, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="the hf extra is not installed")
+    calls = []
+
+    def offline(repo_id, **kw):  # what huggingface_hub raises when the hub cannot be reached
+        calls.append(repo_id)
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as e:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("Please check your internet connection") from e
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    # a path by its form: refused as a missing directory, without asking the hub
+    for src in ("./models/smol", "../models/smol", str(tmp_path / "smol"), "~/no-such-dir-pretune", "models/a/b",
+                "org/config.json", "models/smol.safetensors"):
+        assert run_cli("import", src, tmp_path / "out") == 2, src
+        err = capsys.readouterr().err
+        assert f"{src} does not exist: there is no such local directory" in err and "Connect" not in err, err
+    assert calls == []
+    # org/name form: the hub is asked; unreachable, the error says both what is missing and what hub ids need
+    assert run_cli("import", "hf/nonexistent", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert calls == ["hf/nonexistent"]
+    assert "hf/nonexistent is not a local directory" in err and "hub cannot be reached" in err
+    assert "Hub ids need network access" in err and not (tmp_path / "out").exists()
+
+
+def test_peft_adapter_names_a_base_that_auto_peft_model_loads(tmp_path, bpe, char, capsys, monkeypatch):
+    peft = pytest.importorskip("peft", reason="the hf extra (peft) is not installed")
+    from pretune.interop.peft import loadable_base
+
+    idx = torch.randint(0, 200, (2, 30))
+    # a base imported from a Hugging Face directory: the adapter names that directory
+    hf_model("llama").save_pretrained(tmp_path / "hf")
+    save_hf_tokenizer(bpe, tmp_path / "hf")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("import", "hf", "imported") == 0  # typed relative: recorded absolute
+    lora = make_lora_run(tmp_path / "imported", tmp_path / "lora", bpe, ("q_proj", "v_proj"))
+    assert run_cli("export", tmp_path / "lora", tmp_path / "adapter", "--adapter") == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "hf").resolve())
+    monkeypatch.chdir(tmp_path / "adapter")  # found from anywhere
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (auto(idx).logits - lora(idx)).abs().max().item() <= TOL
+    # a base imported from a hub id: the hub id and its revision
+    (tmp_path / "hub").mkdir()
+    raw = json.loads((tmp_path / "imported" / "config.json").read_text())
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({**raw, "hf_source": "org/name", "hf_revision": "v1"}))
+    (tmp_path / "hub" / "model.safetensors").write_bytes(b"")
+    assert loadable_base(str(tmp_path / "hub")) == ("org/name", "v1", True)
+    # a base trained by pretune: its run path, said to need exporting; base= names its export instead
+    capsys.readouterr()
+    save_run(pretune_model(char, tie_embeddings=False), char, tmp_path / "base")
+    lora = make_lora_run(tmp_path / "base", tmp_path / "lora2", char, ("q_proj",))
+    assert run_cli("export", tmp_path / "lora2", tmp_path / "a2", "--adapter") == 0
+    out = capsys.readouterr().out
+    assert "transformers cannot load" in out and "PeftModel.from_pretrained(AutoModelForCausalLM" in out
+    config = json.loads((tmp_path / "a2" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert run_cli("export", tmp_path / "base", tmp_path / "hf-base") == 0
+    assert run_cli("export", tmp_path / "lora2", tmp_path / "a3", "--adapter", f"base={tmp_path / 'hf-base'}") == 0
+    config = json.loads((tmp_path / "a3" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "hf-base").resolve())
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a3", dtype=torch.float32).eval()
+    idx = torch.randint(0, char.vocab_size, (2, 30))
+    with torch.no_grad():
+        assert (auto(idx).logits - lora(idx)).abs().max().item() <= TOL
+    assert run_cli("export", tmp_path / "base", tmp_path / "a4", f"base={tmp_path / 'hf-base'}") == 2

@@ -320,3 +320,33 @@ def test_plan_on_the_cpu_claims_no_gpu(capsys, monkeypatch):
     p = estimate(load_config(PlanConfig, None, ["model.vocab_size=300", "train.device=cuda"]))
     assert p["device"] == "H100" and p["precision"] == "bf16" and any("no GPU here" in n for n in p["notes"])
     assert estimate(load_config(PlanConfig, None, ["model.vocab_size=300", "gpu=V100"]))["precision"] == "fp32"
+
+
+def test_plan_of_a_finished_run_says_there_is_nothing_left_to_plan(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus.txt", lines=300)
+    run = tmp_path / "run"
+    assert run_cli("pretrain", *TINY, f"data.train={corpus}", "train.max_steps=2", "train.save_every=2",
+                   "train.batch_size=4", f"out_dir={run}") == 0
+    capsys.readouterr()
+    out = tmp_path / "plan.json"
+    assert run_cli("plan", f"resume={run}", "gpu=cpu", f"json_out={out}") == 0
+    printed = capsys.readouterr().out
+    assert "has already finished (completed at step 2" in printed and "nothing left to plan" in printed
+    assert "raise train.max_steps" in printed and "FLOPs" not in printed and "memory" not in printed
+    assert json.loads(out.read_text())["finished"] is True
+
+
+def test_lineage_names_the_data_by_absolute_path_as_config_yaml_does(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    make_corpus(tmp_path / "corpus.txt", lines=300)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("pretrain", *TINY, "data.train=corpus.txt", "train.max_steps=1", "train.batch_size=4",
+                   "out_dir=run") == 0
+    lineage = json.loads(Path("run/lineage.json").read_text())
+    config = yaml.safe_load(Path("run/config.yaml").read_text())
+    train = str(tmp_path / "corpus.txt")
+    assert config["data"]["train"] == [train] and list(lineage["data"]["train"]) == [train]
+    assert list(lineage["data"]["val"]) == [train + ":val"]  # the validation part split off it

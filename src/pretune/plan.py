@@ -36,7 +36,7 @@ from pathlib import Path
 from pretune.config import Config, validate_run
 from pretune.errors import ConfigError
 from pretune.model.config import ModelConfig
-from pretune.plan_inputs import NO_BF16, load_plan_config, run_arch, run_inputs
+from pretune.plan_inputs import NO_BF16, finished_note, load_plan_config, run_arch, run_inputs
 
 # Memory (GB) and board power (W) by GPU model; peak bf16 FLOP/s come from train.meter.PEAK_FLOPS.
 # Memory per GPU in GiB: the "80 GB" of an H100 is 80 GiB of HBM (about 79.6 GiB usable); a plan fits
@@ -431,6 +431,12 @@ def cmd_plan(argv: list[str]) -> int:
         problems.append(f"mfu={cfg.mfu} must be in (0, 1]")
     if problems:
         raise ConfigError(problems)
+    done = finished_note(cfg)
+    if done:  # a finished run: no step left, so no figures (as `pretune pretrain resume=RUN` starts none)
+        print(done)
+        if cfg.json_out:
+            Path(cfg.json_out).write_text(json.dumps({"finished": True, "steps": 0, "notes": [done]}, indent=2))
+        return 0
     p = estimate(cfg)
     print(format_plan(p))
     if cfg.json_out:

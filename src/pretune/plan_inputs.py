@@ -275,6 +275,26 @@ def resumed_steps(cfg) -> tuple[int, str | None]:
     return left, f"resume: the run's config.yaml; it continues at step {done} of {cfg.train.max_steps} ({left} left)"
 
 
+def finished_note(cfg) -> str | None:
+    """With resume=RUN: why there is nothing left to plan (the run has finished, as `pretune pretrain|
+    finetune resume=RUN` finds it: stages.finished_run; or its last checkpoint is at train.max_steps),
+    else None."""
+    if not cfg.resume:
+        return None
+    from pretune.stages import finished_run
+
+    summary = finished_run(cfg, log=lambda _: None)
+    left, _ = resumed_steps(cfg)
+    if summary is None and left > 0:
+        return None
+    status, steps = (summary or {}).get("status"), (summary or {}).get("steps")
+    how = (f"stopped early at step {steps}" if status == "early_stopped" else
+           f"completed at step {steps if steps is not None else cfg.train.max_steps}, train.max_steps="
+           f"{cfg.train.max_steps}")
+    further = "" if status == "early_stopped" else "; raise train.max_steps to plan training it further"
+    return f"{cfg.resume} has already finished ({how}): nothing left to plan{further}"
+
+
 def run_inputs(cfg) -> RunInputs:
     """Everything `estimate` needs to know about the run besides the config's own numbers."""
     device, notes = resolve_device(cfg)

@@ -4,6 +4,7 @@
     pretune import path/to/hf_checkpoint models/tiny dtype=bfloat16  # ... or a local directory
     pretune export runs/cpt exports/cpt                              # transformers directory
     pretune export runs/lora exports/lora-adapter --adapter          # PEFT adapter of a LoRA run
+    pretune export runs/lora exports/lora-adapter --adapter base=exports/base  # ... naming its base
     pretune export runs/cpt exports/cpt.gguf --format gguf dtype=float16
     pretune export runs/cls exports/cls-lm --lm-only                 # a classifier's LM, without its head
 
@@ -38,6 +39,10 @@ class InteropConfig:
     """import: branch, tag or commit of a hub id."""
     overwrite: bool = False
     """Replace an existing output."""
+    base: str | None = None
+    """export --adapter: the base model named in adapter_config.json's base_model_name_or_path (a hub id
+    or the base's `pretune export` directory), so that peft's AutoPeftModelForCausalLM finds it; None:
+    the hub id or directory the base was imported from, else the base's pretune path."""
     lm_only: bool = False
     """export: for a classification run (a language model plus a head), export the language model
     alone, without the head (which has no exact transformers or GGUF form); without it such a run is
@@ -89,9 +94,9 @@ def cmd_import(argv: list[str]) -> None:
     from pretune.interop.hf import import_hf
 
     src, out, cfg = _parse(argv, "import")
-    if cfg.adapter or cfg.format != "hf" or cfg.lm_only:
-        raise ConfigError("pretune import reads Hugging Face checkpoints only (no format=/adapter=/lm_only= "
-                          "keys)")
+    if cfg.adapter or cfg.format != "hf" or cfg.lm_only or cfg.base is not None:
+        raise ConfigError("pretune import reads Hugging Face checkpoints only (no format=/adapter=/lm_only=/"
+                          "base= keys)")
     import_hf(src, out, cfg.dtype, cfg.max_seq_len, cfg.revision, cfg.overwrite)
 
 
@@ -100,12 +105,14 @@ def cmd_export(argv: list[str]) -> None:
     run, out, cfg = _parse(argv, "export")
     if cfg.max_seq_len is not None or cfg.revision is not None:
         raise ConfigError("max_seq_len= and revision= are keys of pretune import, not export")
+    if cfg.base is not None and not cfg.adapter:
+        raise ConfigError("base= names the base model of a PEFT adapter: it goes with --adapter")
     if cfg.adapter:
         if cfg.format != "hf":
             raise ConfigError("--adapter writes a PEFT adapter (Hugging Face format); drop --format gguf")
         from pretune.interop.peft import export_peft_adapter
 
-        export_peft_adapter(run, out, cfg.dtype, cfg.overwrite, lm_only=cfg.lm_only)
+        export_peft_adapter(run, out, cfg.dtype, cfg.overwrite, lm_only=cfg.lm_only, base=cfg.base)
     elif cfg.format == "gguf":
         from pretune.interop.gguf import export_gguf
 

@@ -484,15 +484,13 @@ def _load_full_into_sharded(ckpt: Path, model, optimizer) -> None:
 
 
 def write_lineage(run_dir: Path, stage: str, parent: str | None, **extra) -> None:
-    parent_lineage = None
-    if parent:
-        pl = Path(parent) / "lineage.json"
-        if not pl.is_file():
-            pl = Path(parent).parent / "lineage.json"
-        if pl.is_file():
-            parent_lineage = json.loads(pl.read_text())
+    pl = next((f for f in (Path(str(parent)) / "lineage.json", Path(str(parent)).parent / "lineage.json")
+               if parent and f.is_file()), None)
+    if isinstance(data := extra.get("data"), dict):  # corpus.describe(): sources by absolute path, as in config.yaml
+        extra["data"] = {k: {str(Path(n).absolute()): v for n, v in s.items()} if k in ("train", "val")
+                         and isinstance(s, dict) else s for k, s in data.items()}
     atomic_write_json(run_dir / "lineage.json", {
         "stage": stage, "parent": str(Path(parent).resolve()) if parent else None,
-        "parent_lineage": parent_lineage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parent_lineage": json.loads(pl.read_text()) if pl else None, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "id": uuid.uuid4().hex,  # which run this is: a run made again in the same second has another
         **extra})
