@@ -118,3 +118,59 @@ def test_each_verb_has_a_usage_line_and_lists_only_the_keys_it_reads(capsys):
 def test_an_unknown_verb_is_answered_with_the_closest_of_every_verb(typo, verb, capsys):
     assert run_cli(typo) == 2
     assert f"unknown verb '{typo}'; did you mean {verb}?" in capsys.readouterr().err
+
+
+def test_pretrain_help_lists_only_its_keys_and_pretrain_refuses_the_task_data_keys(tmp_path, corpus, capsys):
+    pretrain, finetune = help_of("pretrain", capsys), help_of("finetune", capsys)
+    keys = {line.split()[0] for line in pretrain.splitlines() if line.startswith("  ")}
+    assert {"data.train", "data.weights", "data.text_field", "train.max_steps", "init_from", "model.preset"} <= keys
+    for key in ("task", "method", "lora.rank", "freeze.last_k", "finetune.replay", "data.test", "data.labels",
+                "data.label_field", "data.max_examples", "data.on_error", "data.test_fraction"):
+        assert key not in keys and f"  {key} " in finetune, key
+    out = tmp_path / "run"
+    assert run_cli("pretrain", f"data.train={corpus}", "data.test=[t.jsonl]", "data.max_examples=3",
+                   "data.on_error=skip", "data.labels=[a,b]", "data.label_field=x", "data.test_fraction=0.1",
+                   f"out_dir={out}") == 2
+    err = capsys.readouterr().err
+    assert ("data.test, data.test_fraction, data.label_field, data.labels, data.on_error, data.max_examples: "
+            "fine-tuning keys, which pretrain does not read. Use `pretune finetune`") in err
+    assert not out.exists()
+    assert run_cli("prepare", f"data.train={corpus}", "data.tokenizer=char", "data.max_examples=3") == 2
+    assert "data.max_examples: fine-tuning keys, which pretune prepare does not read" in capsys.readouterr().err
+
+
+def test_evaluate_and_generate_name_the_whole_key_of_a_section_they_do_not_have(tmp_path, capsys):
+    model = tmp_path / "model"
+    assert run_cli("evaluate", model, "data.val=v.txt", "train.max_steps=3", "model.n_layer=2") == 2
+    err = capsys.readouterr().err
+    assert "pretune evaluate has no key train.max_steps (it has no train section); its keys: batch_size, " in err
+    assert "pretune evaluate has no key model.n_layer" in err and "`pretune evaluate --help`" in err
+    assert "turns?" not in err
+    assert run_cli("generate", model, "train.device=cpu", "train.batch_size=2") == 2
+    err = capsys.readouterr().err
+    assert "pretune generate has no key train.device (it has no train section); did you mean device=cpu?" in err
+    assert "pretune generate has no key train.batch_size" in err and "its keys: device, max_new_tokens" in err
+    assert run_cli("evaluate", model, "train.batch_size=4", "dta.val=v.txt") == 2
+    err = capsys.readouterr().err
+    assert "did you mean batch_size=4?" in err and "did you mean data.val=v.txt?" in err
+
+
+def test_a_dashed_option_is_answered_with_its_key_value_form(tmp_path, capsys):
+    from pretune.config_io import parse_overrides
+    from pretune.eval.options import GenerateConfig
+
+    model = tmp_path / "model"
+    assert run_cli("generate", model, "--temperature", "0") == 2
+    assert "--temperature 0: options are KEY=VALUE, without dashes: write temperature=0" in capsys.readouterr().err
+    assert run_cli("generate", model, "--top-k=5") == 2
+    assert "write top_k=5" in capsys.readouterr().err
+    assert run_cli("generate", model, "--temperature", "prompt=x") == 2
+    assert "write temperature=VALUE" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"for example max_new_tokens=200\)"):  # a key generate has
+        parse_overrides(["temperature"], GenerateConfig)
+    with pytest.raises(ConfigError, match=r"for example train.max_steps=200\)"):
+        parse_overrides(["max_steps"], Config)
+    from pretune.model.config import PRESETS
+
+    line = next(x for x in help_of("pretrain", capsys).splitlines() if x.startswith("  model.preset "))
+    assert all(f"'{name}'" in line for name in PRESETS)

@@ -229,3 +229,22 @@ def test_a_mapping_key_takes_a_mapping_or_says_how_to_set_it():
     with pytest.raises(ConfigError, match=r"model.rope_scaling: expected a mapping, got 2; give one as "
                                           r"model.rope_scaling=\{name: value, ...\}.*model.rope_scaling.NAME=VALUE"):
         load_config(Config, None, ["model.rope_scaling=2"])
+
+
+def test_a_section_the_config_does_not_have_is_answered_key_by_key():
+    from pretune.config_io import from_dict
+    from pretune.eval.options import GenerateConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ["trian.max_steps=3", "foo.bar=1"])
+    assert e.value.problems == ["unknown key trian.max_steps; did you mean train.max_steps=3?",
+                                ("unknown key foo.bar; known keys: data.*, dist.*, finetune.*, freeze.*, init_from, "
+                                 "lora.*, meter.*, method, model.*, optim.*, out_dir, overwrite, resume, seed, task, "
+                                 "track.*, train.*")]
+    with pytest.raises(ConfigError) as e:  # a YAML file's section too, values shown as the file gives them
+        from_dict(GenerateConfig, {"train": {"device": "cpu", "progress": False, "max_steps": 3}},
+                  what="pretune generate")
+    assert e.value.problems[:2] == [
+        "pretune generate has no key train.device (it has no train section); did you mean device=cpu?",
+        ("pretune generate has no key train.progress (it has no train section); its keys: device, max_new_tokens, "
+         "num_samples, prompt, seed, temperature, top_k, top_p (`pretune generate --help` says what each does)")]

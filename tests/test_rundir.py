@@ -299,7 +299,7 @@ def test_a_run_that_failed_before_writing_anything_can_be_started_again(tmp_path
     out = tmp_path / "run"
     assert run_cli("pretrain", f"out_dir={out}", *TINY) == 2  # no data.train: refused after the lock was taken
     assert "data.train is empty" in capsys.readouterr().err
-    assert [e.name for e in out.iterdir()] == [".lock"]
+    assert not out.exists()  # it wrote nothing but its lock: the lock and the directory it made are gone
     corpus = make_corpus(tmp_path / "corpus.txt", lines=200)
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=2", *TINY) == 0
 
@@ -351,3 +351,28 @@ def test_resuming_a_finished_run_touches_nothing(tmp_path, capsys):
     assert run_cli("pretrain", f"resume={out}") == 0
     assert "already finished (completed at step 2): nothing to resume" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_a_new_run_that_fails_before_writing_leaves_no_lock_and_no_directory_it_made(tmp_path, capsys):
+    from conftest import TINY, run_cli
+
+    missing = f"data.train={tmp_path / 'nope.txt'}"
+    made = tmp_path / "runs" / "x5"
+    assert run_cli("pretrain", missing, f"out_dir={made}", *TINY) == 2
+    assert "nope.txt does not exist" in capsys.readouterr().err
+    assert not made.exists()
+    stale = tmp_path / "stale"  # what an older failed run left: a lone lock
+    stale.mkdir()
+    (stale / ck.LOCK_FILE).write_text("12345\n")
+    assert run_cli("pretrain", missing, f"out_dir={stale}", *TINY) == 2
+    assert not stale.exists()
+    empty = tmp_path / "empty"  # made by the user: kept, without a lock
+    empty.mkdir()
+    assert run_cli("pretrain", missing, f"out_dir={empty}", *TINY) == 2
+    assert empty.is_dir() and list(empty.iterdir()) == []
+    resumed = tmp_path / "resumed"  # a resumed run's directory is never taken away
+    resumed.mkdir()
+    (resumed / "config.yaml").write_text(f"data:\n  train: [{tmp_path / 'nope.txt'}]\n")
+    assert run_cli("pretrain", f"resume={resumed}") == 2
+    assert (resumed / "config.yaml").is_file()
+

@@ -57,7 +57,13 @@ def _split(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
     """(config yaml, positional model path, KEY=VALUE overrides)."""
     yaml_path = model = None
     rest = []
-    for a in argv:
+    for i, a in enumerate(argv):
+        flag = argv[i - 1] if i else ""  # --temperature 0: a flag and its value, as other tools take them
+        if flag.startswith("-") and "=" not in flag and "=" not in a and not a.startswith("-"):
+            from pretune.errors import ConfigError
+
+            name = flag.lstrip("-").replace("-", "_")
+            raise ConfigError(f"{flag} {a}: options are KEY=VALUE, without dashes: write {name}={a}")
         if "=" in a or a.startswith("-"):
             rest.append(a)
         elif a.endswith((".yaml", ".yml")) and yaml_path is None:
@@ -241,7 +247,7 @@ def cmd_generate(argv):
     from pretune.train.dist import pick_device
 
     yaml_path, model_path, overrides = _split(argv)
-    g = load_config(GenerateConfig, yaml_path, overrides)
+    g = load_config(GenerateConfig, yaml_path, overrides, what="pretune generate")
     model, tok = load_model(_model_arg(model_path, "generate"), pick_device(g.device))
     if tok is None:
         raise SystemExit(f"error: no tokenizer.json found with {model_path}")
@@ -298,7 +304,7 @@ def cmd_evaluate(argv):
     from pretune.train.dist import pick_device
 
     yaml_path, model_path, overrides = _split(argv)
-    e = load_config(EvaluateConfig, yaml_path, overrides)
+    e = load_config(EvaluateConfig, yaml_path, overrides, what="pretune evaluate")
     _check_evaluate_data_keys(e)
     if not e.data.val:
         raise ConfigError("pretune evaluate needs the text or records to evaluate on: data.val=FILE (or a glob)")

@@ -55,8 +55,16 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
 
 
 # The keys a verb's help lists, where it reads only some of its config class's keys.
+def _pretrain_reads(key: str) -> bool:
+    """pretrain's keys: all but the fine-tuning ones, which it refuses (config.finetune_only_keys)."""
+    from pretune.config import is_finetune_key
+
+    return not is_finetune_key(key)
+
+
 HELP_KEYS = {
     "prepare": PREPARE_KEYS,
+    "pretrain": _pretrain_reads,
     "evaluate": lambda key: not key.startswith("data.") or key[len("data."):] in EVALUATE_DATA_KEYS,
     "import": ("dtype", "max_seq_len", "revision", "overwrite"),
     "export": ("format", "adapter", "dtype", "overwrite", "lm_only"),

@@ -291,14 +291,15 @@ class Config:
 
 
 def load_config(cls: type = Config, path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None):
+                base: dict | None = None, what: str | None = None):
     """`base`, then the YAML file, then KEY=VALUE overrides (each read by its field's type in `cls`),
-    then strict validation: every problem at once, as one ConfigError."""
+    then strict validation: every problem at once, as one ConfigError. `what` names the command the
+    keys are for (`pretune generate`), in the answer to a key it does not have."""
     data = dict(base or {})
     if path is not None:
         data = deep_merge(data, read_yaml(path))
     data = deep_merge(data, parse_overrides(overrides or [], cls))  # each value read by its field's type
-    cfg = from_dict(cls, data)
+    cfg = from_dict(cls, data, what=what)
     # Semantic checks: a registered validator, or the config class's own problems() method.
     problems = _VALIDATORS[cls](cfg) if cls in _VALIDATORS else (
         cfg.problems() if callable(getattr(cfg, "problems", None)) else [])
@@ -324,15 +325,31 @@ def eval_figures(cfg: Config) -> tuple[str, ...]:
     return ("val_loss", "val_ppl", "val_bpb")
 
 
+# The keys only fine-tuning reads: whole sections, and the task records' data keys.
+FINETUNE_SECTIONS = ("lora", "freeze", "finetune")
+FINETUNE_DATA_KEYS = ("test", "test_fraction", "label_field", "prompt_field", "response_field", "messages_field",
+                      "source_field", "target_field", "chosen_field", "rejected_field", "labels", "on_error",
+                      "max_examples")
+
+
+def is_finetune_key(key: str) -> bool:
+    """Whether the dotted key (lora.rank, data.test, task) is read by fine-tuning alone."""
+    section, _, name = key.partition(".")
+    return (key in ("task", "method") or section in FINETUNE_SECTIONS
+            or (section == "data" and name in FINETUNE_DATA_KEYS))
+
+
 def finetune_only_keys(cfg: Config) -> list[str]:
-    """The fine-tuning keys (task, method, lora.*, freeze.*, finetune.*) set away from their defaults:
-    `pretune pretrain` does not read them, so giving them there is a mistake worth naming."""
+    """The fine-tuning keys (task, method, lora.*, freeze.*, finetune.*, the task records' data.* keys)
+    set away from their defaults: `pretune pretrain` does not read them, so giving them there is a
+    mistake worth naming."""
     default = Config()
     keys = [k for k in ("task", "method") if getattr(cfg, k) != getattr(default, k)]
-    for section in ("lora", "freeze", "finetune"):
+    for section in FINETUNE_SECTIONS:
         mine, base = getattr(cfg, section), getattr(default, section)
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(mine)
                  if getattr(mine, f.name) != getattr(base, f.name)]
+    keys += [f"data.{name}" for name in FINETUNE_DATA_KEYS if getattr(cfg.data, name) != getattr(default.data, name)]
     return keys
 
 

@@ -33,10 +33,13 @@ def parse_overrides(items: list[str], cls: type | None = None) -> dict:
     no known type) takes a YAML value. Without `cls`, values are parsed as YAML scalars/lists."""
     out: dict = {}
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"argument {item!r} is not KEY=VALUE (for example train.max_steps=200)")
-        key, _, raw = item.partition("=")
+        key, eq, raw = item.partition("=")
         key = key.strip()
+        if key.startswith("-"):  # --temperature or --temperature=0: a flag where a key is meant
+            name = key.lstrip("-").replace("-", "_")
+            raise ConfigError(f"{item}: options are KEY=VALUE, without dashes: write {name}={raw if eq else 'VALUE'}")
+        if not eq:
+            raise ConfigError(f"argument {item!r} is not KEY=VALUE (for example {example_override(cls)})")
         parts = key.split(".")
         tp = _field_type(cls, parts) if cls is not None else None
         value = _yaml_value(raw) if tp is None else _from_text(raw, tp, key)
@@ -47,6 +50,16 @@ def parse_overrides(items: list[str], cls: type | None = None) -> dict:
                 raise ConfigError(f"{key}: {part} is given both as a value and as a section")
         node[parts[-1]] = value
     return out
+
+
+def example_override(cls: type | None) -> str:
+    """A KEY=VALUE that `cls` takes, for messages: train.max_steps=200, else its first numeric key."""
+    if cls is None or "train.max_steps" in dotted_keys(cls):
+        return "train.max_steps=200"
+    for f in fields(cls):
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            return f"{f.name}={f.default}"
+    return f"{dotted_keys(cls)[0]}=VALUE"
 
 
 def _yaml_value(raw: str) -> Any:
@@ -242,11 +255,14 @@ def dotted_keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | None = None, root: type | None = None):
+def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | None = None, root: type | None = None,
+              what: str | None = None):
     """Build dataclass `cls` from a nested dict, collecting every unknown key and type error.
 
     An unknown key is answered with the closest key of its section, else a key of the same name in
-    another section (dist.world_size -> world_size), else the section's known keys."""
+    another section (dist.world_size -> world_size), else the section's known keys. A section `cls`
+    does not have (train.device for `pretune generate`) is answered key by key: `what` (the verb) has
+    no such key, and the key of the same last name it has (device=cpu), else its keys."""
     top = problems is None
     problems = [] if problems is None else problems
     root = root or cls
@@ -258,6 +274,9 @@ def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | Non
         data = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if key not in allowed and isinstance(value, dict) and value:
+            problems += _unknown_section(full, value, cls, root, what)
+            continue
         if key not in allowed:
             hint = [prefix + h for h in difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)]
             hint = hint or [k for k in dotted_keys(root) if k.rsplit(".", 1)[-1] == str(key)][:1]
@@ -267,12 +286,37 @@ def from_dict(cls: type, data: dict, prefix: str = "", problems: list[str] | Non
             continue
         tp = hints[key]
         if is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, f"{full}.", problems, root)
+            kwargs[key] = from_dict(tp, value or {}, f"{full}.", problems, root, what)
         else:
             kwargs[key] = _coerce(value, tp, full, problems)
     out = cls(**kwargs) if not (top and problems) else None
     if top and problems:
         raise ConfigError(problems)
+    return out
+
+
+def _unknown_section(full: str, value: dict, cls: type, root: type, what: str | None) -> list[str]:
+    """One problem per key given under `full`, a section `cls` does not have: `what` has no such key;
+    did you mean the key of the same last name (train.device=cpu -> device=cpu), or the section of a
+    close name (dta.val -> data.val)? Else the keys `what` has."""
+    keys = dotted_keys(root)
+    sections = [f.name for f in fields(cls) if is_dataclass(typing.get_type_hints(cls)[f.name])]
+    close = difflib.get_close_matches(full.rsplit(".", 1)[-1], sections, n=1, cutoff=0.6)
+    shown = sorted({k.split(".", 1)[0] + (".*" if "." in k else "") for k in keys})
+    owner = f"{what} has no key" if what else "unknown key"
+    out = []
+    for sub, v in flat_keys(value).items():
+        name = f"{full}.{sub}"
+        same = [k for k in keys if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
+        text = str(v).lower() if isinstance(v, bool) else (v if isinstance(v, (str, int, float)) else None)
+        if same:
+            hint = f"; did you mean {same[0]}" + (f"={text}?" if text is not None else "?")
+        elif close:
+            hint = f"; did you mean {close[0]}.{sub}?"
+        else:
+            hint = (f"; its keys: {', '.join(shown)} (`{what} --help` says what each does)" if what
+                    else f"; known keys: {', '.join(shown)}")
+        out.append(f"{owner} {name}" + (f" (it has no {full} section)" if what else "") + hint)
     return out
 
 

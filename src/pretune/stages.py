@@ -26,12 +26,20 @@ from pretune.train.loop import train
 from pretune.train.objectives import LMObjective
 
 
+# Run directories this process opened for a new run (absolute paths): True where the run made the directory
+# (or found only a lock a failed run left there), so that a set-up that fails may take it away again.
+_FRESH: dict[str, bool] = {}
+
+
 def open_run(cfg: Config, rt: dist.Runtime) -> Path:
     """The run directory (checked on rank 0 first, so no process writes into a refused one)."""
     run_dir = Path(cfg.resume or cfg.out_dir)
     if rt.is_main:
         if cfg.overwrite and not cfg.resume and run_dir.exists():
             check_inputs(cfg)  # a mistyped path must not cost the run it would have replaced
+        _FRESH.pop(str(run_dir.absolute()), None)
+        if not cfg.resume and (not run_dir.exists() or _only_lock(run_dir)):
+            _FRESH[str(run_dir.absolute())] = not run_dir.exists() or any(run_dir.iterdir())
         # a replaced run is set aside until this one starts training (train() drops it; a failed
         # set-up gives it back: restore_replaced)
         ck.prepare_out_dir(run_dir, cfg.overwrite, bool(cfg.resume), keep=inputs_of(cfg), until_started=True)
@@ -62,11 +70,28 @@ def finished_run(cfg: Config, log=print) -> dict | None:
 
 
 def restore_replaced(run_dir: Path, rt: dist.Runtime) -> None:
-    """A run that failed before it started training: the run overwrite=true replaced comes back."""
+    """A run that failed before it started training: the run overwrite=true replaced comes back. A
+    new run that wrote nothing but its lock takes the lock away, and the directory when it made it."""
     if rt.is_main:
         ck.unlock_run_dir(run_dir)
         if settle_aside(run_dir, restore=True):
             print(f"note: the run that overwrite=true was replacing is back in {run_dir}", file=sys.stderr)
+        made = _FRESH.pop(str(run_dir.absolute()), None)
+        if made is not None and _only_lock(run_dir):
+            (run_dir / ck.LOCK_FILE).unlink(missing_ok=True)
+            if made:
+                try:
+                    run_dir.rmdir()  # only while empty: never what another process put there meanwhile
+                except OSError:
+                    pass
+
+
+def _only_lock(run_dir: Path) -> bool:
+    """Whether `run_dir` is a directory holding nothing but (perhaps) a run's lock file."""
+    try:
+        return run_dir.is_dir() and all(e.name == ck.LOCK_FILE and e.is_file() for e in run_dir.iterdir())
+    except OSError:
+        return False
 
 
 def save_run_config(cfg: Config, run_dir: Path) -> None:
@@ -270,6 +295,9 @@ def run_pretrain(cfg: Config, log=print) -> dict:
 def _pretrain(cfg: Config, rt: dist.Runtime, run_dir: Path, log) -> dict:
     """run_pretrain's set-up (tokenizer, model, data, run files) and training."""
     if cfg.resume:
+        if not (run_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"resume={cfg.resume}: no tokenizer.json there; the run stopped before it saved "
+                              "one, so start it again instead of resuming")
         tok = Tokenizer.load(run_dir)
     elif cfg.init_from:
         tok = parent_tokenizer(cfg.init_from)

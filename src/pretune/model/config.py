@@ -16,7 +16,8 @@ class ModelConfig:
     """Architecture of the decoder. Fields left as None are taken from `preset`."""
 
     preset: str = "tiny"
-    """Named size from PRESETS; explicit fields below override it."""
+    """Named size: 'tiny', 'mini', 'small', '125m', '350m' or '1b' (PRESETS), or 'custom' with every
+    size field set; explicit fields below override it."""
     vocab_size: int | None = None
     """Vocabulary size; None takes it from the tokenizer."""
     n_layer: int | None = None
