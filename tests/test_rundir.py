@@ -376,3 +376,22 @@ def test_a_new_run_that_fails_before_writing_leaves_no_lock_and_no_directory_it_
     assert run_cli("pretrain", f"resume={resumed}") == 2
     assert (resumed / "config.yaml").is_file()
 
+
+
+def test_prompting_with_overwrite_replaces_the_run_and_leaves_no_copy_aside(tmp_path):
+    from conftest import TINY, make_corpus, run_cli, sentiment
+
+    from pretune.config import Config, load_config
+    from pretune.prompting import run_prompting
+
+    corpus = make_corpus(tmp_path / "c.txt", lines=300)
+    base = tmp_path / "base"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.max_steps=2", *TINY) == 0
+    train, test = sentiment(tmp_path / "train.jsonl", 8), sentiment(tmp_path / "test.jsonl", 8, seed=1)
+    out = tmp_path / "runs" / "zero"
+    args = [f"init_from={base}", "task=classification", f"data.train={train}", f"data.test={test}",
+            f"out_dir={out}", "train.device=cpu"]
+    run_prompting(load_config(Config, None, args), shots=0, log=lambda m: None)
+    run_prompting(load_config(Config, None, [*args, "overwrite=true"]), shots=2, log=lambda m: None)
+    assert json.loads((out / "summary.json").read_text())["shots"] == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["zero"]  # no .zero.replaced-PID left

@@ -17,11 +17,11 @@ from pathlib import Path
 from pretune.config import Config
 from pretune.data import tasks as T
 from pretune.errors import ConfigError
-from pretune.files import atomic_write_json
+from pretune.files import atomic_write_json, settle_aside
 from pretune.eval.scoring import evaluate_task, write_predictions
 from pretune.finetune import _records
 from pretune.model.io import load_model
-from pretune.stages import open_run, parent_tokenizer, save_run_config
+from pretune.stages import open_run, parent_tokenizer, restore_replaced, save_run_config
 from pretune.train import checkpoint as ck
 from pretune.train import dist
 from pretune.train.meter import EnergyCounter, flops_per_token, peak_memory_bytes, reset_peak_memory
@@ -49,6 +49,15 @@ def run_prompting(cfg: Config, shots: int, log=print) -> dict:
         raise ConfigError("prompting needs init_from (the model to prompt)")
     rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)
     run_dir = open_run(cfg, rt)
+    try:
+        return _prompt(cfg, shots, rt, run_dir, log)
+    except BaseException:
+        restore_replaced(run_dir, rt)  # set-up failed: a run overwrite=true was replacing comes back
+        raise
+
+
+def _prompt(cfg: Config, shots: int, rt, run_dir, log) -> dict:
+    """run_prompting's set-up (model, records, prompts, run files), then the scoring."""
     tok = parent_tokenizer(cfg.init_from)
     model, _ = load_model(cfg.init_from, device=rt.device)
     model.requires_grad_(False).eval()
@@ -60,6 +69,7 @@ def run_prompting(cfg: Config, shots: int, log=print) -> dict:
     save_run_config(cfg, run_dir)
     tok.save(run_dir)
     ck.write_lineage(run_dir, "prompting", cfg.init_from, task=cfg.task, shots=len(demos))
+    settle_aside(run_dir, restore=False)  # set up: the run overwrite=true replaces goes now
     reset_peak_memory(rt.device)
     energy, t0 = EnergyCounter(rt.device, cfg.meter.device_power_w), time.perf_counter()
     per_example: dict = {}
