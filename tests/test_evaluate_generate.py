@@ -53,12 +53,21 @@ def test_evaluate_seq_len_zero_says_to_leave_it_unset_and_a_window_must_fit_max_
     assert load_config(EvaluateConfig, None, []).seq_len is None  # unset: the model's context
 
 
-@pytest.mark.parametrize("setting", ["batch_size=0", "max_tokens=0", "seq_len=-4", "max_tokens=5"])
+@pytest.mark.parametrize("setting", ["batch_size=0", "max_tokens=0", "seq_len=-4"])
 def test_evaluate_cli_refuses_bad_sizes_instead_of_crashing_or_printing_nan(tmp_path, base_run, setting, capsys):
     text = make_corpus(tmp_path / "val.txt", lines=100, seed=3)
     assert run_cli("evaluate", base_run, f"data.val={text}", "device=cpu", setting) == 2
     err = capsys.readouterr().err
     assert setting in err and "nan" not in err
+
+
+def test_evaluate_cli_scores_every_token_of_the_text_or_max_tokens_of_them(tmp_path, base_run, capsys):
+    text = tmp_path / "val.txt"
+    text.write_text("the cat sat on the mat. " * 20)  # 480 characters: not a whole number of windows
+    out = tmp_path / "e.json"
+    for extra, expected in (([], 480), (["max_tokens=5"], 5), (["seq_len=7"], 480)):  # char tokens + EOS - 1
+        assert run_cli("evaluate", base_run, f"data.val={text}", "device=cpu", f"out={out}", *extra) == 0
+        assert json.loads(out.read_text())["tokens"] == expected, extra
 
 
 # ----------------------------------------------------------------------------- generate's options

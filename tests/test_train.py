@@ -470,3 +470,30 @@ def test_a_diverged_run_without_a_checkpoint_names_none_as_null(tmp_path, corpus
         train(model, cfg, setup("cpu"), tmp_path, data, PoisonAt(), tokenizer=tok, log=lambda m: None)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["last_checkpoint"] is None
+
+
+def test_the_divergence_error_offers_to_resume_only_when_there_is_a_checkpoint(tmp_path, corpus):
+    from pretune.cli import main
+
+    base = [f"data.train={corpus}", *SMALL, "train.max_steps=8", "optim.lr=1e6", "train.grad_clip=0"]
+    for name, save in (("none", "train.save_every=100"), ("some", "train.save_every=1")):
+        assert main(["pretrain", *base, save, f"out_dir={tmp_path / name}"]) != 0
+    none, some = (json.loads((tmp_path / n / "summary.json").read_text())["error"] for n in ("none", "some"))
+    assert "lower optim.lr (overwrite=true)" in none and "resume" not in none.replace("nothing to resume", "")
+    assert "the last good checkpoint is" in some and "resume=RUN from that checkpoint" in some
+
+
+def test_the_ddp_wrap_uses_no_deprecated_argument(tmp_path):
+    import warnings
+    import torch.distributed as tdist
+    from pretune.config import Config, load_config
+    from pretune.train.dist import Runtime, wrap_model
+    cfg = load_config(Config, None, ["train.compile=false"])
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fwd = wrap_model(torch.nn.Linear(2, 2), cfg, Runtime(0, 2))  # rt.distributed: the DDP wrap
+        assert not [w for w in seen if issubclass(w.category, FutureWarning)] and fwd.broadcast_buffers is False
+    finally:
+        tdist.destroy_process_group()

@@ -298,7 +298,7 @@ def cmd_evaluate(argv):
     from pretune.eval.options import EvaluateConfig
     from pretune.data.corpus import load_corpus
     from pretune.errors import ConfigError
-    from pretune.eval.evaluate import lm_metrics
+    from pretune.eval.evaluate import lm_metrics, lm_windows
     from pretune.eval.task_eval import evaluate_on_task, read_task_info
     from pretune.model.io import load_model
     from pretune.train.dist import pick_device
@@ -319,29 +319,17 @@ def cmd_evaluate(argv):
         return
     model, tok = load_model(model_path, device)
     seq_len = e.seq_len if e.seq_len is not None else model.cfg.max_seq_len
-    if e.max_tokens < seq_len:  # not one window to score (problems() cannot see the model's context)
-        raise ConfigError(f"max_tokens={e.max_tokens} is less than one window of seq_len={seq_len} tokens (the "
-                          f"model's context when seq_len is unset); set max_tokens >= {seq_len} or seq_len <= "
-                          f"{e.max_tokens}")
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len} tokens); "
                           f"set seq_len <= {model.cfg.max_seq_len} or leave it unset")
     e.data.train, e.data.val_fraction = list(e.data.val), 0.0
     e.data.val = []
     corpus = load_corpus(e.data, tok, seq_len)
-    longest = max(s.n_tokens for s in corpus.train)
-    if longest <= seq_len:
-        raise ConfigError(f"data.val holds {longest} tokens at most per source, fewer than one window of "
-                          f"{seq_len + 1}; give more text or set seq_len <= {max(1, longest - 1)}")
+    if max(s.n_tokens for s in corpus.train) < 2:
+        raise ConfigError("data.val holds fewer than 2 tokens per source: there is nothing to predict; give more text")
 
-    def windows():  # e.max_tokens in all, across the sources in order
-        budget = e.max_tokens
-        for store in corpus.train:
-            for w in store.windows(seq_len, budget):
-                budget -= seq_len
-                yield w
-
-    r = lm_metrics(model, windows(), tok.token_bytes, device, e.batch_size)
+    # every token scored once, the text's tail too (a last window that ends with it), e.max_tokens at most
+    r = lm_metrics(model, lm_windows(corpus.train, seq_len, e.max_tokens), tok.token_bytes, device, e.batch_size)
     print(f"loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}  ({r['tokens']:,} tokens)")
     if e.out:
         Path(e.out).write_text(json.dumps(r, indent=2))

@@ -35,7 +35,7 @@ from pretune.stages import (finished_run, ignored_model_keys, inputs_of, lineage
                             parent_tokenizer, restore_replaced, save_run_config)
 from pretune.train import checkpoint as ck
 from pretune.train import dist
-from pretune.train.loop import MetricsLog, train
+from pretune.train.loop import MetricsLog, _round, train
 from pretune.train.objectives import L2SP, ClassifierObjective, DPOObjective, LMObjective
 
 HELP_CONFIG = Config
@@ -52,9 +52,10 @@ def cmd_finetune(argv: list[str]) -> None:
     if "cv" in summary:  # k folds: each figure's mean and standard deviation across them
         mean, std = summary["mean"], summary["std"]
         print(f"summary: {summary['cv']}-fold cross-validation, " + ", ".join(
-            f"{k}={mean[k]:.4g} ± {std[k]:.2g}" for k in (*figures, "val_loss") if k in mean))
+            f"{k}={mean[k]:.4g} ± {std[k]:.2g}" for k in (*figures, "val_loss") if k in mean)
+            + (f", scored_on={summary['scored_on']}" if summary.get("scored_on") else ""))
         return
-    print_summary(summary, ("status", "steps", *figures, "val_loss", "wall_s", "trainable_params"))
+    print_summary(summary, ("status", "steps", *figures, "scored_on", "val_loss", "wall_s", "trainable_params"))
 
 
 # ----------------------------------------------------------------------------- model and method
@@ -211,6 +212,8 @@ def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train
     if ignored and rt.is_main:
         log(f"warning: {', '.join(ignored)} ignored: fine-tuning keeps the architecture of "
             f"{starting_model(cfg)} (only model.dropout and model.attn_dropout apply)")
+    if rt.is_main:
+        _warn_ignored_data_keys(cfg, log)
     train_ex = T.encode(train_recs, cfg, tok, labels, stats)
     truncated_train = stats.truncated
     val_ex, test_ex = T.encode(val_recs, cfg, tok, labels, stats), T.encode(test_recs, cfg, tok, labels, stats)
@@ -238,6 +241,13 @@ def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train
             ck.write_lineage(run_dir, "finetune", cfg.init_from, task=cfg.task, method=cfg.method, labels=labels,
                              examples={"train": len(train_ex), "val": len(val_ex), "test": len(test_ex)})
 
+    if rt.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"fine-tuning ({cfg.task}, {cfg.method}): {len(train_ex):,} train / {len(val_ex):,} val / "
+            f"{len(test_ex):,} test examples, " + (f"labels [{', '.join(labels)}], " if labels else "")
+            + f"{n_trainable:,} of {n_params:,} parameters trainable, device {device}")
+
     def evaluate(m):
         figures = evaluate_task(m, val_ex, cfg, tok, labels, device, objective=objective, rt=rt)
         return {f"val_{k}": v for k, v in figures.items()}
@@ -257,6 +267,21 @@ def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train
     ck.unlock_run_dir(run_dir)
     dist.teardown()
     return summary
+
+
+def _warn_ignored_data_keys(cfg: Config, log) -> None:
+    """The data keys fine-tuning does not read, set away from their defaults: a warning, as continued
+    pre-training warns for the tokenizer keys (stages.build_model)."""
+    default = type(cfg.data)()
+    if cfg.init_from:
+        ignored = [f"data.{k}={getattr(cfg.data, k)!r}" for k in ("tokenizer", "vocab_size")
+                   if getattr(cfg.data, k) != getattr(default, k)]
+        if ignored:
+            log(f"warning: {', '.join(ignored)} ignored: the run keeps the tokenizer of init_from={cfg.init_from}")
+    if cfg.data.weights != default.weights:
+        log(f"warning: data.weights={cfg.data.weights!r} ignored: fine-tuning draws its examples from all the "
+            "records of data.train alike; to mix general text in, use finetune.replay=[FILE] with "
+            "finetune.replay_ratio")
 
 
 def _score(cfg: Config, rt, run_dir: Path, model, summary: dict, val_ex, test_ex, tok, labels, objective) -> dict:
@@ -280,7 +305,9 @@ def _score(cfg: Config, rt, run_dir: Path, model, summary: dict, val_ex, test_ex
                 per_example=per_example if split == plain else None).items()})
         write_predictions(run_dir / "predictions.jsonl", per_example)
         final.update({k[len(plain) + 1:]: v for k, v in final.items() if k.startswith(plain + "_")})
-        summary.update(final)
+        if test_ex or val_ex:
+            final["scored_on"] = plain  # the split of the plain-named figures (accuracy, ...)
+        summary = _round({**summary, **final})  # as summary.json holds it (what a study reads back)
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -371,7 +398,7 @@ def run_finetune(cfg: Config, log=print) -> dict:
 def _count_skipped(summary: dict, stats: T.TaskStats, run_dir: Path) -> dict:
     """Add the records skipped while reading (data.on_error=skip) to those skipped while encoding."""
     if stats.skipped:
-        summary["skipped_records"] = summary.get("skipped_records", 0) + stats.skipped
+        summary = _round(dict(summary, skipped_records=summary.get("skipped_records", 0) + stats.skipped))
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -415,7 +442,7 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
                        "folds": [str(root / f"fold-{j}") for j in range(len(folds))], "finished_folds": i,
                        "stopped_fold": i, "stopped_fold_status": summary.get("status"),
                        "fold_validation_sizes": [len(va) for _, va in folds]}
-            atomic_write_json(root / "summary.json", summary)
+            atomic_write_json(root / "summary.json", _round(summary))
             return summary
         results.append(_count_skipped(summary, stats, fold_dir))
     names = [n for n, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -424,5 +451,8 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
                "mean": {n: statistics.fmean(r[n] for r in results) for n in names},
                "std": {n: statistics.stdev([r[n] for r in results]) for n in names},
                "fold_validation_sizes": [len(va) for _, va in folds]}
+    if results[0].get("scored_on"):  # each fold's figures: the test set's, or its own validation fold's
+        summary["scored_on"] = results[0]["scored_on"]
+    summary = _round(summary)
     atomic_write_json(root / "summary.json", summary)
     return summary

@@ -430,13 +430,14 @@ def save_checkpoint_sharded(run_dir: Path, step: int, model, optimizer, state: d
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from pretune.train.dist import barrier, broadcast_object
+    from pretune.train.dist import barrier, broadcast_object, quiet_single_process_dcp
 
     final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
     msd, osd = get_state_dict(model, optimizer)
     with (atomic_dir(final) if rt.is_main else contextlib.nullcontext()) as tmp:
         tmp = Path(broadcast_object(str(tmp) if rt.is_main else None, rt))
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR), no_dist=not rt.distributed)
+        with quiet_single_process_dcp(not rt.distributed):
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR), no_dist=not rt.distributed)
         torch.save(rng_state(), tmp / f"rng-{rt.rank:05d}.pt")
         barrier(rt)
         if rt.is_main:
@@ -461,7 +462,10 @@ def _load_dcp(ckpt: Path, model, optimizer) -> None:
     sd = {"model": msd, "optim": osd}
     import torch.distributed as dist
 
-    dcp.load(sd, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+    from pretune.train.dist import quiet_single_process_dcp
+    single = not (dist.is_available() and dist.is_initialized())
+    with quiet_single_process_dcp(single):
+        dcp.load(sd, checkpoint_id=str(ckpt / DCP_DIR), no_dist=single)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 

@@ -297,15 +297,28 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
         # A classifier leaves parameters out of some forwards: its head in replay micro-batches, an
         # untied lm_head in task ones. DDP must then look for them, or it waits for their gradients
         # (and fails on the next step); otherwise looking costs a warning on every rank. The RoPE
-        # tables are the same on every rank: no broadcasts.
+        # tables are the same on every rank: no broadcasts before each forward (torch 2.13 names
+        # that forward_sync_buffers=False and deprecates broadcast_buffers; it still broadcasts
+        # them once, at the start, which changes nothing).
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _ddp_arguments()
+                          else {"broadcast_buffers": False})
         fwd = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                   gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
                   find_unused_parameters=isinstance(model, ClassifierModel) and (
                       bool(getattr(getattr(cfg, "finetune", None), "replay", None)) or not model.cfg.tie_embeddings),
-                  broadcast_buffers=False)
+                  **no_buffer_sync)
     if compile_on:
         fwd = torch.compile(fwd)
     return fwd
+
+
+def _ddp_arguments() -> set[str]:
+    """The keyword arguments DistributedDataParallel takes in this torch."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return set(inspect.signature(DDP.__init__).parameters)
 
 
 def grad_sync(fwd: torch.nn.Module, rt: Runtime, last_micro_batch: bool):
@@ -437,6 +450,20 @@ def gather_chunks(part: dict, rt: Runtime | None) -> list:
     if rt is not None and rt.distributed:
         part = {c: r for one in all_gather_objects(part, rt) for c, r in one.items()}
     return [part[c] for c in sorted(part)]
+
+
+@contextlib.contextmanager
+def quiet_single_process_dcp(single: bool):
+    """torch.distributed.checkpoint used by one process (an FSDP checkpoint resumed, or written, without
+    torchrun) warns on every call that torch.distributed is off; here that is meant, so the warning
+    is not shown. Every other warning still is."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                                    category=UserWarning)
+        yield
 
 
 def barrier(rt: Runtime) -> None:

@@ -113,9 +113,12 @@ class MetricsLog:
 
 
 def _round(x):
-    """Floats to 6 places; NaN and infinities as null, so the files stay strict JSON."""
+    """Floats to 6 places; NaN and infinities as null, so the files stay strict JSON. Inside dicts
+    too (a cross-validation summary's mean and std): every summary.json is rounded by this."""
     if isinstance(x, float):
         return round(x, 6) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
     return x
 
 
@@ -233,11 +236,12 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         # together instead of one leaving the others waiting in a collective.
         bad = int(all_reduce_max(first_bad.clone(), rt))
         if bad >= 0:
-            where = f"; the last good checkpoint is {last_good_ckpt}" if last_good_ckpt else \
-                "; no checkpoint was written before it"
-            raise TrainingDiverged(f"the loss or its gradient became NaN or infinite at step {bad}{where}. "
-                                   "Lower optim.lr, check the data, or resume from that checkpoint with "
-                                   "other settings.")
+            what = f"the loss or its gradient became NaN or infinite at step {bad}"
+            if last_good_ckpt:
+                raise TrainingDiverged(f"{what}; the last good checkpoint is {last_good_ckpt}. Lower optim.lr, "
+                                       "check the data, or resume=RUN from that checkpoint with other settings.")
+            raise TrainingDiverged(f"{what}; no checkpoint was written before it, so there is nothing to resume. "
+                                   "Check the data, or start again with a lower optim.lr (overwrite=true).")
 
     def run_joules() -> float:
         """This session's energy over every rank (a collective): each GPU's own counter, but a CPU
