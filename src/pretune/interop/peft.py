@@ -75,7 +75,7 @@ def _n_layer(run: Path) -> int | None:
 def loadable_base(base: str | None) -> tuple[str | None, str | None, bool]:
     """(name, revision, whether transformers loads it) of lora.json's base, for base_model_name_or_path."""
     from pretune.errors import UserError
-    from pretune.interop.hf import _HUB_ID, looks_like_path
+    from pretune.interop.source import _HUB_ID, looks_like_path
     from pretune.model.io import find_model_dir, is_hf_model_dir
 
     if not base:
