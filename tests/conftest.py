@@ -57,6 +57,19 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+# fine-tuning settings over TINY: the tokenizer and the length come from the base model and the task
+FT = [a for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len"))] + ["finetune.max_len=64"]
+
+
+def pretrain_base(root: Path, lines: int, steps: int) -> Path:
+    """A small pre-trained model (char tokenizer) for fine-tuning tests to start from."""
+    corpus = make_corpus(root / "corpus.txt", lines=lines)
+    out = root / "base"
+    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", f"train.max_steps={steps}", *TINY,
+                   "train.save_every=0") == 0
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 

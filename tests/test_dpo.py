@@ -4,13 +4,12 @@ import json
 
 import torch
 
-from conftest import TINY, make_corpus, run_cli
+from conftest import FT, TINY, make_corpus, run_cli
 from pretune.model.config import ModelConfig, resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.lora import apply_lora
 from pretune.train.objectives import L2SP, DPOObjective
 
-FT = [a for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len"))] + ["finetune.max_len=64"]
 
 
 def test_the_lora_reference_is_the_base_without_dropout_and_l2sp_passes_dpo_through():

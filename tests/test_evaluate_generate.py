@@ -6,22 +6,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, run_cli, sentiment
+from conftest import FT, make_corpus, pretrain_base, run_cli, sentiment
 
 from pretune.errors import ConfigError
 
-FT = [a for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len"))] + ["finetune.max_len=64"]
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """A small pre-trained model (char tokenizer)."""
-    root = tmp_path_factory.mktemp("base")
-    corpus = make_corpus(root / "corpus.txt", lines=600)
-    out = root / "base"
-    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=10", *TINY,
-                   "train.save_every=0") == 0
-    return out
+    return pretrain_base(tmp_path_factory.mktemp("base"), lines=600, steps=10)
 
 
 # ----------------------------------------------------------------------------- evaluate's options

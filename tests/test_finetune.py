@@ -5,24 +5,17 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, make_corpus, read_metrics, run_cli, sentiment
+from conftest import FT, TINY, make_corpus, pretrain_base, read_metrics, run_cli, sentiment
 from pretune.model.config import ModelConfig, resolve_model_config
 from pretune.model.gpt import GPT
 from pretune.model.io import model_state
 from pretune.model.lora import apply_lora, merge_lora, merged_state
 
-FT = [a for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len"))] + ["finetune.max_len=64"]
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """A small pre-trained model (char tokenizer) that the fine-tuning tests start from."""
-    root = tmp_path_factory.mktemp("base")
-    corpus = make_corpus(root / "corpus.txt", lines=1500)
-    out = root / "base"
-    assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=40", *TINY,
-                   "train.save_every=0") == 0
-    return out
+    return pretrain_base(tmp_path_factory.mktemp("base"), lines=1500, steps=40)
 
 
 def tiny_model(seed=0):

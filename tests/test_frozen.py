@@ -7,13 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, make_corpus, run_cli, sentiment
+from conftest import FT, TINY, make_corpus, run_cli, sentiment
 from pretune.model.config import ModelConfig, resolve_model_config
 from pretune.model.gpt import GPT, cross_entropy_sum
 from pretune.model.lora import apply_lora
 from pretune.train.frozen import FrozenInComputeDtype
 
-FT = [a for a in TINY if not a.startswith(("data.tokenizer", "train.seq_len"))] + ["finetune.max_len=64"]
 
 
 def lora_model(tie=True):

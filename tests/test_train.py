@@ -152,7 +152,8 @@ def test_existing_out_dir_is_refused_unless_overwrite(tmp_path, corpus, capsys):
     assert "no pretune run wrote" in capsys.readouterr().err and (other / "mine.txt").is_file()
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+def _diverge(tmp_path, corpus, at_call: int, overrides: list[str], match: str) -> None:
+    """A run whose loss becomes NaN at the objective's `at_call`-th call must raise TrainingDiverged."""
     from pretune.config import Config, load_config
     from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
     from pretune.model.config import resolve_model_config
@@ -167,14 +168,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
         def __call__(self, model, batch):
             PoisonAt.calls += 1
             loss = super().__call__(model, batch)
-            return loss * float("nan") if PoisonAt.calls == 13 else loss
+            return loss * float("nan") if PoisonAt.calls == at_call else loss
 
-    cfg = load_config(Config, None, [f"data.train={corpus}", f"out_dir={tmp_path}", "train.max_steps=30", *TINY])
+    cfg = load_config(Config, None, [f"data.train={corpus}", f"out_dir={tmp_path}", *overrides])
     tok = build_tokenizer(cfg.data)
     model = GPT(resolve_model_config(cfg.model, tok.vocab_size))
     data = PretrainData(load_corpus(cfg.data, tok, 32), 32, 8, None, 0)
-    with pytest.raises(TrainingDiverged, match="at step 13; the last good checkpoint is .*step-000010"):
+    with pytest.raises(TrainingDiverged, match=match):
         train(model, cfg, setup("cpu"), tmp_path, data, PoisonAt(), tokenizer=tok, log=lambda m: None)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    _diverge(tmp_path, corpus, 13, ["train.max_steps=30", *TINY],
+             "at step 13; the last good checkpoint is .*step-000010")
     assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["step-000010"]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
     assert not (tmp_path / "model").exists()
@@ -229,12 +235,13 @@ def test_evaluate_and_generate_cli(tmp_path, corpus, capsys):
     assert "bits/byte" in capsys.readouterr().out
     r = json.loads((tmp_path / "e.json").read_text())
     assert r["tokens"] > 2000 and 0 < r["bpb"] < 8 and abs(r["ppl"] - torch.tensor(r["loss"]).exp().item()) < 1e-3
-    # max_tokens is the budget across all sources; too little text or too long a window is an error
+    # max_tokens is the budget across all sources; a text shorter than a window is scored whole; too
+    # long a window is an error
     assert run_cli("evaluate", out, f"data.val=[{corpus},{corpus}]", "max_tokens=3000", f"out={tmp_path / 'e2.json'}") == 0
     assert json.loads((tmp_path / "e2.json").read_text())["tokens"] == r["tokens"]
     (tmp_path / "short.txt").write_text("the cat\n")
-    assert run_cli("evaluate", out, f"data.val={tmp_path / 'short.txt'}") == 2
-    assert "fewer than one window" in capsys.readouterr().err
+    assert run_cli("evaluate", out, f"data.val={tmp_path / 'short.txt'}", f"out={tmp_path / 'e3.json'}") == 0
+    assert json.loads((tmp_path / "e3.json").read_text())["tokens"] == 8  # 8 characters and EOS: 8 targets
     assert run_cli("evaluate", out, f"data.val={corpus}", "seq_len=1000") == 2
     assert "longer than the model's context" in capsys.readouterr().err
     assert run_cli("generate", out, "prompt=the ", "max_new_tokens=20", "seed=3", "device=cpu") == 0
@@ -446,28 +453,7 @@ def test_a_resume_takes_the_best_weights_its_checkpoint_records_not_those_a_kill
 
 
 def test_a_diverged_run_without_a_checkpoint_names_none_as_null(tmp_path, corpus):
-    from pretune.config import Config, load_config
-    from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
-    from pretune.model.config import resolve_model_config
-    from pretune.model.gpt import GPT
-    from pretune.train.dist import setup
-    from pretune.train.loop import TrainingDiverged, train
-    from pretune.train.objectives import LMObjective
-
-    class PoisonAt(LMObjective):
-        calls = 0
-
-        def __call__(self, model, batch):
-            PoisonAt.calls += 1
-            loss = super().__call__(model, batch)
-            return loss * float("nan") if PoisonAt.calls == 3 else loss
-
-    cfg = load_config(Config, None, [f"data.train={corpus}", f"out_dir={tmp_path}", "train.max_steps=8", *SMALL])
-    tok = build_tokenizer(cfg.data)
-    model = GPT(resolve_model_config(cfg.model, tok.vocab_size))
-    data = PretrainData(load_corpus(cfg.data, tok, 32), 32, 8, None, 0)
-    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
-        train(model, cfg, setup("cpu"), tmp_path, data, PoisonAt(), tokenizer=tok, log=lambda m: None)
+    _diverge(tmp_path, corpus, 3, ["train.max_steps=8", *SMALL], "no checkpoint was written")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["last_checkpoint"] is None
 
