@@ -454,7 +454,10 @@ def test_cross_validation_with_a_stopped_fold_is_not_reported_completed(tmp_path
 
 
 def _rounded(d: dict) -> bool:
-    return all(_rounded(v) if isinstance(v, dict) else not isinstance(v, float) or round(v, 6) == v for v in d.values())
+    """Every float as loop._round writes it (6 places; 6 significant digits below 0.001)."""
+    from pretune.train.loop import _round
+
+    return all(_rounded(v) if isinstance(v, dict) else not isinstance(v, float) or _round(v) == v for v in d.values())
 
 
 def test_finetune_opens_with_its_set_up_warns_of_unread_data_keys_and_names_the_scored_split(tmp_path, base_run,

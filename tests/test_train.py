@@ -483,3 +483,10 @@ def test_the_ddp_wrap_uses_no_deprecated_argument(tmp_path):
         assert not [w for w in seen if issubclass(w.category, FutureWarning)] and fwd.broadcast_buffers is False
     finally:
         tdist.destroy_process_group()
+
+
+def test_figures_are_rounded_to_six_places_but_a_tiny_one_keeps_its_digits():
+    from pretune.train.loop import _round
+
+    assert _round(0.123456789) == 0.123457 and _round(3.0e-7) == 3.0e-7 and _round(1.23456789e-5) == 1.23457e-5
+    assert _round(float("nan")) is None and _round({"a": {"b": 2.0000004}}) == {"a": {"b": 2.0}}

@@ -113,10 +113,13 @@ class MetricsLog:
 
 
 def _round(x):
-    """Floats to 6 places; NaN and infinities as null, so the files stay strict JSON. Inside dicts
-    too (a cross-validation summary's mean and std): every summary.json is rounded by this."""
+    """Floats to 6 places, or to 6 significant digits below 0.001 (a learning rate early in its warmup
+    is not 0); NaN and infinities as null, so the files stay strict JSON. Inside dicts too (a
+    cross-validation summary's mean and std): every summary.json is rounded by this."""
     if isinstance(x, float):
-        return round(x, 6) if math.isfinite(x) else None
+        if not math.isfinite(x):
+            return None
+        return round(x, 6) if abs(x) >= 1e-3 else float(f"{x:.6g}")
     if isinstance(x, dict):
         return {k: _round(v) for k, v in x.items()}
     return x
