@@ -142,14 +142,7 @@ def save_final_factory(cfg: Config, tok: Tokenizer, labels: list[str] | None):
             from safetensors.torch import save_file
             save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
                       str(directory / "head.safetensors"))
-        info = {"task": cfg.task, "labels": labels,
-                "classifier": cfg.finetune.classifier if cfg.task == "classification" else None,
-                # how examples were formatted, so that `pretune evaluate` formats them the same way
-                "format": {"max_len": cfg.finetune.max_len, "truncation": cfg.finetune.truncation,
-                           "prompt_loss": cfg.finetune.prompt_loss, "turns": cfg.finetune.turns}}
-        if cfg.task == "preference":
-            info["dpo_beta"] = cfg.finetune.dpo_beta
-        atomic_write_json(directory / "task.json", info)
+        atomic_write_json(directory / "task.json", T.task_info(cfg, labels))
 
     def save(model: torch.nn.Module, model_dir: Path) -> None:
         lm = model.lm if isinstance(model, ClassifierModel) else model

@@ -168,6 +168,20 @@ def _fit_alike(pieces: list[tuple[list, list[int]]], max_len: int, side: str, st
     return [(_cut(p, room, side), a) for (p, _), a in zip(pieces, answers)]
 
 
+def task_info(cfg, labels: list[str] | None) -> dict:
+    """What a fine-tuned model's task.json says: the task, the label names in the order of the head's
+    outputs, the classifier, and how examples were formatted, so `pretune evaluate` formats them the
+    same way (the finished run writes it; a stopped run's checkpoint is read as if it had)."""
+    f = cfg.finetune
+    info = {"task": cfg.task, "labels": labels,
+            "classifier": f.classifier if cfg.task == "classification" else None,
+            "format": {"max_len": f.max_len, "truncation": f.truncation, "prompt_loss": f.prompt_loss,
+                       "turns": f.turns}}
+    if cfg.task == "preference":
+        info["dpo_beta"] = f.dpo_beta
+    return info
+
+
 def label_answers(labels: list[str], tok: Tokenizer) -> list[list[int]]:
     """Each label's words after a verbalizer prompt (" LABEL" + EOS): what training learns and
     scoring compares."""

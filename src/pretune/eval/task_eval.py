@@ -52,23 +52,19 @@ def checkpoint_task_info(ckpt: Path) -> dict:
     head's label order comes from data.labels or the run's lineage.json; a run that kept it in
     neither (made before lineage.json held it) is refused."""
     raw = read_run_config(run_of_checkpoint(ckpt))
-    task = raw.get("task")
-    if task not in TASKS:
+    if raw.get("task") not in TASKS:
         return {}
-    tuned, data = raw.get("finetune") or {}, raw.get("data") or {}
-    classifier = tuned.get("classifier", FinetuneConfig.classifier) if task == "classification" else None
-    labels = [str(x) for x in data["labels"]] if task == "classification" and data.get("labels") else None
+    from pretune.config_io import from_dict
+
+    cfg = from_dict(Config, raw)  # the config the run saved: its finetune settings, as task.json takes them
+    labels = [str(x) for x in cfg.data.labels] if cfg.task == "classification" and cfg.data.labels else None
     lineage = run_of_checkpoint(ckpt) / "lineage.json"
-    if task == "classification" and not labels and lineage.is_file():  # the order the run gave them
+    if cfg.task == "classification" and not labels and lineage.is_file():  # the order the run gave them
         labels = json.loads(lineage.read_text()).get("labels")
-    if classifier == "head" and not labels:
+    if cfg.task == "classification" and cfg.finetune.classifier == "head" and not labels:
         raise unfinished(ckpt, "the order of its classification head's labels is in neither data.labels nor "
                                "its lineage.json", " (or give task=lm to evaluate its language model alone)")
-    info = {"task": task, "labels": labels, "classifier": classifier,
-            "format": {k: tuned[k] for k in ("max_len", "truncation", "prompt_loss", "turns") if tuned.get(k) is not None}}
-    if task == "preference" and tuned.get("dpo_beta") is not None:
-        info["dpo_beta"] = tuned["dpo_beta"]
-    return info
+    return T.task_info(cfg, labels)
 
 
 def load_task_model(model_path: str | Path, info: dict, device) -> tuple[torch.nn.Module, object]:
