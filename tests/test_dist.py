@@ -171,7 +171,8 @@ def test_finetune_with_l2sp_under_torchrun_matches_one_process(tmp_path, corpus,
 
 def test_classifier_head_with_replay_and_a_short_batch_under_ddp(tmp_path, corpus):
     """The head sits out the replay micro-batch (DDP must look for unused parameters), and 21
-    examples in task rows of 6 leave a last batch of 3 that two ranks cannot split evenly."""
+    examples in task rows of 6 leave a last batch of 3 that two ranks cannot split evenly: the
+    filler row carries no weight, so every step's loss is one process's."""
     base = tmp_path / "base"
     assert run_cli("pretrain", f"data.train={corpus}", f"out_dir={base}", "train.threads=1",
                    *[s for s in STEPS if not s.startswith("train.max_steps")], "train.max_steps=2") == 0
@@ -189,6 +190,8 @@ def test_classifier_head_with_replay_and_a_short_batch_under_ddp(tmp_path, corpu
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
     assert len(losses(tmp_path / "two")) == 8
+    assert run_cli("finetune", f"out_dir={tmp_path / 'one'}", "train.threads=1", *args) == 0
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rel=2e-4)
 
 
 def test_fsdp_continued_pretraining_builds_on_rank_0_alone_and_matches_one_process(tmp_path, corpus):

@@ -205,6 +205,51 @@ def test_every_rank_gets_as_many_micro_batches(n, micro):
     assert sorted(sizes) == sorted(2 * ([8] * (n // 8) + ([n % 8] if n % 8 else [])))  # one process: as planned
 
 
+@pytest.mark.parametrize("task, classifier", [("instruction", "head"), ("classification", "head"),
+                                              ("classification", "verbalizer"), ("preference", "head")])
+def test_filler_rows_of_a_short_batch_carry_no_weight(task, classifier):
+    """13 examples in batches of 4 leave a last batch of 1: 3 ranks fill it up to 3 rows from the
+    epoch's start, and the step's summed loss and target count over the ranks are one process's."""
+    import torch
+
+    from pretune.config import FinetuneConfig, TrainConfig
+    from pretune.data.tasks import TaskBatches
+    from pretune.model.config import ModelConfig, resolve_model_config
+    from pretune.model.gpt import GPT
+    from pretune.model.heads import ClassifierModel
+    from pretune.train.objectives import ClassifierObjective, DPOObjective, LMObjective
+
+    torch.manual_seed(0)
+    model = GPT(resolve_model_config(ModelConfig(preset="tiny", vocab_size=30))).eval()
+    if task == "preference":
+        examples = [{"chosen": ([1, 2 + i % 3], [5, 6, 7]), "rejected": ([1, 2 + i % 3], [8, 9])} for i in range(13)]
+        objective = DPOObjective(model, beta=0.5)
+        with torch.no_grad():  # a policy that differs from its reference, so every pair has a loss
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    else:
+        examples = [{"ids": [1] + [2 + (i * 7 + j) % 20 for j in range(3 + i % 4)], "label": i % 2} for i in range(13)]
+        for e in examples:
+            e["mask"] = [0, 0] + [1] * (len(e["ids"]) - 2)
+        objective = LMObjective()
+        if classifier == "head" and task == "classification":
+            model = ClassifierModel(model, n_classes=2).eval()
+            objective = ClassifierObjective()
+    cfg = Config(task=task, train=TrainConfig(batch_size=4, micro_batch_size=1),
+                 finetune=FinetuneConfig(classifier=classifier))
+    data = TaskBatches(examples, cfg, pad_id=0)
+    short = next(s for s in range(data.steps_per_epoch) if len(data._plan(0)[s]) == 1)
+
+    def step(world):
+        with torch.no_grad():
+            mbs = [mb for r in range(world) for mb in data.micro_batches(short, r, world)]
+            return sum(float(objective(model, mb)) for mb in mbs), sum(objective.count(mb) for mb in mbs), len(mbs)
+
+    (loss1, n1, mb1), (loss3, n3, mb3) = step(1), step(3)
+    assert mb3 == 3 > mb1 == 1 and loss1 > 0  # the filler rows are computed ...
+    assert n3 == n1 and loss3 == pytest.approx(loss1, rel=1e-6)  # ... and weigh nothing
+
+
 def test_plain_text_is_not_read_as_task_records(tmp_path):
     from pretune.data.sources import DataError, iter_records
 

@@ -331,6 +331,20 @@ def collate(examples: list[dict], task: str, classifier: str, pad_id: int) -> di
     return lm_batch([e["ids"] for e in examples], [e["mask"] for e in examples], pad_id)
 
 
+def without_targets(batch: dict, drop: list[bool]) -> dict:
+    """`batch` with no targets in the rows (examples, pairs) that `drop` marks: they are still
+    computed, but add nothing to the loss, its gradient or the count of targets."""
+    drop_t = torch.tensor(drop)
+    if "labels" in batch:  # a classifier head's batch
+        batch["labels"] = batch["labels"].masked_fill(drop_t, IGNORE)
+    elif "pairs" in batch:  # a preference batch: a weight per pair
+        batch["pair_weight"] = (~drop_t).float()
+    else:
+        y = batch["targets"].masked_fill(drop_t[:, None], IGNORE)
+        batch["targets"], batch["select"] = y, (y.flatten() != IGNORE).nonzero().squeeze(1)
+    return batch
+
+
 def length_of(e: dict) -> int:
     """An example's longest sequence: what must fit the context, and what pads a batch (a preference
     pair's two sequences are rows of their own)."""
@@ -370,18 +384,21 @@ class TaskBatches:
     def micro_batches(self, step: int, rank: int, world: int) -> list[dict]:
         batches = self._plan(step // self.steps_per_epoch)
         rows = batches[step % self.steps_per_epoch]
-        if len(rows) % world:
+        n_fill = -len(rows) % world
+        if n_fill:
             # every rank gets as many rows, so as many micro-batches (and collectives), as the others:
             # a short batch (an epoch's last) is filled up from the epoch's start, as accelerate's
-            # even_batches does
+            # even_batches does, but the filler rows carry no targets, so the step is one process's
             order = [i for b in batches for i in b]
-            rows = rows + [order[j % len(order)] for j in range(world - len(rows) % world)]
+            rows = rows + [order[j % len(order)] for j in range(n_fill)]
+        filler = ([False] * (len(rows) - n_fill) + [True] * n_fill)[rank::world]
         rows = rows[rank::world]
         micro = self.cfg.train.micro_batch_size or len(rows)
         out = []
         for i in range(0, len(rows), micro):
             chunk = [self.examples[j] for j in rows[i: i + micro]]
-            out.append(collate(chunk, self.cfg.task, self.cfg.finetune.classifier, self.pad_id))
+            batch = collate(chunk, self.cfg.task, self.cfg.finetune.classifier, self.pad_id)
+            out.append(without_targets(batch, filler[i: i + micro]) if any(filler[i: i + micro]) else batch)
         if self.n_replay:
             windows = torch.from_numpy(self.replay.batch(step, self.n_replay, rank, world))
             out.append({"input_ids": windows[:, :-1], "targets": windows[:, 1:], "kind": "replay"})

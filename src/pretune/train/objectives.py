@@ -42,7 +42,7 @@ class ClassifierObjective(LMObjective):
     """Cross-entropy of the classification head, one target per example; replay batches use the LM."""
 
     def count(self, batch: dict) -> int:
-        return len(batch["labels"]) if "labels" in batch else super().count(batch)
+        return int((batch["labels"] != -100).sum()) if "labels" in batch else super().count(batch)
 
     def __call__(self, model, batch):
         if "labels" not in batch:
@@ -80,6 +80,8 @@ class DPOObjective(LMObjective):
         self.reference = None if lora_layers(model) else copy.deepcopy(model).eval().requires_grad_(False)
 
     def count(self, batch: dict) -> int:
+        if "pair_weight" in batch:  # a filler pair (data.tasks.without_targets) counts for nothing
+            return int(batch["pair_weight"].sum())
         return batch["pairs"] if "pairs" in batch else super().count(batch)
 
     def margins(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +105,8 @@ class DPOObjective(LMObjective):
         if "pairs" not in batch:
             return super().__call__(model, batch)
         delta, _ = self.margins(model, batch)
-        return -F.logsigmoid(self.beta * delta).sum()
+        loss = -F.logsigmoid(self.beta * delta)
+        return (loss * batch["pair_weight"]).sum() if "pair_weight" in batch else loss.sum()
 
 
 def _plain_name(name: str) -> str:
