@@ -395,3 +395,47 @@ def test_prompting_with_overwrite_replaces_the_run_and_leaves_no_copy_aside(tmp_
     run_prompting(load_config(Config, None, [*args, "overwrite=true"]), shots=2, log=lambda m: None)
     assert json.loads((out / "summary.json").read_text())["shots"] == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["zero"]  # no .zero.replaced-PID left
+
+
+def test_a_kill_after_an_old_run_was_set_aside_gives_it_back_to_the_next_run(tmp_path, capsys):
+    """overwrite=true sets the old run aside until the new one trains; a process killed in between
+    (here at the moment it would have settled it) leaves .run.replaced-PID, and the next run there
+    puts it back, whether it resumes or starts anew. A copy killed while it was being deleted
+    (.run.discarded-PID) is removed, and a live process's copy is left alone."""
+    from conftest import TINY, make_corpus, run_cli
+
+    corpus = make_corpus(tmp_path / "c.txt", lines=300)
+    out = tmp_path / "run"
+    base = ["pretrain", f"data.train={corpus}", f"out_dir={out}", "train.max_steps=2", *TINY]
+    assert run_cli(*base) == 0
+    before = (out / "summary.json").read_bytes()
+    killed = ("import os, signal, sys\nfrom pretune.train import loop\n"
+              "loop.settle_aside = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "from pretune.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+    def kill_in_set_up():
+        r = subprocess.run([sys.executable, "-c", killed, *base, "overwrite=true", "train.max_steps=3"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == -9, r.stderr[-2000:]
+        aside = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+        assert len(aside) == 1 and aside[0].startswith(".run.replaced-") and not (out / "summary.json").exists()
+
+    for again in ([*base, "overwrite=true", "model.vocab_size=3"], ["pretrain", f"resume={out}"]):
+        kill_in_set_up()
+        capsys.readouterr()
+        # a new run that fails its set-up, or a resume (of the old run: the killed one never trained)
+        assert run_cli(*again) == (2 if "overwrite=true" in again else 0)
+        assert "is back in" in capsys.readouterr().err
+        assert (out / "summary.json").read_bytes() == before
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".run.discarded-{dead}").mkdir()
+    (tmp_path / f".run.replaced-{os.getppid()}").mkdir()  # a live process's
+    assert run_cli(*base, "overwrite=true", "train.max_steps=3") == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [f".run.replaced-{os.getppid()}"]
+    (tmp_path / f".run.replaced-{dead}").mkdir()  # beside a run that has trained since: left to the user
+    capsys.readouterr()
+    assert run_cli("pretrain", f"resume={out}") == 0
+    assert "has since trained, so it stays there" in capsys.readouterr().err
+    assert (tmp_path / f".run.replaced-{dead}").is_dir()

@@ -95,6 +95,9 @@ def _run_config(argv: list[str]):
     if not resume:
         return load_config(Config, None, overrides, base=from_file)
     resume = str(resume)
+    from pretune.stages import recover_interrupted
+
+    recover_interrupted(resume)  # an interrupted overwrite=true puts back the run it replaced
     saved = Path(resume) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume={resume}: no config.yaml there; is it a run directory?")

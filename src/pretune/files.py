@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -155,6 +156,45 @@ def settle_aside(directory: Path, restore: bool) -> bool:
     if restore:
         shutil.rmtree(directory, ignore_errors=True)
         aside.rename(directory)
-    else:
-        shutil.rmtree(aside, ignore_errors=True)
+    else:  # renamed first: a kill while it is deleted must not leave a part that looks whole
+        gone = aside.with_name(aside.name.replace(".replaced-", ".discarded-"))
+        aside.rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def recover_set_aside(directory: Path, started: tuple[str, ...]) -> str | None:
+    """Settle what a process killed between set_aside and settle_aside left beside `directory`. A
+    `.NAME.discarded-PID` was being deleted: it goes. A `.NAME.replaced-PID` is the whole old run,
+    and the new run had not started training (settle_aside renames it before it deletes it), so the
+    old run takes the place of that set-up again, as it would have had the set-up failed; unless
+    `directory` holds one of `started` (a run that trained), when it is left for the user. Returns a
+    line saying what was done, or None."""
+    directory = Path(directory)
+    said = None
+    for aside in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*")):
+        kind, _, pid = aside.name[len(directory.name) + 2:].rpartition("-")
+        if kind not in ("replaced", "discarded") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "discarded":
+            shutil.rmtree(aside, ignore_errors=True)
+        elif directory.is_dir() and any(next(directory.glob(p), None) is not None for p in started):
+            said = (f"{aside} holds the run that an interrupted overwrite=true was replacing; "
+                    f"{directory} has since trained, so it stays there: move it back or delete it")
+        else:
+            if directory.exists():
+                shutil.rmtree(directory)
+            aside.rename(directory)
+            said = (f"the run that an interrupted overwrite=true had set aside ({aside.name}) is back in "
+                    f"{directory}: the interrupted run had not started training")
+    return said

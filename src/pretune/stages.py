@@ -5,6 +5,7 @@ pre-training (`init_from`) with optional replay through a data mixture.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from pretune.config import Config, finetune_only_keys
 from pretune.config_io import save_config
 from pretune.errors import ConfigError
-from pretune.files import settle_aside
+from pretune.files import recover_set_aside, settle_aside
 from pretune.data.corpus import PretrainData, build_tokenizer, load_corpus
 from pretune.data.tokenizer import Tokenizer
 from pretune.eval.evaluate import combine_lm_metrics, lm_metrics
@@ -31,10 +32,22 @@ from pretune.train.objectives import LMObjective
 _FRESH: dict[str, bool] = {}
 
 
+def recover_interrupted(run_dir: str | Path) -> None:
+    """Settle what a process killed between setting a replaced run aside (overwrite=true) and
+    training left beside `run_dir` (files.recover_set_aside). On rank 0 alone: it also runs before
+    the process group exists (cli, before a resumed run's config.yaml is read), so RANK decides."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    said = recover_set_aside(Path(run_dir), started=("checkpoints/step-*", "summary.json", "model"))
+    if said:
+        print(f"note: {said}", file=sys.stderr)
+
+
 def open_run(cfg: Config, rt: dist.Runtime) -> Path:
     """The run directory (checked on rank 0 first, so no process writes into a refused one)."""
     run_dir = Path(cfg.resume or cfg.out_dir)
     if rt.is_main:
+        recover_interrupted(run_dir)
         if cfg.overwrite and not cfg.resume and run_dir.exists():
             check_inputs(cfg)  # a mistyped path must not cost the run it would have replaced
         _FRESH.pop(str(run_dir.absolute()), None)
