@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from pretune.cli import _run_config
+from pretune.cli import run_config
 from pretune.config import Config, load_config
 from pretune.config_io import save_config, to_dict
 from pretune.errors import ConfigError
@@ -17,7 +17,7 @@ from pretune.errors import ConfigError
 
 @pytest.fixture
 def stopped_run(tmp_path):
-    """A run directory as a run stopped at step 10 of 20 leaves it (its config.yaml is all _run_config reads)."""
+    """A run directory as a run stopped at step 10 of 20 leaves it (its config.yaml is all run_config reads)."""
     run = tmp_path / "run"
     run.mkdir()
     cfg = load_config(Config, None, [f"out_dir={run}", "data.train=corpus.txt", "data.tokenizer=char",
@@ -27,7 +27,7 @@ def stopped_run(tmp_path):
 
 
 def test_resume_in_a_yaml_file_takes_the_path_of_resume_given_as_an_override(stopped_run, tmp_path, capsys):
-    by_override = _run_config([f"resume={stopped_run}", "optim.lr=5e-3"])
+    by_override = run_config([f"resume={stopped_run}", "optim.lr=5e-3"])
     warned = capsys.readouterr().err
     assert "warning: resume with optim.lr=0.005 (the run had 0.01)" in warned
     assert by_override.train.stop_after is None and by_override.out_dir == str(stopped_run)
@@ -37,18 +37,18 @@ def test_resume_in_a_yaml_file_takes_the_path_of_resume_given_as_an_override(sto
     (tmp_path / "copy.yaml").write_text(yaml.safe_dump(copy))
     (tmp_path / "only.yaml").write_text(yaml.safe_dump({"resume": str(stopped_run)}))
     for path in ("copy.yaml", "only.yaml"):
-        cfg = _run_config([str(tmp_path / path), "optim.lr=5e-3"])
+        cfg = run_config([str(tmp_path / path), "optim.lr=5e-3"])
         assert capsys.readouterr().err == warned  # the same warning, and the saved stop_after cleared
         assert to_dict(cfg) == to_dict(by_override)
     # a change written in the file is a change asked for, refused or warned about as an override is
     (tmp_path / "lr.yaml").write_text(yaml.safe_dump({"resume": str(stopped_run), "optim": {"lr": 0.002}}))
-    assert _run_config([str(tmp_path / "lr.yaml")]).optim.lr == 0.002
+    assert run_config([str(tmp_path / "lr.yaml")]).optim.lr == 0.002
     assert "optim.lr=0.002 (the run had 0.01)" in capsys.readouterr().err
     (tmp_path / "arch.yaml").write_text(yaml.safe_dump({"resume": str(stopped_run), "model": {"n_layer": 3}}))
     with pytest.raises(ConfigError, match="model.n_layer=3 cannot change"):
-        _run_config([str(tmp_path / "arch.yaml")])
+        run_config([str(tmp_path / "arch.yaml")])
     # an override of resume wins over the file's, null included
-    cfg = _run_config([str(tmp_path / "only.yaml"), "resume=null", "data.train=x.txt"])
+    cfg = run_config([str(tmp_path / "only.yaml"), "resume=null", "data.train=x.txt"])
     assert cfg.resume is None and cfg.data.train == ["x.txt"] and cfg.train.stop_after is None
 
 

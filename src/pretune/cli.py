@@ -53,7 +53,7 @@ EXTERNAL = {
 }
 
 
-def _split(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
+def split_args(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
     """(config yaml, positional model path, KEY=VALUE overrides)."""
     yaml_path = model = None
     rest = []
@@ -76,7 +76,7 @@ def _split(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
     return yaml_path, model, rest
 
 
-def _run_config(argv: list[str]):
+def run_config(argv: list[str]):
     """Config from YAML + overrides; `resume=DIR` (given either way) starts from DIR's saved config.yaml.
 
     Layers, lowest first: the resumed run's config.yaml, the YAML file, the overrides. A YAML file
@@ -86,7 +86,7 @@ def _run_config(argv: list[str]):
     from pretune.config_io import deep_merge, flat_keys, parse_overrides, read_yaml
     from pretune.errors import ConfigError
 
-    yaml_path, extra, overrides = _split(argv)
+    yaml_path, extra, overrides = split_args(argv)
     if extra is not None:
         raise ConfigError(f"unexpected argument {extra!r}; this verb takes [CONFIG.yaml] [KEY=VALUE ...]")
     from_file = read_yaml(yaml_path) if yaml_path else {}
@@ -177,7 +177,7 @@ def _check_prepare_keys(argv: list[str], cfg) -> None:
     if stray:
         raise ConfigError(f"{', '.join(stray)}: fine-tuning keys, which pretune prepare does not read; it only "
                           f"tokenises a pre-training corpus, with the keys {', '.join(PREPARE_KEYS)}")
-    unread = [k for k in flat_keys(parse_overrides(_split(argv)[2], Config)) if k not in PREPARE_KEYS]
+    unread = [k for k in flat_keys(parse_overrides(split_args(argv)[2], Config)) if k not in PREPARE_KEYS]
     if unread:
         print(f"note: pretune prepare only tokenises the corpus; it does not read {', '.join(unread)} "
               "(pretrain will)")
@@ -186,7 +186,7 @@ def _check_prepare_keys(argv: list[str], cfg) -> None:
 def cmd_prepare(argv):
     from pretune.data.corpus import load_corpus
 
-    cfg = _run_config(argv)
+    cfg = run_config(argv)
     _check_prepare_keys(argv, cfg)
     tok = _prepare_tokenizer(cfg)
     corpus = load_corpus(cfg.data, tok, cfg.train.seq_len or 1)
@@ -219,7 +219,7 @@ def _prepare_tokenizer(cfg):
 def cmd_pretrain(argv):
     from pretune.stages import run_pretrain
 
-    summary = run_pretrain(_run_config(argv))
+    summary = run_pretrain(run_config(argv))
     print_summary(summary, ("status", "steps", "train_loss", "val_loss", "val_bpb", "wall_s", "tokens_per_s"))
 
 
@@ -233,7 +233,7 @@ def print_summary(summary: dict, keys: tuple[str, ...]) -> None:
     print("summary: " + ", ".join(f"{k}={show(summary[k])}" for k in keys if k in summary))
 
 
-def _model_arg(model: str | None, verb: str) -> str:
+def model_arg(model: str | None, verb: str) -> str:
     from pretune.errors import ConfigError
 
     if not model:
@@ -249,9 +249,9 @@ def cmd_generate(argv):
     from pretune.model.io import load_model
     from pretune.train.dist import pick_device
 
-    yaml_path, model_path, overrides = _split(argv)
+    yaml_path, model_path, overrides = split_args(argv)
     g = load_config(GenerateConfig, yaml_path, overrides, what="pretune generate")
-    model, tok = load_model(_model_arg(model_path, "generate"), pick_device(g.device))
+    model, tok = load_model(model_arg(model_path, "generate"), pick_device(g.device))
     if tok is None:
         raise SystemExit(f"error: no tokenizer.json found with {model_path}")
     prompt = tok.encode_prompt(g.prompt) or start_ids(tok)  # BOS as the tokenizer adds it; no prompt: a document's start
@@ -306,13 +306,13 @@ def cmd_evaluate(argv):
     from pretune.model.io import load_model
     from pretune.train.dist import pick_device
 
-    yaml_path, model_path, overrides = _split(argv)
+    yaml_path, model_path, overrides = split_args(argv)
     e = load_config(EvaluateConfig, yaml_path, overrides, what="pretune evaluate")
     _check_evaluate_data_keys(e)
     if not e.data.val:
         raise ConfigError("pretune evaluate needs the text or records to evaluate on: data.val=FILE (or a glob)")
     device = pick_device(e.device)
-    model_path = _model_arg(model_path, "evaluate")
+    model_path = model_arg(model_path, "evaluate")
     info = read_task_info(model_path) if e.task != "lm" else {}
     if e.task != "lm" and (e.task or info.get("task")):
         r = evaluate_on_task(model_path, e, device, info)

@@ -42,9 +42,9 @@ HELP_CONFIG = Config
 
 
 def cmd_finetune(argv: list[str]) -> None:
-    from pretune.cli import _run_config, print_summary
+    from pretune.cli import run_config, print_summary
 
-    summary = run_finetune(_run_config(argv))
+    summary = run_finetune(run_config(argv))
     figures = ("accuracy", "macro_f1", "rouge_l", "chrf", "exact_match", "pref_accuracy")
     if "cv" in summary and "mean" not in summary:  # a fold stopped part-way: nothing to average yet
         print(f"summary: {summary['cv']}-fold cross-validation {summary['status']} in fold {summary['stopped_fold']}")

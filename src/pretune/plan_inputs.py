@@ -1,7 +1,7 @@
 """What run a `pretune plan` config describes, found as the run itself would find it.
 
 - The config: with `resume=RUN`, the run's own config.yaml as `pretune pretrain|finetune resume=RUN`
-  reads it (cli._run_config, which also refuses what a resume cannot change).
+  reads it (cli.run_config, which also refuses what a resume cannot change).
 - The device: `gpu=` when given; else the CPU when train.device=cpu; else this machine's GPU when
   it is in the peak table (train.meter.PEAK_FLOPS), else an H100 with a note; with no GPU here and
   train.device=auto, the CPU (what the run would use), with a note.
@@ -60,10 +60,10 @@ def load_plan_config(cls: type, argv: list[str]):
     way), the run's config as the training verbs load it, plus the plan's own keys."""
     import yaml
 
-    from pretune.cli import _run_config, _split
+    from pretune.cli import run_config, split_args
     from pretune.config_io import read_yaml
 
-    yaml_path, extra, overrides = _split(argv)
+    yaml_path, extra, overrides = split_args(argv)
     if extra is not None:
         raise ConfigError(f"unexpected argument {extra!r}; pretune plan takes [CONFIG.yaml] [KEY=VALUE ...]")
     cfg = load_config(cls, yaml_path, overrides)
@@ -81,7 +81,7 @@ def load_plan_config(cls: type, argv: list[str]):
             Path(tmp).write_text(yaml.safe_dump({k: v for k, v in data.items() if k not in own}))
         run_args.insert(0, tmp or yaml_path)
     try:
-        run = _run_config(run_args)
+        run = run_config(run_args)
     finally:
         if tmp:
             Path(tmp).unlink()

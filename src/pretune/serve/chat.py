@@ -153,17 +153,17 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: 
 
 def cmd_chat(argv: list[str]) -> int:
     """Load the model and chat on the terminal."""
-    from pretune.cli import _model_arg, _split
+    from pretune.cli import model_arg, split_args
     from pretune.config import load_config
     from pretune.serve.engine import Engine
     from pretune.serve.server import load_served_model
     from pretune.train.dist import pick_device
 
-    yaml_path, model_path, overrides = _split(argv)
+    yaml_path, model_path, overrides = split_args(argv)
     cfg = load_config(ChatConfig, yaml_path, overrides)
     if cfg.problems():
         raise ConfigError(cfg.problems())
-    model, tok = load_served_model(_model_arg(model_path, "chat"), pick_device(cfg.device), cfg.max_seq_len)
+    model, tok = load_served_model(model_arg(model_path, "chat"), pick_device(cfg.device), cfg.max_seq_len)
     if tok is None:
         raise UserError(f"{model_path} has no tokenizer.json; chat needs the model's tokenizer")
     engine = Engine(model, tok, max_batch=1).start()

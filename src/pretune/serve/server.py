@@ -414,15 +414,15 @@ def _flags(argv: list[str]) -> list[str]:
 
 def load_serve_config(argv: list[str]) -> tuple[ServeConfig, str]:
     """(config, model path) from the verb's arguments and the environment."""
-    from pretune.cli import _model_arg, _split
+    from pretune.cli import model_arg, split_args
 
-    yaml_path, model_path, overrides = _split(_flags(argv))
+    yaml_path, model_path, overrides = split_args(_flags(argv))
     cfg = load_config(ServeConfig, yaml_path, overrides)
     if cfg.problems():
         raise ConfigError(cfg.problems())
     if not cfg.api_key:
         cfg.api_key = os.environ.get("PRETUNE_API_KEY") or None
-    return cfg, _model_arg(model_path, "serve")
+    return cfg, model_arg(model_path, "serve")
 
 
 def cmd_serve(argv: list[str]) -> int:
