@@ -79,8 +79,8 @@ def evaluate_task(model, examples: list[dict], cfg: Config, tok: Tokenizer, labe
     else:
         nll, n = sum(x for x, _ in scored), sum(k for _, k in scored)
         out = {"loss": nll / max(n, 1), "ppl": math.exp(min(nll / max(n, 1), 50))}
-        if generation:
-            subset = examples[: cfg.finetune.eval_examples]
+        subset = examples[: cfg.finetune.eval_examples] if generation else []
+        if subset:  # finetune.eval_examples=0: loss and perplexity alone
             outs = generate_all(model, tok, [e["gen_prompt"] for e in subset], cfg.finetune.max_new_tokens,
                                 max_batch=min(32, cfg.train.eval_batch_size))
             preds = [tok.decode(ids).strip() for ids in outs]

@@ -82,3 +82,42 @@ def check_no_classifier_head(path: str | Path, lm_only: bool, log: Callable[[str
         "data.val=FILE`). For a classifier that exports whole, fine-tune with "
         "finetune.classifier=verbalizer (it scores label words with the language model)."
     )
+
+
+def lineage_model_dirs(path: str | Path) -> list[Path]:
+    """The model directory of `path`, then those of the models it was trained from (each run's
+    lineage.json names its parent), nearest first. An export of a trained model takes from the
+    model it was imported as what training does not change: generation_config.json and the
+    context the original was made for."""
+    from pretune.model.io import find_model_dir
+
+    dirs: list[Path] = []
+    here: Path | None = Path(path)
+    while here is not None and len(dirs) < 64:
+        try:
+            d = find_model_dir(here).resolve()
+        except Exception:  # noqa: BLE001 (a parent moved or deleted since, or a hub id: the chain ends)
+            break
+        if d in dirs:
+            break
+        dirs.append(d)
+        run = next((r for r in (here, d.parent) if (r / "lineage.json").is_file()), None)
+        parent = _read_json(run / "lineage.json").get("parent") if run is not None else None
+        here = Path(parent) if parent else None
+    return dirs
+
+
+def generation_config_dir(path: str | Path) -> Path | None:
+    """The nearest model directory in `path`'s lineage that holds a generation_config.json."""
+    return next((d for d in lineage_model_dirs(path) if (d / "generation_config.json").is_file()), None)
+
+
+def exported_context(path: str | Path, max_seq_len: int) -> int:
+    """The context length an export declares (max_position_embeddings, GGUF context_length): the
+    imported original's (`hf_context`, recorded by `pretune import`) when it is longer than the
+    max_seq_len the run chose for its RoPE tables, which is a memory choice, not the model's limit."""
+    for d in lineage_model_dirs(path):
+        context = _read_json(d / "config.json").get("hf_context")
+        if context:
+            return max(int(context), max_seq_len)
+    return max_seq_len

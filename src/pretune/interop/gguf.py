@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pretune.interop.export_policy import check_no_classifier_head, exported_chat_template
+from pretune.interop.export_policy import check_no_classifier_head, exported_chat_template, exported_context
 from pretune.interop.hf import InteropError, check_out, dtype_name, parse_dtype
 from pretune.model.config import ModelConfig
 
@@ -247,7 +247,7 @@ def export_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overw
         f32 = want == torch.float32
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_F16)
         w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.max_seq_len)
+        w.add_context_length(exported_context(path, cfg.max_seq_len))
         w.add_embedding_length(cfg.d_model)
         w.add_block_count(cfg.n_layer)
         w.add_feed_forward_length(cfg.d_ff)

@@ -327,14 +327,15 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def export_generation_config(model_dir: Path, tok) -> dict:
-    """generation_config.json for an export: the model directory's own when it has one (an imported
-    model keeps the original's sampling defaults and stop ids), with eos_token_id listing every token
+def export_generation_config(model_dir: Path | None, tok) -> dict:
+    """generation_config.json for an export: the one in `model_dir` when it has one (the imported
+    original's, found through the lineage: export_policy.generation_config_dir, so a model trained
+    from it keeps its sampling defaults and stop ids), with eos_token_id listing every token
     that ends generation in pretune as well: EOS and the chat template's end-of-turn token
     (data/templates.stop_ids); a list when there are several, as transformers reads it."""
     from pretune.data.templates import stop_ids
 
-    gen = _read_json(model_dir / "generation_config.json") or {"_from_model_config": True}
+    gen = (_read_json(model_dir / "generation_config.json") if model_dir else {}) or {"_from_model_config": True}
     if tok is not None:
         old = gen.get("eos_token_id")
         old = old if isinstance(old, list) else [] if old is None else [old]
@@ -406,7 +407,9 @@ def import_hf(src: str | Path, out: str | Path, dtype: str = "float32", max_seq_
     check_vocab(tok, cfg.vocab_size, d)
     save_model_dir(_module_from_state(cfg, sd), out, tok,
                    extra_config={"hf_source": str(d.resolve()) if Path(src).expanduser().is_dir() else str(src),
-                                 "hf_revision": revision, "hf_model_type": hf["model_type"]})
+                                 "hf_revision": revision, "hf_model_type": hf["model_type"],
+                                 # the original's context (a sliding window caps it), for exports
+                                 "hf_context": hf_to_model_config(hf).max_seq_len})
     if (d / "generation_config.json").is_file():
         shutil.copyfile(d / "generation_config.json", out / "generation_config.json")
     n = sum(t.numel() for t in sd.values())
@@ -423,18 +426,19 @@ def export_hf(path: str | Path, out: str | Path, dtype: str = "float32", overwri
 
     A classification model (one with a head) is refused unless lm_only=True, which exports its
     language model alone (see export_policy.check_no_classifier_head)."""
-    from pretune.model.io import find_model_dir, load_model
+    from pretune.interop.export_policy import (check_no_classifier_head, exported_context, generation_config_dir,
+                                               tokenizer_for_export)
+    from pretune.model.io import load_model
 
     out = Path(out)
     check_out(out, overwrite)
     want = parse_dtype(dtype)
-    from pretune.interop.export_policy import check_no_classifier_head, tokenizer_for_export
-
     check_no_classifier_head(path, lm_only, log)
     model, tok = load_model(path)
     cfg = model.cfg
-    gen = export_generation_config(find_model_dir(path), tok)
+    gen = export_generation_config(generation_config_dir(path), tok)
     hf_cfg = model_config_to_hf(cfg, tok, want)
+    hf_cfg["max_position_embeddings"] = exported_context(path, cfg.max_seq_len)
     if tok is not None:
         hf_cfg["eos_token_id"] = gen["eos_token_id"]  # the same stop ids in both files
     with atomic_dir(out) as tmp:
