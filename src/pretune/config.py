@@ -239,6 +239,9 @@ class FinetuneConfig:
     """L2-SP strength: lambda/2 * ||w - w0||^2 pulls weights toward the pre-trained ones."""
     replay: list[str] = field(default_factory=list)
     """General text mixed into training with its language-model loss, against forgetting."""
+    replay_text_field: str = "text"
+    """Field holding the text in JSONL/CSV replay files (data.text_field names the task records'
+    text field, which the replay text need not share); plain-text files do not use it."""
     replay_ratio: float = 0.0
     """Share of each batch's sequences that are replay text."""
     replay_weight: float = 1.0

@@ -82,6 +82,13 @@ def validate_run(cfg: Config) -> list[str]:
     positive("finetune.replay_weight", f.replay_weight, allow_zero=True)
     if f.replay_ratio > 0 and not f.replay:
         p.append("finetune.replay_ratio > 0 needs finetune.replay (general text files)")
+    if d.labels:
+        from pretune.data.labels import duplicate_labels
+
+        twice = duplicate_labels(d.labels)
+        if twice:
+            p.append(f"data.labels={d.labels} lists {', '.join(map(repr, twice))} more than once (labels are compared "
+                     "as records' labels are: stripped); name each class once, in id order")
     positive("finetune.epochs", f.epochs)
     positive("finetune.l2sp", f.l2sp, allow_zero=True)
     positive("finetune.dpo_beta", f.dpo_beta)

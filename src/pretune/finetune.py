@@ -21,6 +21,7 @@ import torch
 from pretune.config import Config
 from pretune.data import tasks as T
 from pretune.data.corpus import build_tokenizer
+from pretune.data.labels import ids_to_names, label_names  # plan_inputs imports label_names from here
 from pretune.data.shards import BatchSampler, load_source
 from pretune.data.tokenizer import Tokenizer
 from pretune.errors import ConfigError
@@ -179,7 +180,8 @@ def _objective(cfg: Config, model):
 def _replay_sampler(cfg: Config, tok: Tokenizer, seq_len: int):
     if not cfg.finetune.replay or cfg.finetune.replay_ratio <= 0:
         return None
-    stores = [load_source(s, tok, cfg.data.text_field, cfg.data.encoding_errors, cfg.data.cache_dir,
+    # replay text is read with its own field name: data.text_field names the task records' text field
+    stores = [load_source(s, tok, cfg.finetune.replay_text_field, cfg.data.encoding_errors, cfg.data.cache_dir,
                           key="finetune.replay") for s in cfg.finetune.replay]
     return BatchSampler(stores, None, seq_len, cfg.seed + 7)
 
@@ -317,31 +319,12 @@ def hold_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[m:]), sorted(order[:m])
 
 
-def label_names(found: set[str]) -> list[str]:
-    """The label set in a stable order: integer ids by value (so head output i is label id i when
-    the ids run 0..n-1), other names alphabetically."""
-    if all(x.lstrip("-").isdigit() for x in found):
-        return sorted(found, key=int)
-    return sorted(found)
-
-
-def ids_to_names(records: list[dict], labels: list[str]) -> None:
-    """With data.labels given (the names in id order), records that carry integer ids instead of
-    names get the names, in place."""
-    if any(r["label"] in labels for r in records):
-        return
-    ids = {r["label"] for r in records}
-    if all(x.isdigit() and int(x) < len(labels) for x in ids):
-        for r in records:
-            r["label"] = labels[int(r["label"])]
-
-
-def _records(cfg: Config) -> tuple[list, list, list, list[str] | None, T.TaskStats]:
+def _records(cfg: Config, log=print) -> tuple[list, list, list, list[str] | None, T.TaskStats]:
     stats = T.TaskStats()
     d = cfg.data
-    train_recs = T.read_records(d.train, cfg.task, d, stats, "data.train")
-    val_recs = T.read_records(d.val, cfg.task, d, stats, "data.val")
-    test_recs = T.read_records(d.test, cfg.task, d, stats, "data.test")
+    train_recs = T.read_records(d.train, cfg.task, d, stats, "data.train", log)
+    val_recs = T.read_records(d.val, cfg.task, d, stats, "data.val", log)
+    test_recs = T.read_records(d.test, cfg.task, d, stats, "data.test", log)
     if not test_recs and d.test_fraction > 0:  # a fixed split: the test set does not depend on the seed
         rest, held = hold_out(len(train_recs), d.test_fraction, 0)
         train_recs, test_recs = [train_recs[i] for i in rest], [train_recs[i] for i in held]
@@ -353,7 +336,7 @@ def _records(cfg: Config) -> tuple[list, list, list, list[str] | None, T.TaskSta
         everything = train_recs + val_recs + test_recs
         labels = list(d.labels) if d.labels else label_names({r["label"] for r in everything})
         if d.labels:
-            ids_to_names(everything, labels)
+            ids_to_names(everything, labels, d.on_error)
     train_recs = T.subsample(train_recs, d.max_examples, cfg.seed)
     return train_recs, val_recs, test_recs, labels, stats
 
@@ -376,7 +359,7 @@ def run_finetune(cfg: Config, log=print) -> dict:
                           "(for a fair comparison, the pre-trained model's), or give init_from")
     else:
         tok = build_tokenizer(cfg.data, log)
-    train_recs, val_recs, test_recs, labels, stats = _records(cfg)
+    train_recs, val_recs, test_recs, labels, stats = _records(cfg, log)
     k, fold = cfg.finetune.cv, cfg.finetune.fold
     if k:
         folds = T.split_folds(len(train_recs), k, cfg.seed)
@@ -385,13 +368,18 @@ def run_finetune(cfg: Config, log=print) -> dict:
         tr, va = folds[fold]  # one fold (a fold's own config, as when it is resumed by itself)
         train_recs, val_recs = [train_recs[j] for j in tr], [train_recs[j] for j in va]
     summary = run_one(cfg, tok, train_recs, val_recs, test_recs, labels, log)
-    return _count_skipped(summary, stats, Path(cfg.resume or cfg.out_dir))
+    return _count_read(summary, stats, Path(cfg.resume or cfg.out_dir))
 
 
-def _count_skipped(summary: dict, stats: T.TaskStats, run_dir: Path) -> dict:
-    """Add the records skipped while reading (data.on_error=skip) to those skipped while encoding."""
-    if stats.skipped:
-        summary = _round(dict(summary, skipped_records=summary.get("skipped_records", 0) + stats.skipped))
+def _count_read(summary: dict, stats: T.TaskStats, run_dir: Path) -> dict:
+    """Add what reading the records found to summary.json: the records skipped while reading
+    (data.on_error=skip) to those skipped while encoding, and the invalid UTF-8 byte sequences
+    replaced by U+FFFD (replaced_chars, as pre-training's token shards count them)."""
+    if stats.skipped or stats.replaced:
+        summary = dict(summary, skipped_records=summary.get("skipped_records", 0) + stats.skipped)
+        if stats.replaced:
+            summary["replaced_chars"] = stats.replaced
+        summary = _round(summary)
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -437,7 +425,7 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
                        "fold_validation_sizes": [len(va) for _, va in folds]}
             atomic_write_json(root / "summary.json", _round(summary))
             return summary
-        results.append(_count_skipped(summary, stats, fold_dir))
+        results.append(_count_read(summary, stats, fold_dir))
     names = [n for n, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and all(isinstance(r.get(n), (int, float)) for r in results)]
     summary = {"status": "completed", "cv": len(folds), "folds": [str(root / f"fold-{i}") for i in range(len(folds))],

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from pretune.config import DataConfig
-from pretune.data.shards import BatchSampler, TokenStore, default_cache_dir, load_source
+from pretune.data.shards import BatchSampler, TokenStore, default_cache_dir, load_source, records_field
 from pretune.data.sources import DataError, ReadStats, expand_source, hash_files, iter_documents
 from pretune.data.tokenizer import Tokenizer, train_bpe, train_char
-from pretune.files import atomic_write_bytes
+from pretune.files import atomic_dir, atomic_write_bytes
 
 
 def _held_out(d: DataConfig) -> float:
@@ -65,15 +65,19 @@ def build_tokenizer(d: DataConfig, log=print) -> Tokenizer:
     if not d.train:
         raise DataError("data.train is empty: give the training text (files, globs or directories)")
     files = [f for spec in d.train for f in expand_source(spec)]
-    key = hashlib.sha256(json.dumps([hash_files(files), d.tokenizer, d.vocab_size, d.text_field,
+    key = hashlib.sha256(json.dumps([hash_files(files), d.tokenizer, d.vocab_size, records_field(files, d.text_field),
                                      d.encoding_errors, "held-out", _held_out(d)]).encode()).hexdigest()[:24]
     cached = default_cache_dir(d.cache_dir) / "tokenizers" / key
     if (cached / "tokenizer.json").is_file():
-        return Tokenizer.load(cached)
+        try:
+            return Tokenizer.load(cached)
+        except Exception as e:  # a file cut short by a run killed before the cache was written atomically
+            log(f"warning: the cached tokenizer {cached} is unreadable ({type(e).__name__}); training it again")
     tok = train_char(_iter_text(d)) if d.tokenizer == "char" else train_bpe(_iter_text(d), d.vocab_size)
     if tok.vocab_size <= 4:
         raise DataError("data.train holds no text: every source is empty")
-    tok.save(cached)
+    with atomic_dir(cached) as tmp:  # whole or not at all: a run killed while saving leaves no half file here
+        tok.save(tmp)
     log(f"trained a {d.tokenizer} tokenizer: {tok.vocab_size} tokens")
     return tok
 

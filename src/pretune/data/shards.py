@@ -24,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pretune.data.sources import DataError, ReadStats, expand_source, hash_files, iter_documents
+from pretune.data.sources import DataError, ReadStats, expand_source, hash_files, iter_documents, read_as
 from pretune.data.tokenizer import Tokenizer
 
 # 2: special-token text in the corpus is plain text (1 encoded it as the token); 3: each document
-# starts with the tokenizer's prompt prefix (BOS for Llama-family tokenizers; none for pretune's own)
-FORMAT_VERSION = 3
+# starts with the tokenizer's prompt prefix (BOS for Llama-family tokenizers; none for pretune's own);
+# 4: a text file read in chunks is tokenised as one text (a SentencePiece-style tokenizer put a "▁",
+# a space that is not in the text, at the start of every chunk)
+FORMAT_VERSION = 4
 BATCH_CHARS = 1 << 22  # text handed to the tokenizer per parallel call
 SPLIT_SEARCH = 1 << 16  # tokens the train/validation cut may move to reach a document boundary
 
@@ -147,14 +149,18 @@ def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, erro
     def flush(texts: list[str], ends: list[bool]):
         if not texts:
             return
+        opens = []  # whether each text starts a document (else it continues the one before it)
+        for end in ends:
+            opens.append(starts[0])
+            starts[0] = end
         pieces = []
-        for ids, end in zip(tok.encode_batch(texts, specials_as_text=True), ends):
-            if starts[0] and prefix:
+        encoded = tok.encode_batch(texts, specials_as_text=True, continued=[not o for o in opens])
+        for ids, end, first in zip(encoded, ends, opens):
+            if first and prefix:
                 pieces.append(prefix)
             pieces.append(ids)
             if end:
                 pieces.append([tok.eos_id])
-            starts[0] = end
         write(np.fromiter((i for p in pieces for i in p), dtype=np.int64))
 
     texts: list[str] = []
@@ -177,6 +183,12 @@ def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, erro
             "replaced_chars": stats.replaced, "files": [str(f) for f in files]}
 
 
+def records_field(files: list[Path], text_field: str) -> str | None:
+    """data.text_field as far as it decides what `files` hold: the field when some file is read as
+    records, else None (plain text has no fields; a cache key that held it would tokenise again)."""
+    return text_field if any(read_as(f) != "text" for f in files) else None
+
+
 def _tokenizer_hash(tok: Tokenizer) -> str:
     """The tokenizer.json and the EOS id written between documents: the same tokenizer.json with
     another eos_token in tokenizer_config.json writes other shards."""
@@ -197,7 +209,7 @@ def load_source(spec: str, tok: Tokenizer, text_field: str = "text", errors: str
     files = expand_source(spec, key)
     dtype = _dtype(tok)
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, hash_files(files), _tokenizer_hash(tok),
-                                        np.dtype(dtype).name, text_field, errors,
+                                        np.dtype(dtype).name, records_field(files, text_field), errors,
                                         shard_tokens]).encode()).hexdigest()[:24]
     root = default_cache_dir(cache_dir) / "shards"
     final = root / digest

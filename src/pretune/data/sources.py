@@ -17,8 +17,9 @@ import csv
 import glob
 import gzip
 import hashlib
-import io
+import itertools
 import json
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -52,23 +53,26 @@ class DataError(UserError, ValueError):
     """Bad input data; the message names the file (and line or byte offset)."""
 
 
-def expand_source(spec: str, key: str = "data.train") -> list[Path]:
+def expand_source(spec: str, key: str = "data.train", records: bool = False) -> list[Path]:
     """A file, a glob or a directory (searched recursively) -> sorted list of files.
 
     A named file or a glob match in a refused format (see REFUSED_SUFFIXES) stops the run naming it.
     A directory takes only its files of a known format (.txt, .md, .text, .jsonl, .csv, .tsv, gzipped
     or not) and passes over the rest (a README, a LICENSE, metadata), as it always has, and over what
-    is hidden below it (see _hidden): copies and metadata that tools leave there, not corpus text."""
+    is hidden below it (see _hidden): copies and metadata that tools leave there, not corpus text.
+    With `records` (task records), a directory takes only its .jsonl, .csv and .tsv files: its README.md
+    is passed over too (a plain-text file named on its own is still refused, by iter_records)."""
     p = Path(spec).expanduser()
     if p.is_file():
         return [_readable(p, key)]
     if p.is_dir():
+        known = RECORD_SUFFIXES if records else TEXT_SUFFIXES | RECORD_SUFFIXES
         every = [f for f in p.rglob("*") if f.is_file()]
-        files = sorted(f for f in every if _format(f) in TEXT_SUFFIXES | RECORD_SUFFIXES
-                       and not _hidden(f.relative_to(p)))
+        files = sorted(f for f in every if _format(f) in known and not _hidden(f.relative_to(p)))
         if not files:
+            takes = ".jsonl, .csv and .tsv task records (each also gzipped)" if records else SUPPORTED.split(', or')[0]
             raise DataError(f"{key}: directory {spec} holds no file in a known format ({len(every)} other "
-                            f"file(s) passed over); a directory takes {SUPPORTED.split(', or')[0]}")
+                            f"file(s) passed over); a directory takes {takes}")
         return files
     matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
     if matches:
@@ -247,10 +251,12 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
                  on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) from JSONL, CSV or TSV; a malformed line names file and line.
 
-    A malformed record (invalid JSON, a JSON value that is not an object, a CSV row with more fields
-    than the header) raises DataError, or, when `on_error` is given, is handed to it and reading goes
-    on with the next record (the callback may raise to stop). JSONL lines end at a line feed (or CR LF)
-    only: U+2028, U+2029 and U+0085 are valid inside a JSON string.
+    The file is streamed line by line (memory holds one record, not the file). A malformed record
+    (invalid JSON, a JSON value that is not an object, a CSV row with more fields than the header or
+    a quoted field that is never closed) raises DataError, or, when `on_error` is given, is handed to
+    it and reading goes on with the next record (the callback may raise to stop). A record's line is
+    the line where it starts (a quoted CSV field may hold line breaks). JSONL lines end at a line
+    feed (or CR LF) only: U+2028, U+2029 and U+0085 are valid inside a JSON string.
 
     A gzipped file is read as the format before .gz. A file named neither .csv nor .tsv (such as
     SMSSpamCollection) is read as TSV when its header line holds a tab, else as CSV. TSV has no
@@ -261,8 +267,8 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
                         "for the loss and bits per byte of plain text use task=lm (pretune evaluate) or "
                         "pretune pretrain")
     stats = stats if stats is not None else ReadStats()
-    text = _read_text(path, errors, stats)
-    rows = _jsonl_rows(path, text) if _format(path) == ".jsonl" else _table_rows(path, text)
+    lines = _text_lines(path, errors, stats)
+    rows = _jsonl_rows(path, lines) if _format(path) == ".jsonl" else _table_rows(path, lines)
     for line, row in rows:
         if isinstance(row, DataError):
             if on_error is None:
@@ -272,36 +278,45 @@ def iter_records(path: Path, errors: str = "replace", stats: ReadStats | None = 
         yield line, row
 
 
-def _read_text(path: Path, errors: str, stats: ReadStats) -> str:
-    """A whole record file as text (decompressed if gzipped), without a leading BOM; bad UTF-8 as
-    data.encoding_errors says."""
+def _byte_lines(path: Path) -> Iterator[bytes]:
+    """The file's bytes (decompressed if gzipped) line by line, each with its line feed (the last
+    one maybe without); a NUL in the first bytes refuses the file (_refuse_binary)."""
     try:
         with _open(path) as fh:
-            raw = fh.read()
+            _refuse_binary(path, fh.read(NUL_PROBE))
+            fh.seek(0)
+            yield from fh
     except (OSError, EOFError, zlib.error) as e:
         if not _compressed(path):
             raise
         raise _bad_gzip(path, e) from None
-    _refuse_binary(path, raw)
-    stats.bytes += len(raw)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            line = raw[: e.start].count(b"\n") + 1
-            where = " of the decompressed text" if _compressed(path) else ""
-            raise DataError(f"{path}:{line}: bytes at offset {e.start}{where} are not valid UTF-8; fix the "
-                            "file or set data.encoding_errors=replace") from None
-        before = _replaced[0]
-        text = raw.decode("utf-8", errors="pretune-count")
-        stats.replaced += _replaced[0] - before
-    return text[1:] if text.startswith("\ufeff") else text
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict | DataError]]:
+def _text_lines(path: Path, errors: str, stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """(line number, text) per line of a record file, decoded on its own (a UTF-8 sequence never
+    spans a line feed, so this is the file's decoding), without a leading BOM; bad UTF-8 as
+    data.encoding_errors says: replaced and counted, or a DataError naming line and byte offset."""
+    offset = 0
+    for number, raw in enumerate(_byte_lines(path), 1):
+        stats.bytes += len(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if errors == "strict":
+                where = " of the decompressed text" if _compressed(path) else ""
+                raise DataError(f"{path}:{number}: bytes at offset {offset + e.start}{where} are not valid UTF-8; "
+                                "fix the file or set data.encoding_errors=replace") from None
+            before = _replaced[0]
+            text = raw.decode("utf-8", errors="pretune-count")
+            stats.replaced += _replaced[0] - before
+        offset += len(raw)
+        yield number, text.removeprefix("\ufeff") if number == 1 else text
+
+
+def _jsonl_rows(path: Path, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict | DataError]]:
     """(line, record) per non-blank line, or (line, DataError) for a line that is not a JSON object."""
-    for i, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
+    for i, line in lines:
+        line = line.removesuffix("\n").removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -316,20 +331,56 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict | DataError]]
         yield i, record
 
 
-def _table_rows(path: Path, text: str) -> Iterator[tuple[int, dict | DataError]]:
-    """(line, row) per CSV/TSV row, or (line, DataError) for a row with more fields than the header."""
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
+
+
+def _csv_lines(lines: Iterator[tuple[int, str]]) -> Iterator[str]:
+    """The lines as the csv module reads a file opened with newline="": a lone CR ends a line too."""
+    for _, line in lines:
+        yield from (_LONE_CR.split(line) if "\r" in line else (line,))
+
+
+def _table_rows(path: Path, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict | DataError]]:
+    """(line, row) per CSV/TSV row, or (line, DataError) for a row with more fields than the header or
+    a CSV record the csv module refuses (strict: a quoted field never closed, text after a closing
+    quote). The line is where the row starts."""
     csv.field_size_limit(sys.maxsize)
     suffix = _format(path)
-    tabs = suffix == ".tsv" or (suffix != ".csv" and "\t" in text.partition("\n")[0])
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",",
-                            quoting=csv.QUOTE_NONE if tabs else csv.QUOTE_MINIMAL)
-    if reader.fieldnames is None:
+    text = _csv_lines(lines)
+    first = next(text, None)
+    if first is None:
         return
-    for row in reader:
-        line = reader.line_num
-        if None in row:
-            yield line, DataError(f"{path}:{line}: more fields than the header "
-                                  f"({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})")
+    tabs = suffix == ".tsv" or (suffix != ".csv" and "\t" in first.partition("\n")[0])
+    reader = csv.reader(itertools.chain([first], text), delimiter="\t" if tabs else ",",
+                        quoting=csv.QUOTE_NONE if tabs else csv.QUOTE_MINIMAL, strict=True)
+    header = None
+    while True:
+        start = reader.line_num + 1  # the row's first line: what reader.line_num says once it is read is its last
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, DataError(_csv_problem(path, start, str(e), reader.line_num))
             continue
-        row["__line__"] = line
-        yield line, row
+        if not row:  # a blank line
+            continue
+        if header is None:
+            header = row
+            continue
+        if len(row) > len(header):
+            yield start, DataError(f"{path}:{start}: more fields than the header "
+                                   f"({len(header)} columns: {', '.join(header)})")
+            continue
+        record = dict(zip(header, row + [None] * (len(header) - len(row))))
+        record["__line__"] = start
+        yield start, record
+
+
+def _csv_problem(path: Path, start: int, reason: str, end: int) -> str:
+    """The message of a CSV record the csv module refuses, naming the line where it starts."""
+    if "unexpected end of data" in reason:
+        return (f"{path}:{start}: a quoted field of the record that starts here is never closed (it runs to the end "
+                f"of the file, line {end}); close the quote, or write a quote inside a quoted field as two (\"\")")
+    return (f"{path}:{start}: malformed CSV record ({reason}); a field with a quote in it must be quoted whole, "
+            "its quotes doubled (\"say \"\"hi\"\"\")")

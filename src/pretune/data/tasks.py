@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from pretune.config import Config, DataConfig
-from pretune.data.sources import DataError, expand_source, iter_records
-from pretune.data.templates import (ChatMessageError, ChatTemplateError, render_prompt_response, render_turns,
-                                    validate_messages)
+from pretune.data.labels import label_name, out_of_range
+from pretune.data.sources import DataError, ReadStats, expand_source, iter_records
+from pretune.data.templates import (ChatMessageError, ChatTemplateError, check_template, render_prompt_response,
+                                    render_turns, validate_messages)
 from pretune.data.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -27,24 +28,17 @@ IGNORE = -100
 
 @dataclass
 class TaskStats:
+    """What reading and encoding records found: records skipped (data.on_error=skip) with their
+    errors, examples truncated, and bytes that were not UTF-8, replaced by U+FFFD."""
+
     skipped: int = 0
     truncated: int = 0
     errors: list[str] = field(default_factory=list)
+    replaced: int = 0
 
 
 def _is_texts(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
-
-
-def label_name(value) -> str:
-    """A label's class name. Text is stripped ("pos " and "pos" are one class); JSON true/false
-    become "true"/"false" (as a CSV spells them); an integral number is written as an integer, so 1
-    and 1.0 are one class; any other number keeps its decimal form (0.5 -> "0.5")."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def _messages(msgs: list, name: str, path: Path, line: int) -> list[dict]:
@@ -116,9 +110,11 @@ def _normalise(record: dict, task: str, d: DataConfig, path: Path, line: int) ->
     return {"prompt": get("prompt_field"), "chosen": get("chosen_field"), "rejected": get("rejected_field")}
 
 
-def read_records(specs: list[str], task: str, d: DataConfig, stats: TaskStats, key: str) -> list[dict]:
+def read_records(specs: list[str], task: str, d: DataConfig, stats: TaskStats, key: str, log=print) -> list[dict]:
     """Every record of `specs`, normalised. A malformed one (unreadable line or bad fields) stops the
-    run with its file and line (data.on_error=fail) or is counted in `stats` and left out (skip)."""
+    run with its file and line (data.on_error=fail) or is counted in `stats` and left out (skip).
+    A directory gives its record files only (its README.md is passed over). Bytes that are not UTF-8
+    (data.encoding_errors=replace) are counted in `stats` and a warning names each file and its count."""
 
     def bad(e: DataError) -> None:
         if d.on_error == "fail":
@@ -128,12 +124,16 @@ def read_records(specs: list[str], task: str, d: DataConfig, stats: TaskStats, k
 
     out = []
     for spec in specs:
-        for path in expand_source(spec, key):
-            for line, record in iter_records(path, d.encoding_errors, on_error=bad):
+        for path in expand_source(spec, key, records=True):
+            read = ReadStats()
+            for line, record in iter_records(path, d.encoding_errors, read, on_error=bad):
                 try:
                     out.append(normalise(record, task, d, path, line))
                 except DataError as e:
                     bad(e)
+            if read.replaced:
+                stats.replaced += read.replaced
+                log(f"warning: {path}: {read.replaced} invalid UTF-8 byte sequence(s) replaced by U+FFFD")
     return out
 
 
@@ -257,47 +257,69 @@ def encode(records: list[dict], cfg: Config, tok: Tokenizer, labels: list[str] |
            stats: TaskStats) -> list[dict]:
     """Records -> examples with token ids and a loss mask (or a label id, or a preference pair).
     Instruction and text2text responses and both answers of a preference pair go through the same
-    chat-template path (`prompt_response_ids`), so they end with the same end-of-turn text."""
-    ft, task, eos = cfg.finetune, cfg.task, [tok.eos_id]
-    examples, answers = [], None
+    chat-template path (`prompt_response_ids`), so they end with the same end-of-turn text.
+
+    A record that cannot be encoded (a label not among `labels`, messages the chat template refuses)
+    stops the run naming its file and line, or with data.on_error=skip is counted in `stats` and left
+    out. What is wrong with every record alike (a template that does not compile, label words too long
+    for finetune.max_len) stops the run either way, before any record is encoded."""
+    if not records:
+        return []
+    ft = cfg.finetune
+    answers = None
+    if cfg.task == "classification" and ft.classifier != "head":
+        answers = _verbalizer_answers(labels, tok, ft.max_len - len(tok.prompt_prefix))
+    elif cfg.task != "classification":
+        check_template(tok)
+    examples = []
     for r in records:
-        if task == "classification":
-            if r["label"] not in labels:
-                raise DataError(f"{_where(r)}label {r['label']!r} is not among the training labels {labels}; "
-                                "list every label in data.labels")
-            y = labels.index(r["label"])
-            # the BOS a tokenizer's post-processor adds (Llama, Mistral; none for pretune's own), kept
-            # whatever the truncation, as transformers' tokenizer(text) gives it
-            bos = tok.prompt_prefix
-            if ft.classifier == "head":
-                ids, _ = _fit(tok.encode(r["text"]), [], ft.max_len - len(bos), ft.truncation, stats)
-                examples.append({"ids": (bos + ids) or eos, "label": y})
-                continue
-            # cut to the room the longest label leaves, so scoring fits every label after the prompt
-            answers = answers or _verbalizer_answers(labels, tok, ft.max_len - len(bos))
-            prompt = tok.encode(verbalizer_prompt(r["text"]))
-            p, a = _fit_alike([(prompt, ans) for ans in answers], ft.max_len - len(bos), ft.truncation, stats)[y]
-            p = bos + p
-            examples.append({"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p})
-        elif task in ("instruction", "text2text"):
-            # the history with its mask: earlier assistant turns carry loss with finetune.turns=all
-            if ft.turns == "all":
-                history, a_ids, prompt = all_turns_ids(r["messages"], tok, _where(r))
-            else:
-                prompt, a_ids = prompt_response_ids(r["messages"], tok, _where(r))
-                history = [(t, 0) for t in prompt]
-            history, a_ids = _fit(history, a_ids, ft.max_len, ft.truncation, stats)
-            p_ids = [t for t, _ in history]
-            mask = [int(ft.prompt_loss) or m for _, m in history] + [1] * len(a_ids)
-            # generation starts from the whole prompt, cut only to the model's context when it is
-            # generated (serve.engine.generate_all): never by the length of the reference answer
-            examples.append({"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids, "gen_prompt": prompt,
-                             "reference": r.get("references") or r["messages"][-1]["content"]})
-        else:
-            pieces = _fit_alike([_answer_ids(r, k, tok) for k in ("chosen", "rejected")], ft.max_len,
-                                ft.truncation, stats)
-            examples.append(dict(zip(("chosen", "rejected"), pieces)))
+        try:
+            examples.append(_encode_one(r, cfg, tok, labels, answers, stats))
+        except (DataError, ChatTemplateError, ChatMessageError) as e:
+            if cfg.data.on_error != "skip":
+                raise
+            stats.skipped += 1
+            stats.errors.append(str(e))
     return examples
+
+
+def _encode_one(r: dict, cfg: Config, tok: Tokenizer, labels: list[str] | None, answers: list[list[int]] | None,
+                stats: TaskStats) -> dict:
+    """One record's example (see `encode`); `answers` are the verbalizer's label answers."""
+    ft, task, eos = cfg.finetune, cfg.task, [tok.eos_id]
+    if task == "classification":
+        if r["label"] not in labels:
+            problem = out_of_range(r["label"], labels) or (
+                f"label {r['label']!r} is not among the training labels {labels}; list every label in data.labels")
+            raise DataError(f"{_where(r)}{problem}")
+        y = labels.index(r["label"])
+        # the BOS a tokenizer's post-processor adds (Llama, Mistral; none for pretune's own), kept
+        # whatever the truncation, as transformers' tokenizer(text) gives it
+        bos = tok.prompt_prefix
+        if ft.classifier == "head":
+            ids, _ = _fit(tok.encode(r["text"]), [], ft.max_len - len(bos), ft.truncation, stats)
+            return {"ids": (bos + ids) or eos, "label": y}
+        # cut to the room the longest label leaves, so scoring fits every label after the prompt
+        prompt = tok.encode(verbalizer_prompt(r["text"]))
+        p, a = _fit_alike([(prompt, ans) for ans in answers], ft.max_len - len(bos), ft.truncation, stats)[y]
+        p = bos + p
+        return {"ids": p + a, "mask": [0] * len(p) + [1] * len(a), "label": y, "prompt": p}
+    if task in ("instruction", "text2text"):
+        # the history with its mask: earlier assistant turns carry loss with finetune.turns=all
+        if ft.turns == "all":
+            history, a_ids, prompt = all_turns_ids(r["messages"], tok, _where(r))
+        else:
+            prompt, a_ids = prompt_response_ids(r["messages"], tok, _where(r))
+            history = [(t, 0) for t in prompt]
+        history, a_ids = _fit(history, a_ids, ft.max_len, ft.truncation, stats)
+        p_ids = [t for t, _ in history]
+        mask = [int(ft.prompt_loss) or m for _, m in history] + [1] * len(a_ids)
+        # generation starts from the whole prompt, cut only to the model's context when it is
+        # generated (serve.engine.generate_all): never by the length of the reference answer
+        return {"ids": p_ids + a_ids, "mask": mask, "prompt": p_ids, "gen_prompt": prompt,
+                "reference": r.get("references") or r["messages"][-1]["content"]}
+    pieces = _fit_alike([_answer_ids(r, k, tok) for k in ("chosen", "rejected")], ft.max_len, ft.truncation, stats)
+    return dict(zip(("chosen", "rejected"), pieces))
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:

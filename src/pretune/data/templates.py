@@ -3,8 +3,10 @@
 Templates are Jinja, with the conventions of Hugging Face `chat_template` (the variables `messages`,
 `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`, `unk_token` and
 `additional_special_tokens`, the helpers `raise_exception` and `strftime_now`, and transformers'
-`tojson`: non-ASCII and "<" kept as they are), so a template imported with a Hugging Face tokenizer
-works unchanged. They are rendered in a sandboxed, immutable Jinja environment with `trim_blocks`
+`tojson`: non-ASCII and "<" kept as they are, and the `{% generation %}...{% endgeneration %}` block
+that marks assistant text for transformers' assistant-token mask, rendered as its body), so a template
+imported with a Hugging Face tokenizer works unchanged. A message's fields other than role and content
+(`reasoning_content`, `name`) reach the template as they are. They are rendered in a sandboxed, immutable Jinja environment with `trim_blocks`
 and `lstrip_blocks`, as transformers renders them.
 
 pretune's own default writes plain-text role markers (they are not special tokens in pretune's
@@ -55,7 +57,9 @@ class ChatTemplateError(UserError, ValueError):
 
 
 def validate_messages(messages: object) -> list[dict]:
-    """Check `messages` and return them as plain {role, content} dicts; the error names the index."""
+    """Check `messages` (each with a known role and text content) and return them as plain dicts: role,
+    content and the message's other fields, which the template may read (Qwen3's reasoning_content, a
+    name); the error names the index."""
     if not isinstance(messages, list) or not messages:
         raise ChatMessageError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
     out = []
@@ -68,7 +72,7 @@ def validate_messages(messages: object) -> list[dict]:
             raise ChatMessageError(f"messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ChatMessageError(f"messages[{i}].content must be a string, not {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        out.append({**m, "role": role, "content": content})
     return out
 
 
@@ -86,6 +90,28 @@ def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sor
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _generation_extension():
+    """The Jinja extension for transformers' `{% generation %}...{% endgeneration %}`, which marks the
+    assistant text that its return_assistant_tokens_mask reports: here the block renders its body as
+    it is (the loss mask comes from render_prompt_response's split, not from the mark)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            # a call block, so the body has a scope of its own, as in transformers
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return Generation
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str):
     """Compile once per distinct template text (sandboxed; no attribute access to Python internals)."""
@@ -96,7 +122,8 @@ def _compile(template: str):
     except ImportError:
         raise ChatTemplateError("chat templates need jinja2: pip install jinja2 (or pretune[serve])") from None
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, _generation_extension()])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.filters["tojson"] = _tojson
@@ -148,6 +175,12 @@ def chat_template_of(tokenizer) -> str:
     return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
 
 
+def check_template(tokenizer) -> None:
+    """ChatTemplateError when the tokenizer's chat template (or the default) does not compile: a fault
+    of every conversation alike, found before any is rendered."""
+    _compile(chat_template_of(tokenizer))
+
+
 def render_chat(messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> str:
     """Render `messages` with the tokenizer's chat template (or the default) into prompt text.
 
@@ -184,6 +217,10 @@ def render_prompt_response(messages: list[dict], tokenizer) -> tuple[str, str]:
     the answer follows (BOS only before the first message, a marker before the last turn) is split
     where it writes the content: found by rendering a marker in its place, never by searching for
     the text. ChatTemplateError when neither way gives a split that is certain.
+
+    What the template writes from the last message's other fields after the generation prompt (Qwen3's
+    `<think>` block from reasoning_content) is part of the response: the marker message carries the
+    content alone, so it renders differently and the turn after the generation prompt is kept whole.
     """
     msgs = validate_messages(messages)
     if msgs[-1]["role"] != "assistant":

@@ -16,6 +16,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_to
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIALS = [BOS, EOS, PAD, UNK]
+METASPACE = "\u2581"  # "▁": a space, in SentencePiece-style pieces
 
 # Names used by other tokenizers for the same roles, in order of preference.
 _ROLE_NAMES = {
@@ -66,19 +67,52 @@ class Tokenizer:
         ids, prefix = self.encode(text), self.prompt_prefix
         return ids if ids[:len(prefix)] == prefix else prefix + ids
 
-    def encode_batch(self, texts: list[str], specials_as_text: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], specials_as_text: bool = False,
+                     continued: list[bool] | None = None) -> list[list[int]]:
         """Encode many texts in parallel (the Rust side uses every core).
 
         With `specials_as_text`, a special token's text inside the texts ("<|eos|>" in a web page
         about tokenizers) is encoded as the plain text it is, not as the control token: corpus text
         must not end documents or start turns where its author did not. The switch is set on the
-        underlying tokenizer only for this call, since chat templates rely on specials matching."""
-        before = self.tok.encode_special_tokens
-        self.tok.encode_special_tokens = specials_as_text
-        try:
-            return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-        finally:
-            self.tok.encode_special_tokens = before
+        underlying tokenizer only for this call, since chat templates rely on specials matching.
+
+        `continued` marks the texts that continue the one before them (a long document read in
+        chunks): they are encoded without the "▁" a SentencePiece-style tokenizer puts before a
+        text (see `prepends_space`), as if the document had been encoded whole."""
+        continued = continued or [False] * len(texts)
+        out: list[list[int]] = [[] for _ in texts]
+        for tok, wanted in ((self.tok, False), (self._continuation, True)):
+            picked = [i for i, c in enumerate(continued) if c == wanted]
+            if not picked:
+                continue
+            before = tok.encode_special_tokens
+            tok.encode_special_tokens = specials_as_text
+            try:
+                for i, e in zip(picked, tok.encode_batch([texts[i] for i in picked], add_special_tokens=False)):
+                    out[i] = e.ids
+            finally:
+                tok.encode_special_tokens = before
+        return out
+
+    @cached_property
+    def prepends_space(self) -> bool:
+        """Whether the tokenizer puts "▁" (a space) before every text it encodes, a space that is not in
+        the text: SentencePiece's dummy prefix, which Llama 2 and Mistral keep (a Prepend normalizer,
+        or a Metaspace pre-tokenizer that prepends). Read from what the normalizer and pre-tokenizer
+        make of "a", so it holds whatever the tokenizer.json's layout."""
+        return _prepended(self.tok)
+
+    @cached_property
+    def _continuation(self) -> HFTokenizer:
+        """The tokenizer for text that continues a document: without the prepended "▁" (the same
+        tokenizer when it prepends none, or prepends it in a way not known here)."""
+        if not self.prepends_space:
+            return self.tok
+        spec = json.loads(self.tok.to_str())
+        spec["normalizer"] = _without_prepend(spec.get("normalizer"))
+        spec["pre_tokenizer"] = _without_prepend(spec.get("pre_tokenizer"))
+        tok = HFTokenizer.from_str(json.dumps(spec))
+        return self.tok if _prepended(tok) else tok
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -90,16 +124,22 @@ class Tokenizer:
             if t.special}
 
     @cached_property
-    def token_bytes(self) -> list[int]:
+    def token_bytes(self) -> "TokenBytes":
         """UTF-8 byte length of each token's text (0 for special tokens), for bits per byte.
+
+        A "▁" in a piece is a space (1 byte) for a tokenizer that writes spaces so (SentencePiece,
+        Metaspace: its decoder turns "▁" back into " "), and the character itself (3 bytes) for one
+        that does not (pretune's char tokenizer). A tokenizer that prepends "▁" to every text also
+        says which tokens carry that byte at a document's start (TokenBytes.phantom).
 
         The unknown token stands for text the vocabulary lacks (a character the char tokenizer never
         saw): it counts 1 byte, at least what it replaced, so its loss stays in the bits-per-byte sum
         instead of vanishing with the bytes of the control tokens."""
         from pretune.data.templates import _unk_text
 
-        out = []
+        out = TokenBytes()
         byte_level = _uses_byte_level(self.tok)
+        metaspace = not byte_level and _writes_metaspace(self.tok)
         unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()} if byte_level else {}
         unk = _unk_text(self.tok)
         unk_id = self.tok.token_to_id(unk) if unk else None
@@ -118,7 +158,11 @@ class Tokenizer:
             elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
                 out.append(1)  # sentencepiece byte fallback
             else:
-                out.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+                out.append(len((piece.replace(METASPACE, " ") if metaspace else piece).encode("utf-8")))
+        if self.prepends_space:
+            out.phantom = tuple(int(b > 0 and (self.tok.id_to_token(i) or "").startswith(METASPACE))
+                                for i, b in enumerate(out))
+            out.after = tuple(sorted({self.eos_id, *self.prompt_prefix[-1:]} - {None}))
         return out
 
     def save(self, directory: str | Path) -> Path:
@@ -174,6 +218,64 @@ def read_chat_template(directory: Path, meta: dict) -> str | None:
     if template is None and (directory / "chat_template.json").is_file():
         template = json.loads((directory / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
     return template
+
+
+class TokenBytes(list):
+    """Tokenizer.token_bytes: the UTF-8 bytes of each token id. For a tokenizer that prepends "▁" to
+    every text it encodes (Tokenizer.prepends_space), also `phantom` (1 for a token whose piece opens
+    with "▁") and `after` (EOS and the last id of the prompt prefix: what precedes a document in
+    token shards): a target token right after one of `after` opens a document, and its "▁" is
+    not in the text, so it carries one byte fewer (eval.evaluate.lm_metrics)."""
+
+    phantom: tuple[int, ...] = ()
+    after: tuple[int, ...] = ()
+
+
+def _prepended(tok: HFTokenizer) -> bool:
+    """Whether the normalizer and pre-tokenizer put "▁" before "a" (a text that has no space)."""
+    text = tok.normalizer.normalize_str("a") if tok.normalizer is not None else "a"
+    if tok.pre_tokenizer is not None:
+        pieces = tok.pre_tokenizer.pre_tokenize_str(text)
+        text = pieces[0][0] if pieces else ""
+    return text.startswith(METASPACE)
+
+
+def _without_prepend(spec: dict | None) -> dict | None:
+    """A normalizer's or pre-tokenizer's spec without the "▁" it prepends: Prepend normalizers
+    dropped, Metaspace set to prepend nothing (in a Sequence too)."""
+    if not isinstance(spec, dict):
+        return spec
+    kind = spec.get("type")
+    if kind == "Prepend" and spec.get("prepend") == METASPACE:
+        return None
+    if kind == "Metaspace":
+        spec = dict(spec, prepend_scheme="never")
+        spec.pop("add_prefix_space", None)
+        return spec
+    for key in ("normalizers", "pretokenizers"):
+        if isinstance(spec.get(key), list):
+            kept = [_without_prepend(s) for s in spec[key]]
+            spec = dict(spec, **{key: [s for s in kept if s is not None]})
+    return spec
+
+
+def _writes_metaspace(tok: HFTokenizer) -> bool:
+    """Whether "▁" in the tokenizer's pieces stands for a space: a Metaspace pre-tokenizer or decoder,
+    or a Replace between " " and "▁" (Llama 2's normalizer and decoder)."""
+
+    def found(spec) -> bool:
+        if isinstance(spec, list):
+            return any(found(s) for s in spec)
+        if not isinstance(spec, dict):
+            return False
+        if spec.get("type") == "Metaspace":
+            return True
+        if spec.get("type") == "Replace" and METASPACE in (spec.get("content"), (spec.get("pattern") or {}).get("String")):
+            return True
+        return any(found(v) for v in spec.values() if isinstance(v, (dict, list)))
+
+    spec = json.loads(tok.to_str())
+    return found([spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("decoder")])
 
 
 def _bytes_to_unicode() -> dict[int, str]:

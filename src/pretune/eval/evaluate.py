@@ -1,7 +1,8 @@
 """Language-model evaluation: loss, perplexity and bits per byte on held-out text.
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the target tokens, so models
-with different tokenizers can be compared on the same text. Special tokens (EOS between documents)
+with different tokenizers can be compared on the same text (not counting the "▁" that a
+SentencePiece-style tokenizer puts before each document, which is not in the text). Special tokens (EOS between documents)
 carry no bytes and are left out of both sums; the unknown token counts one byte (Tokenizer.token_bytes),
 so its loss is kept. The text scored is the held-out text as decoded and tokenised for the shards
 (data/shards.py): special-token text in it is plain text, as in training.
@@ -69,6 +70,11 @@ def lm_metrics(model: torch.nn.Module, windows: Iterable[Window], token_bytes: l
     was_training = model.training
     model.eval()
     nbytes_of = torch.tensor(token_bytes, dtype=torch.float64, device=device)
+    # a tokenizer that prepends "▁" to every text (Llama 2, Mistral): a document's first token carries
+    # a byte that is not in the text (data.tokenizer.TokenBytes)
+    phantom = getattr(token_bytes, "phantom", None)
+    phantom_of = torch.tensor(phantom, dtype=torch.float64, device=device) if phantom else None
+    doc_start = torch.tensor(getattr(token_bytes, "after", ()), dtype=torch.long, device=device)
     batches: list[list[tuple[np.ndarray, int]]] = []
     for w in windows:
         w = w if isinstance(w, tuple) else (w, 0)
@@ -90,6 +96,8 @@ def lm_metrics(model: torch.nn.Module, windows: Iterable[Window], token_bytes: l
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                               reduction="none").double()
         b = nbytes_of[y.reshape(-1)]
+        if phantom_of is not None:  # a target right after EOS (or BOS) opens a document
+            b = b - phantom_of[y.reshape(-1)] * torch.isin(x.reshape(-1), doc_start)
         n = y.numel()
         if any(k for _, k in batch):  # leave out the targets that are context only
             context = torch.tensor([k for _, k in batch], device=device)

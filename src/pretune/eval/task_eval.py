@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from pretune.config import TASKS, Config, FinetuneConfig, TrainConfig
 from pretune.data import tasks as T
+from pretune.data.labels import duplicate_labels, ids_to_names
 from pretune.data.sources import DataError
 from pretune.errors import ConfigError
 from pretune.model.heads import ClassifierModel
@@ -141,7 +142,13 @@ def evaluate_on_task(model_path: str, e, device, info: dict | None = None) -> di
                                   f"{trained}, in that order; leave data.labels unset")
             labels = trained
         else:  # the label words to score: given, else those the model was tuned on, else the data's
+            twice = duplicate_labels(e.data.labels or [])
+            if twice:
+                raise ConfigError(f"data.labels={e.data.labels} lists {', '.join(map(repr, twice))} more than once; "
+                                  "name each label once")
             labels = list(e.data.labels or trained or sorted({r["label"] for r in records}))
+        if labels:  # records that give label ids get the names, as fine-tuning maps them (finetune._records)
+            ids_to_names(records, labels, e.data.on_error)
     examples = T.encode(records, cfg, tok, labels, stats)
     objective = None
     if task == "preference":
