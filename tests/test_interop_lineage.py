@@ -49,3 +49,31 @@ def test_a_model_trained_from_an_import_exports_the_originals_generation_config_
     export_hf(tmp_path / "run", tmp_path / "own-hf", **quiet)
     assert json.loads((tmp_path / "own-hf" / "config.json").read_text())["max_position_embeddings"] == \
         pretune_model(char).cfg.max_seq_len
+
+
+def test_a_bos_declared_null_stays_absent_through_import_training_and_export(tmp_path, char):
+    """Qwen2's tokenizer_config.json says `"bos_token": null`: no token that merely looks like a BOS
+    (here <|bos|>, in the vocabulary) is taken for one, so chat templates that write `bos_token`
+    render as transformers renders them, and the export declares no BOS either."""
+    from pretune.data.templates import render_chat
+    from pretune.interop.hf import export_hf, import_hf
+    from pretune.model.io import load_model
+
+    quiet = dict(log=lambda s: None)
+    export_hf(save_run(pretune_model(char), char, tmp_path / "run"), tmp_path / "hf", **quiet)
+    meta_file = tmp_path / "hf" / "tokenizer_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta.update(bos_token=None, chat_template="{{ bos_token if bos_token else '' }}{% for m in messages %}"
+                "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    meta_file.write_text(json.dumps(meta))
+    (tmp_path / "hf" / "chat_template.jinja").unlink(missing_ok=True)
+    msgs = [{"role": "user", "content": "hi"}]
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(msgs, tokenize=False)
+    assert want == "<user>hi"
+    import_hf(tmp_path / "hf", tmp_path / "pt", **quiet)
+    tok = load_model(tmp_path / "pt")[1]
+    assert tok.bos_id is None and render_chat(msgs, tok) == want
+    export_hf(tmp_path / "pt", tmp_path / "back", **quiet)
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["bos_token"] is None
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["bos_token_id"] is None
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back").bos_token is None

@@ -39,6 +39,10 @@ class Tokenizer:
         self.chat_template = chat_template
 
     def _role_id(self, role: str, name: str | None) -> int | None:
+        """The id of `name`, else of the first token named as tokenizers commonly name `role`; none
+        for "" (a tokenizer_config.json that declares the role null: see role_tokens)."""
+        if name == "":
+            return None
         for candidate in ([name] if name else []) + _ROLE_NAMES[role]:
             idx = self.tok.token_to_id(candidate)
             if idx is not None:
@@ -197,13 +201,21 @@ class Tokenizer:
         tok = HFTokenizer.from_file(str(file))
         meta_file = file.with_name("tokenizer_config.json")
         meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        return cls(tok, **role_tokens(meta), chat_template=read_chat_template(file.parent, meta))
 
-        def token(key):
-            value = meta.get(key)
-            return value.get("content") if isinstance(value, dict) else value
 
-        return cls(tok, bos=token("bos_token"), eos=token("eos_token"), pad=token("pad_token"),
-                   chat_template=read_chat_template(file.parent, meta))
+def role_tokens(meta: dict) -> dict[str, str | None]:
+    """bos, eos and pad as tokenizer_config.json names them (None: not named, so guessed by name).
+    A BOS or PAD declared null (Qwen2's `"bos_token": null`) is "": the tokenizer has none, and no
+    token that merely looks like one (`<|endoftext|>`) is taken for it. EOS is always found, since
+    documents need one."""
+    def token(key):
+        value = meta.get(key)
+        if value is None and key in meta and key != "eos_token":
+            return ""
+        return value.get("content") if isinstance(value, dict) else value
+
+    return {"bos": token("bos_token"), "eos": token("eos_token"), "pad": token("pad_token")}
 
 
 def read_chat_template(directory: Path, meta: dict) -> str | None:

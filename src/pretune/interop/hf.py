@@ -294,7 +294,7 @@ def load_hf_tokenizer(directory: Path, log: Callable[[str], None] | None = None)
     only a sentencepiece tokenizer.model is converted through transformers when it is installed."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from pretune.data.tokenizer import Tokenizer, read_chat_template
+    from pretune.data.tokenizer import Tokenizer, read_chat_template, role_tokens
 
     d = Path(directory)
     meta = _read_json(d / "tokenizer_config.json")
@@ -311,16 +311,11 @@ def load_hf_tokenizer(directory: Path, log: Callable[[str], None] | None = None)
                     "the model is imported without a tokenizer")
             return None
 
-    def token(key):
-        value = meta.get(key)
-        return value.get("content") if isinstance(value, dict) else value
-
-    eos = token("eos_token")
+    roles = role_tokens(meta)
     gen_eos = _read_json(d / "generation_config.json").get("eos_token_id")
-    if eos is None and gen_eos is not None:
-        eos = backend.id_to_token(gen_eos[0] if isinstance(gen_eos, list) else gen_eos)
-    return Tokenizer(backend, bos=token("bos_token"), eos=eos, pad=token("pad_token"),
-                     chat_template=read_chat_template(d, meta))
+    if roles["eos"] is None and gen_eos is not None:
+        roles["eos"] = backend.id_to_token(gen_eos[0] if isinstance(gen_eos, list) else gen_eos)
+    return Tokenizer(backend, **roles, chat_template=read_chat_template(d, meta))
 
 
 def _read_json(path: Path) -> dict:
