@@ -35,12 +35,7 @@ class GenerateConfig:
         p = []
         if self.max_new_tokens < 1:
             p.append(f"max_new_tokens={self.max_new_tokens}: must be at least 1 (the tokens to sample)")
-        if not _at_least(self.temperature, 0):
-            p.append(f"temperature={self.temperature}: must be 0 (greedy) or more")
-        if self.top_k is not None and self.top_k < 0:
-            p.append(f"top_k={self.top_k}: must be 1 or more, or 0 (or null) for no top-k cut")
-        if self.top_p is not None and not (_at_least(self.top_p, 0) and self.top_p <= 1):
-            p.append(f"top_p={self.top_p}: must be between 0 and 1 (1 or null: no nucleus cut; 0: greedy)")
+        p += sampling_problems(self.temperature, self.top_k, self.top_p)
         if self.num_samples < 1:
             p.append(f"num_samples={self.num_samples}: must be at least 1 (how many continuations to print)")
         return p
@@ -49,6 +44,18 @@ class GenerateConfig:
 def _at_least(value: float, low: float) -> bool:
     """A finite number >= low (NaN and infinities are not)."""
     return math.isfinite(value) and value >= low
+
+
+def sampling_problems(temperature: float, top_k: int | None, top_p: float | None) -> list[str]:
+    """The impossible sampling settings of `pretune generate` and `pretune chat`, each naming its key."""
+    p = []
+    if not _at_least(temperature, 0):
+        p.append(f"temperature={temperature}: must be 0 (greedy) or more")
+    if top_k is not None and top_k < 0:
+        p.append(f"top_k={top_k}: must be 1 or more, or 0 (or null) for no top-k cut")
+    if top_p is not None and not (_at_least(top_p, 0) and top_p <= 1):
+        p.append(f"top_p={top_p}: must be between 0 and 1 (1 or null: no nucleus cut; 0: greedy)")
+    return p
 
 
 @dataclass

@@ -51,7 +51,8 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: (..., T, D) with cos/sin (T, D), or (B, T, H, D) with cos/sin (T, 1, D)."""
+    """Rotate-half RoPE. x: (..., T, D) with cos/sin (T, D), or (B, T, H, D) with cos/sin (T, 1, D) or,
+    a position per row, (B, T, 1, D)."""
     x1, x2 = x.chunk(2, dim=-1)  # a split, not two slices: its backward is one cat, not two zero-fills
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
@@ -156,10 +157,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.attn_dropout = cfg.attn_dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None, positions=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): broadcast over heads in (B, T, H, D)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, D) or (B, T, 1, D): broadcast over heads
         if _fuse(x, self.q_proj, self.k_proj, self.v_proj):
             # in fp32 without a cache, RoPE as one complex product on q/k rows ordered in pairs;
             # keys stored in a cache keep the plain order (decoding steps use the unfused path).
@@ -184,7 +185,13 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(B, T, Hkv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         is_causal = mask is None
-        if cache is not None:
+        if cache is not None and positions is not None:  # each token to its own slot (GPT.forward)
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1) against positions (B, T)
+            cache.k[layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)  # (B, T, Hkv, D)
+            cache.v[layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+            k, v = cache.k[layer, :B, :, : cache.pos], cache.v[layer, :B, :, : cache.pos]
+            is_causal = False
+        elif cache is not None:
             start = cache.pos
             cache.k[layer, :B, :, start: start + T] = k
             cache.v[layer, :B, :, start: start + T] = v
@@ -229,8 +236,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, positions=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask, positions))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -267,21 +274,35 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None,
-                return_hidden: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+                return_hidden: bool = False, select: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or hidden states (B, T, C) with return_hidden. `select`: indices into the
         B * T flattened positions; only those go through the final norm and the output projection,
         and the result is (N, V) (or (N, C)). A fine-tuning batch scores a few response or label
         tokens per row: the projection onto the vocabulary, often the largest product of a small
-        model, then runs on those alone."""
+        model, then runs on those alone.
+
+        `positions` (B, T), with a cache whose rows hold sequences of different lengths (the serving
+        engine): token t of row b is at position positions[b, t]; it is rotated by it, written to
+        that slot of row b's cache and sees the row's slots up to it. Attention then reads the
+        cache's first `cache.pos` slots, which the caller sets above every position and which is
+        not advanced here."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start: start + T], self.rope_sin[start: start + T]
+        if positions is None:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[start: start + T], self.rope_sin[start: start + T]
+        else:
+            if cache is None or mask is not None or not 0 < cache.pos <= min(cache.k.shape[3], self.cfg.max_seq_len):
+                raise ValueError("positions need a cache, no mask, and cache.pos (the slots read) from 1 to the "
+                                 "cache's length")
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
+            mask = (torch.arange(cache.pos, device=idx.device) <= positions[..., None])[:, None]  # (B, 1, T, S)
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, mask)
-        if cache is not None:
+            x = block(x, cos, sin, cache, i, mask, positions)
+        if cache is not None and positions is None:
             cache.pos += T
         if select is not None:
             x = x.flatten(0, 1).index_select(0, select)  # (N, C)

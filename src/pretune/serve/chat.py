@@ -2,8 +2,9 @@
 
 Each line you type is a user message; the reply streams as it is generated. The conversation is
 kept and rendered with the model's chat template (data/templates.py) for every turn; when it no
-longer fits the model's context, the oldest turns are dropped (a system message stays). Commands:
-`/reset` clears the history, `/exit` (or end of input) leaves. Ctrl-C stops a reply.
+longer fits the model's context, the oldest turns are dropped (a system message stays); a message
+too long to fit on its own is refused and the history kept. Commands: `/reset` clears the history,
+`/exit` (or end of input) leaves. Ctrl-C stops a reply.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ class ChatConfig:
     max_tokens: int = 256
     """Most tokens per reply (capped by what is left of the context)."""
     temperature: float = 0.7
-    """Sampling temperature; 0 is greedy."""
+    """Sampling temperature, 0 or more; 0 is greedy."""
     top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens whose probability reaches p."""
+    """Nucleus sampling, 0 to 1: the smallest set of tokens whose probability reaches p; 0 keeps the
+    most likely token alone (greedy), 1 or None: no cut."""
     top_k: int | None = None
-    """Sample from the k most likely tokens only."""
+    """Sample from the k most likely tokens only; 0 or None: no top-k cut."""
     seed: int | None = None
-    """Seed for reproducible replies (each turn uses seed + turn number)."""
+    """Seed for reproducible replies: turn i of a conversation uses seed + i (from 0 again after
+    /reset, so the same conversation gets the same replies)."""
     max_seq_len: int | None = None
     """The context of the conversation; default the model's, capped at 8192 (a model with a longer
     one says so at start)."""
@@ -40,11 +43,12 @@ class ChatConfig:
 
     def problems(self) -> list[str]:
         """Every impossible value, each naming its key and the fix."""
+        from pretune.eval.options import sampling_problems
+
         p = []
         if self.max_tokens < 1:
             p.append(f"max_tokens={self.max_tokens}: must be at least 1")
-        if self.temperature < 0:
-            p.append(f"temperature={self.temperature}: must be 0 (greedy) or more")
+        p += sampling_problems(self.temperature, self.top_k, self.top_p)
         if self.max_seq_len is not None and self.max_seq_len < 2:
             p.append(f"max_seq_len={self.max_seq_len}: must be at least 2 (a prompt token and a reply token)")
         return p
@@ -68,33 +72,36 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation (the system message stays)."""
+        """Forget the conversation (the system message stays); the seed starts again from turn 0."""
         self.messages = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        self.turn = 0
 
-    def prompt_ids(self) -> list[int]:
-        """The rendered history as token ids, dropping the oldest turns until a reply fits."""
+    def prompt_ids(self, messages: list[dict]) -> tuple[list[int], list[dict]]:
+        """(token ids, the messages they render): `messages` less its oldest turns, as few as need to
+        go for a reply to fit. `messages` itself is left as it is; ConversationTooLong when its last
+        message alone does not fit."""
         from pretune.data.templates import render_chat
 
         room = min(self.cfg.max_tokens, max(1, self.ctx // 4))  # keep at least this much for the reply
+        messages = list(messages)
         while True:
-            ids = self.tokenizer.encode(render_chat(self.messages, self.tokenizer))
+            ids = self.tokenizer.encode(render_chat(messages, self.tokenizer))
             if len(ids) + room <= self.ctx:
-                return ids
-            first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-            if len(self.messages) - first <= 1:
-                self.messages.pop()
+                return ids, messages
+            first = 1 if messages and messages[0]["role"] == "system" else 0
+            if len(messages) - first <= 1:
                 raise ConversationTooLong(f"the message is {len(ids)} tokens with the template; the model's "
                                           f"context is {self.ctx} tokens: send a shorter one")
-            del self.messages[first]  # the oldest turn: a user message and the reply to it
-            if len(self.messages) > first + 1 and self.messages[first]["role"] == "assistant":
-                del self.messages[first]
+            del messages[first]  # the oldest turn: a user message and the reply to it
+            if len(messages) > first + 1 and messages[first]["role"] == "assistant":
+                del messages[first]
 
     def send(self, text: str, write: Callable[[str], None]) -> str:
-        """Add a user message, stream the reply through `write`, keep it in the history, return it."""
+        """Add a user message, stream the reply through `write`, keep it in the history, return it.
+        A message too long for the context (ConversationTooLong) leaves the history as it was."""
         from pretune.serve.engine import SamplingParams
 
-        self.messages.append({"role": "user", "content": text})
-        ids = self.prompt_ids()
+        ids, self.messages = self.prompt_ids(self.messages + [{"role": "user", "content": text}])
         c = self.cfg
         params = SamplingParams(max_tokens=min(c.max_tokens, self.ctx - len(ids)), temperature=c.temperature,
                                 top_p=c.top_p, top_k=c.top_k,

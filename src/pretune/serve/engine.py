@@ -5,31 +5,26 @@ admits waiting jobs into the running batch, and every decode step runs ONE forwa
 active sequences. Rows finish independently (EOS, a stop string, max_tokens, or cancellation) and
 leave the batch at once, so a short request never waits for a long one.
 
-How sequences of different lengths share one KV cache. GPT's KVCache has one write position `pos`
-(a "slot") shared by all rows, and RoPE rotates each key by its slot. Attention scores with RoPE
-depend only on the difference between the query's and the key's slot, so a sequence stored at
-slots [a, a + n) gives the same logits as one stored at [0, n), provided its queries never see the
-slots before `a`. The engine therefore keeps, per row, the slot where its prompt starts, and builds
-a boolean mask (rows, 1, queries, slots) that hides everything before it:
+How sequences of different lengths share one KV cache: each row keeps its own length. A row's
+tokens lie at slots [0, length) of its row of the cache and each is rotated by RoPE at its own
+position (GPT.forward's `positions`), so a row is stored exactly as `eval.generate.stream_tokens`
+stores its sequence, whatever the other rows hold:
 
-- a fresh batch (no active rows) left-pads its prompts to the longest one, L, and prefills them
-  together at slots [0, L); the shared position becomes P = L;
-- a job joins a running batch at position P if its prompt fits before P (len <= P) and its
-  max_tokens fit after it (P + max_tokens - 1 <= max_seq_len); its prompt is prefilled on its own
-  row, right-aligned to end at slot P, then it decodes with the others;
-- padding positions attend only to themselves (never a fully masked row, which would give NaN);
-- rows are kept contiguous (0..n-1): a finished row is replaced by the last one (its cache slots
-  are copied), so a decode step computes exactly the active rows.
+- waiting jobs join at the next step whenever a row is free, whatever their prompt's length and
+  their max_tokens (submit checks that prompt + max_tokens fit the context): no job waits for
+  another one's position, and no batch has to drain first;
+- joining jobs are prefilled together on their new rows, each prompt at slots [0, n) (prompts of
+  very different lengths in separate forwards, so that short ones are not padded to a long one);
+  the padding after a short prompt is never seen (a row's mask hides the slots past its position)
+  and its later tokens overwrite it in order;
+- a decode step feeds every row its last token at slot `length` of its row and reads the slots up
+  to the longest row's, each row masked to its own;
+- rows are kept contiguous (0..n-1): a finished row is replaced by the last one (its slots
+  [0, length) are copied), so a decode step computes exactly the active rows.
 
-A job whose prompt is longer than P waits while later jobs that fit may join; P grows by one per
-step, so it soon fits. A job whose max_tokens do not fit after P stops all admissions, so that the
-batch drains and a fresh batch starts at slot 0 with it: no job waits for more than one drain
-(at most max_tokens steps). The cost of this simple scheme is the drain: while P is near
-max_seq_len the batch empties before it refills. (Compacting the cache instead, by re-rotating the
-keys to earlier slots, would avoid that; it is not done.)
-
-Greedy outputs equal those of `eval.generate.stream_tokens` (tests/test_serve.py checks it for
-prompts of different lengths joining at different steps), and a seeded sampled output does too,
+Greedy outputs equal those of `eval.generate.stream_tokens` (tests/test_serve.py and
+tests/test_serve_fixes.py check it for prompts of different lengths joining at different steps and
+rows moved when others finish), and a seeded sampled output does too,
 since each row samples with its own generator exactly as `stream_tokens` does.
 
 Text is produced in the engine: each job decodes its tokens incrementally, holds back text that
@@ -100,10 +95,11 @@ class Job:
 
 @dataclass
 class _Row:
-    """An active sequence: its job, the slot where its prompt starts, the token to feed next."""
+    """An active sequence: its job, the tokens in its cache (prompt and outputs fed back), the next
+    token to feed."""
 
     job: Job
-    start: int
+    length: int
     gen: torch.Generator | None
     last: int = 0
     done: bool = False
@@ -122,7 +118,6 @@ class Engine:
         # the cache holds ctx positions per row: the model's context, or less when the caller knows
         self.device, self.ctx = p.device, min(ctx or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.cache = KVCache.empty(model.cfg, max_batch, self.ctx, p.device, p.dtype)
-        self.pos = 0
         self.rows: list[_Row] = []
         self.waiting: deque[Job] = deque()
         self.stop_ids = stop_ids(tokenizer)  # EOS, and a chat template's end-of-turn token
@@ -227,78 +222,54 @@ class Engine:
             self._decode()
 
     def _admit(self) -> None:
-        """Move waiting jobs into the batch (see the module docstring for when a job fits)."""
-        group: list[Job] = []
+        """Move waiting jobs into the free rows, oldest first, and prefill them."""
         with self._cv:
-            fresh = not self.rows
-            pos, longest, most = self.pos, 0, 0
             dropped = [job for job in self.waiting if job.cancelled.is_set()]  # even when the batch is full
-            for job in list(self.waiting):
-                if job in dropped:
-                    continue
-                if len(self.rows) + len(group) >= self.max_batch:
-                    break
-                n, m = len(job.prompt), job.params.max_tokens
-                if fresh:  # the batch starts at the longest prompt; every job must still fit after it
-                    if group and max(longest, n) + max(most, m) - 1 > self.ctx:
-                        break
-                    longest, most = max(longest, n), max(most, m)
-                elif pos + m - 1 > self.ctx:
-                    break  # needs a fresh batch: admit nobody, so that the batch drains
-                elif n > pos:
-                    continue  # its prompt does not fit before the current slot yet; it will, as it grows
-                group.append(job)
+            group = [job for job in self.waiting if not job.cancelled.is_set()][:self.max_batch - len(self.rows)]
             if group or dropped:
                 taken = {id(j) for j in group + dropped}
                 self.waiting = deque(j for j in self.waiting if id(j) not in taken)
         for job in dropped:
             self._finish(job, "cancelled")
-        if group:
-            try:
-                self._prefill(group, longest if fresh else pos)
-            except Exception as e:  # the jobs left the queue: tell their clients
-                for job in group:
-                    self._finish(job, "error", error=f"{type(e).__name__}: {e}")
-                raise
+        try:
+            for part in prefill_groups(group):
+                self._prefill(part)
+        except Exception as e:  # the jobs left the queue: tell their clients
+            for job in group:
+                self._finish(job, "error", error=f"{type(e).__name__}: {e}")
+            raise
 
-    def _prefill(self, group: list[Job], pos: int) -> None:
-        """Prefill `group` on rows n..n+k-1, each prompt right-aligned to end at slot `pos`."""
+    def _prefill(self, group: list[Job]) -> None:
+        """Prefill `group` on rows n..n+k-1, each prompt at slots [0, len) of its row."""
         n, k = len(self.rows), len(group)
         width = max(len(j.prompt) for j in group)
-        lo = pos - width
         idx = torch.full((k, width), self.pad_id, dtype=torch.long)
-        starts = torch.tensor([pos - len(j.prompt) for j in group])
         for i, job in enumerate(group):
-            idx[i, width - len(job.prompt):] = torch.tensor(job.prompt)
-        keys = torch.arange(pos)
-        queries = torch.arange(lo, pos)
-        mask = (keys >= starts[:, None, None]) & (keys <= queries[None, :, None])  # (k, T, S)
-        mask |= keys == queries[None, :, None]  # padding queries see themselves only
-        view = KVCache(self.cache.k[:, n:n + k], self.cache.v[:, n:n + k], pos=lo)  # writes go to the cache
-        last = torch.arange(1, k + 1, device=self.device) * width - 1  # each row's last slot: logits there only
-        logits = self.model(idx.to(self.device), cache=view, mask=mask[:, None].to(self.device), select=last)
-        self.pos = pos
+            idx[i, :len(job.prompt)] = torch.tensor(job.prompt)
+        view = KVCache(self.cache.k[:, n:n + k], self.cache.v[:, n:n + k])  # slot 0 on; writes go to the cache
+        last = torch.tensor([i * width + len(j.prompt) - 1 for i, j in enumerate(group)])  # logits there only
+        logits = self.model(idx.to(self.device), cache=view, select=last.to(self.device))
         self.stats["prefills"] += 1
         new = []
-        for job, start in zip(group, starts.tolist()):
+        for job in group:
             gen = None
             if job.params.temperature > 0:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(job.params.seed if job.params.seed is not None else torch.seed())
-            new.append(_Row(job, start, gen))
+            new.append(_Row(job, len(job.prompt), gen))
         self.rows.extend(new)
         self._sample(new, logits)
         self._retire()
 
     def _decode(self) -> None:
-        """One forward for every active row at slot self.pos."""
-        n, pos = len(self.rows), self.pos
+        """One forward for every active row, each at its own next slot."""
+        n = len(self.rows)
         idx = torch.tensor([[r.last] for r in self.rows], device=self.device)
-        starts = torch.tensor([r.start for r in self.rows])
-        mask = (torch.arange(pos + 1)[None, :] >= starts[:, None]).view(n, 1, 1, pos + 1)
-        self.cache.pos = pos
-        logits = self.model(idx, cache=self.cache, mask=mask.to(self.device))[:, -1]
-        self.pos = pos + 1
+        positions = torch.tensor([[r.length] for r in self.rows], device=self.device)
+        self.cache.pos = max(r.length for r in self.rows) + 1  # the slots read
+        logits = self.model(idx, cache=self.cache, positions=positions)[:, -1]
+        for r in self.rows:
+            r.length += 1
         self.stats["steps"] += 1
         self.stats["rows_stepped"] += n
         self.stats["max_active"] = max(self.stats["max_active"], n)
@@ -354,7 +325,7 @@ class Engine:
             last = len(self.rows) - 1
             if i != last:
                 moved = self.rows[last]
-                s = slice(moved.start, self.pos)
+                s = slice(0, moved.length)
                 self.cache.k[:, i, :, s] = self.cache.k[:, last, :, s]
                 self.cache.v[:, i, :, s] = self.cache.v[:, last, :, s]
                 self.rows[i] = moved
@@ -380,6 +351,23 @@ class Engine:
             job.sink(event)
         except Exception:  # the receiver is gone (its event loop closed): nothing to tell
             log.debug("job %s: event dropped", job.id)
+
+
+def prefill_groups(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs prefilled in one forward each: prompts of similar lengths, since every prompt of a
+    forward is padded to its longest; a group takes the next longer prompt while the padded
+    positions stay within twice the real ones."""
+    groups: list[list[Job]] = []
+    real = 0
+    for job in sorted(jobs, key=lambda j: len(j.prompt)):
+        n = len(job.prompt)
+        if groups and n * (len(groups[-1]) + 1) <= 2 * (real + n):
+            groups[-1].append(job)
+            real += n
+        else:
+            groups.append([job])
+            real = n
+    return groups
 
 
 @torch.inference_mode()

@@ -7,9 +7,9 @@ rendered with the model's chat template (data/templates.py); the role `developer
 each forward pass.
 
 Parameters that would change the output but are not implemented (n > 1, echo, suffix, logprobs,
-logit_bias, presence/frequency penalties, a JSON response_format, tools) are refused with 400
-rather than ignored; their neutral values (n 1, penalties 0, logit_bias {}, response_format text)
-are accepted.
+logit_bias, penalties, a JSON response_format, tools, vLLM's min_p, ignore_eos, ...), and unknown
+ones, are refused with 400 rather than ignored; neutral values (n 1, penalties 0, logit_bias {},
+response_format text, ...) are accepted (serve/requests.py lists them).
 
 Safety: the server binds 127.0.0.1 unless told otherwise; an optional API key (`api_key=` or
 PRETUNE_API_KEY) is compared in constant time; the request body, the prompt length, max_tokens and
