@@ -209,14 +209,15 @@ def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train
             f"{starting_model(cfg)} (only model.dropout and model.attn_dropout apply)")
     if rt.is_main:
         _warn_ignored_data_keys(cfg, log)
+    if cfg.finetune.max_len > lm.cfg.max_seq_len:  # every split is cut to what the model can read
+        if rt.is_main:
+            log(f"warning: finetune.max_len={cfg.finetune.max_len} is longer than the model's context; examples "
+                f"are cut to {lm.cfg.max_seq_len} tokens (and counted in truncated_examples)")
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, max_len=lm.cfg.max_seq_len))
     train_ex = T.encode(train_recs, cfg, tok, labels, stats)
     truncated_train = stats.truncated
     val_ex, test_ex = T.encode(val_recs, cfg, tok, labels, stats), T.encode(test_recs, cfg, tok, labels, stats)
-    longest = max(T.length_of(e) for e in train_ex)
-    if longest > lm.cfg.max_seq_len:
-        raise ConfigError(f"examples reach {longest} tokens but the model's context is {lm.cfg.max_seq_len}; "
-                          f"set finetune.max_len <= {lm.cfg.max_seq_len}")
-    replay = _replay_sampler(cfg, tok, min(cfg.finetune.max_len, lm.cfg.max_seq_len))
+    replay = _replay_sampler(cfg, tok, cfg.finetune.max_len)
     data = T.TaskBatches(train_ex, cfg, tok.pad_id, replay)
     if data.n_replay % rt.world:
         raise ConfigError(f"finetune.replay_ratio={cfg.finetune.replay_ratio} gives {data.n_replay} replay rows "

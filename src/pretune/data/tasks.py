@@ -177,6 +177,8 @@ def task_info(cfg, labels: list[str] | None) -> dict:
             "classifier": f.classifier if cfg.task == "classification" else None,
             "format": {"max_len": f.max_len, "truncation": f.truncation, "prompt_loss": f.prompt_loss,
                        "turns": f.turns}}
+    if cfg.task in ("instruction", "text2text"):
+        info["max_new_tokens"] = f.max_new_tokens  # what its generation figures were scored with
     if cfg.task == "preference":
         info["dpo_beta"] = f.dpo_beta
     return info

@@ -33,7 +33,7 @@ class GenerateConfig:
     def problems(self) -> list[str]:
         """Every impossible value, each naming its key and the fix."""
         p = []
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             p.append(f"max_new_tokens={self.max_new_tokens}: must be at least 1 (the tokens to sample)")
         p += sampling_problems(self.temperature, self.top_k, self.top_p)
         if self.num_samples < 1:
@@ -77,10 +77,12 @@ class EvaluateConfig:
     """Instruction and text2text: whether the loss also counts prompt tokens; None: as the model was tuned."""
     turns: str | None = None
     """Instruction: loss on the 'last' assistant turn or on 'all' of them; None: as the model was tuned."""
-    max_new_tokens: int = 64
-    """Generation tasks: tokens generated per example (at least 1)."""
-    eval_examples: int = 200
-    """Generation tasks: at most this many examples get generation figures (loss covers all); at least 1."""
+    max_new_tokens: int | None = None
+    """Generation tasks: tokens generated per example (at least 1); None: as many as the fine-tuned run
+    scored itself with (its task.json), else 64."""
+    eval_examples: int | None = None
+    """Generation tasks: at most this many examples get generation figures (loss covers all; at least
+    1); None: every example, as a run scores its test set."""
     reference: str | None = None
     """Preference: a reference model for DPO's reward margin (without one, the model's own margins)."""
     dpo_beta: float | None = None
@@ -123,9 +125,9 @@ class EvaluateConfig:
                             "seq_len")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size}: must be at least 1 (sequences per forward pass)")
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens}: must be at least 1 (tokens generated per example)")
-        if self.eval_examples < 1:
+        if self.eval_examples is not None and self.eval_examples < 1:
             problems.append(f"eval_examples={self.eval_examples}: must be at least 1 (the examples that get "
                             "generation figures; with none they would read 0)")
         if self.dpo_beta is not None and not (_at_least(self.dpo_beta, 0) and self.dpo_beta > 0):

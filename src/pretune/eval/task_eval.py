@@ -124,15 +124,18 @@ def evaluate_on_task(model_path: str, e, device, info: dict | None = None) -> di
         given = getattr(e, name)
         return given if given is not None else tuned.get(name, getattr(FinetuneConfig, name))
 
-    finetune = FinetuneConfig(classifier=classifier, max_len=setting("max_len"), truncation=setting("truncation"),
-                              prompt_loss=setting("prompt_loss"), turns=setting("turns"),
-                              max_new_tokens=e.max_new_tokens,
-                              eval_examples=e.eval_examples, dpo_beta=beta)
-    cfg = Config(task=task, data=e.data, finetune=finetune, train=TrainConfig(eval_batch_size=4 * e.batch_size))
     stats = T.TaskStats()
     records = T.read_records(e.data.val, task, e.data, stats, "data.val")
     if not records:
         raise DataError(f"data.val={e.data.val} holds no {task} records")
+    # as the run scored itself: examples cut to the model's context, its max_new_tokens, and every
+    # example generated for
+    generated = own.get("max_new_tokens") or FinetuneConfig.max_new_tokens
+    finetune = FinetuneConfig(classifier=classifier, max_len=min(setting("max_len"), model.cfg.max_seq_len),
+                              truncation=setting("truncation"), prompt_loss=setting("prompt_loss"),
+                              turns=setting("turns"), max_new_tokens=e.max_new_tokens or generated,
+                              eval_examples=e.eval_examples or len(records), dpo_beta=beta)
+    cfg = Config(task=task, data=e.data, finetune=finetune, train=TrainConfig(eval_batch_size=4 * e.batch_size))
     labels = None
     if task == "classification":
         trained = info.get("labels") if info.get("task") == task else None
