@@ -13,6 +13,8 @@ longer are removed. The final model is loaded only from weights whose step is th
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import re
@@ -45,7 +47,9 @@ def track_best(state: dict, metric: str, step: int) -> bool:
     value = float(state["eval"][metric])
     lower = metric.endswith(LOWER_IS_BETTER)
     best = state["best"]
-    if best is None or (value < best["value"] if lower else value > best["value"]):
+    # a NaN figure is never better, and any number is better than a NaN best
+    if best is None or (math.isnan(best["value"]) and not math.isnan(value)) or (
+            value < best["value"] if lower else value > best["value"]):
         state["best"], state["bad_evals"] = {"step": step, "value": value, "eval": dict(state["eval"])}, 0
         return True
     state["bad_evals"] += 1
