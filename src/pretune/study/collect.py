@@ -73,17 +73,19 @@ def collect(study: Study, planned: list, stage_info: dict) -> list[dict]:
     return runs
 
 
-def _pair_changes(probe: dict, start: dict | None) -> list[int] | None:
-    """Per bias pair, the run's preference minus its starting model's (-1, 0 or 1), for intervals
-    that resample the pairs as well as the seeds."""
+def _pair_changes(probe: dict, start: dict | None) -> list[float] | None:
+    """Per bias pair, the run's preference for sent_more minus its starting model's (each 1, 0, or 0.5
+    for a tie: a change in -1..1 by halves), for intervals that resample the pairs as well as the
+    seeds. Pairs that either model left out (too long for its context: None) are left out."""
     after, before = probe.get("bias_prefers"), (start or {}).get("bias_prefers")
     if not after or not before or len(after) != len(before):
         return None
-    return [a - b for a, b in zip(after, before)]
+    return [a - b for a, b in zip(after, before) if a is not None and b is not None] or None
 
 
 def stage_entry(kind: str, run_dir: Path, probe: dict, trained: bool) -> dict:
     summary = read_summary(run_dir) if trained else None
     return {"run_dir": str(run_dir), "kind": kind, "cost": _cost(summary) if summary else None,
             "general_bpb": probe.get("general_bpb"), "bias": probe.get("bias"),
-            "bias_by_type": probe.get("bias_by_type"), "steps": (summary or {}).get("steps")}
+            "bias_by_type": probe.get("bias_by_type"), "bias_n": probe.get("bias_n"),
+            "bias_skipped": probe.get("bias_skipped"), "steps": (summary or {}).get("steps")}

@@ -15,6 +15,7 @@ front, so a wrong key anywhere is reported (with its place in the study file) be
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
@@ -348,10 +349,14 @@ def load_study(path: str | None, overrides: list[str] | None = None, base: dict 
     cfg = load_config(StudyConfig, None, None, base=raw)
     problems: list[str] = []
     tasks = {}
+    parsed = {}  # the tasks without problems of their own: their runs' configs are checked below
     for name, spec in cfg.tasks.items():
+        before = len(problems)
         t = parse_task(str(name), spec, problems)
         if t is not None:
             tasks[str(name)] = t
+            if len(problems) == before:
+                parsed[str(name)] = t
     arms = []
     for spec in cfg.arms:
         try:
@@ -376,6 +381,11 @@ def load_study(path: str | None, overrides: list[str] | None = None, base: dict 
     for key in sorted(unknown):
         problems.append(f"arm_config.{key}: not an arm of this study nor a method"
                         + _suggest(key, names + ["full", "freeze", "lora", "scratch", "prompting"]))
+    study = Study(cfg, tasks, arms, raw)
+    if arms:  # every run's config, built now with placeholder paths for the models not yet made
+        from pretune.study.jobs import run_config_problems
+
+        problems += run_config_problems(dataclasses.replace(study, tasks=parsed))
     if problems:
         raise ConfigError(problems)
-    return Study(cfg, tasks, arms, raw)
+    return study

@@ -64,17 +64,18 @@ def break_even(upfront: float | None, per_task: float | None,
     """Smallest K >= 1 with upfront + K * per_task < K * scratch_per_task, and the reason if none.
 
     Returns 1 when scratch never reaches the target (pre-training is the only way), None when the
-    arm never reaches it, the upfront cost is unknown, or the arm is not cheaper per task. (When
+    arm never reaches it, is not cheaper per task (said so even when the upfront cost is unknown:
+    it never breaks even whatever that cost), or the upfront cost is unknown. (When
     scratch has no completed runs at some size, `amortisation` does not call it: K* is unknown.)
     """
     if per_task is None:
         return None, "never reaches the target"
     if scratch_per_task is None:
         return 1, "training from scratch never reaches the target: pre-training is the only way"
+    if per_task >= scratch_per_task:  # whatever the base cost: knowing it would give no K*
+        return None, "not cheaper per task than training from scratch: never breaks even"
     if upfront is None:
         return None, "the cost of the base model is unknown (it was not trained by this study)"
-    if per_task >= scratch_per_task:
-        return None, "not cheaper per task than training from scratch: never breaks even"
     return max(1, math.floor(upfront / (scratch_per_task - per_task)) + 1), ""
 
 
@@ -210,8 +211,10 @@ def recommendation(results):
                            "noise, not the variation between training runs.")
         elif seeds and min(seeds) <= FEW_SEEDS:
             caveats.append(f"{task}: only {min(seeds)} seeds for some arms: the variation between training "
-                           f"runs is estimated from {min(seeds)} runs, so the intervals are wide (Student's "
-                           f"t, {min(seeds) - 1} degree(s) of freedom) and small differences cannot be resolved.")
+                           f"runs is estimated from {min(seeds)} runs, so the intervals are wide (Student's t "
+                           f"with {min(seeds) - 1} degree(s) of freedom where the seeds dominate the uncertainty, "
+                           "more where the test set does, counted from an 80% upper bound of the seed "
+                           "variance) and small differences cannot be resolved.")
         if spec.get("n_test") is not None and spec["n_test"] < SMALL_TEST:
             caveats.append(f"{task}: small test set ({spec['n_test']} examples): intervals are wide "
                            "and small differences cannot be resolved.")
@@ -295,5 +298,9 @@ def recommendation(results):
                            for s in stages.values()):
         caveats.append("Energy (and CO2) is an estimate from assumed power draw and time, not a "
                        "measurement, for runs marked 'estimate'.")
+    skipped = max((s or {}).get("bias_skipped") or 0 for s in stages.values()) if stages else 0
+    if skipped:
+        caveats.append(f"Bias: {skipped} pair(s) are longer than the model's context, even in a window that "
+                       "keeps the words that differ; they are left out of every bias score.")
     rec["caveats"] = list(dict.fromkeys(caveats))
     return rec

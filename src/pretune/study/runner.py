@@ -9,8 +9,10 @@ The study directory:
     results.json  report.md  report.html  report_files/
 
 Re-running a study skips every finished run, so a study that was stopped continues where it stopped;
-a run whose saved config differs from what the study would now run is an error, not a silent reuse,
-and a run whose parent (base/ or cpt/) was deleted and made again since is run again from the start.
+a run whose saved config differs from what the study would now run (finished, or stopped with a
+checkpoint it would resume from; for a prompting run, its number of demonstrations too) is an error,
+not a silent reuse, and a run whose parent (base/ or cpt/) was deleted and made again since is run
+again from the start. The per-run configs are built in study/jobs.py.
 Runs read only the files of their run directories (summary.json, predictions.jsonl), as DESIGN.md
 asks, so every number in the report can be traced back to one.
 """
@@ -26,11 +28,12 @@ import time
 from pathlib import Path
 
 from pretune.config import Config, load_config
-from pretune.config_io import deep_merge, flat_keys, from_dict, read_yaml, to_dict
+from pretune.config_io import flat_keys, from_dict, read_yaml, to_dict
 from pretune.errors import ConfigError
 from pretune.files import atomic_write_bytes, atomic_write_json
 from pretune.study.collect import DONE, collect, read_summary, stage_entry
-from pretune.study.config import Arm, Study, StudyConfig, load_study
+from pretune.study.config import Study, StudyConfig, load_study
+from pretune.study.jobs import Planned, base_config, cpt_config, job_config, plan_runs, task_records  # noqa: F401
 
 HELP_CONFIG = StudyConfig
 # Keys that may differ between a finished run and the study that finds it (where and how it runs).
@@ -38,9 +41,9 @@ VOLATILE = {"out_dir", "resume", "overwrite", "train.threads", "train.device", "
 
 
 def cmd_study(argv: list[str]) -> int | None:
-    from pretune.cli import _split
+    from pretune.cli import split_args
 
-    yaml_path, extra, overrides = _split(argv)
+    yaml_path, extra, overrides = split_args(argv)
     if extra is not None:
         raise ConfigError(f"unexpected argument {extra!r}; use pretune study STUDY.yaml [KEY=VALUE ...]")
     results = run_study(load_study(yaml_path, overrides))
@@ -90,11 +93,13 @@ def parent_changed(run_dir: Path) -> str | None:
 
 def _continue_or_start(cfg: Config) -> Config:
     """A run that stopped part-way resumes from its last checkpoint, or starts again without one (or
-    when its parent was made again since)."""
+    when its parent was made again since). It resumes only with the config the study now asks for:
+    one saved with other settings is refused, as a finished one is (_check_same)."""
     from pretune.train.checkpoint import latest_checkpoint
 
     run_dir = Path(cfg.out_dir)
     if latest_checkpoint(run_dir) is not None and not parent_changed(run_dir):
+        _check_same(cfg, run_dir)
         saved = read_yaml(run_dir / "config.yaml")
         saved.update(init_from=None, resume=str(run_dir), out_dir=str(run_dir), overwrite=False)
         return load_config(Config, None, [], base=saved)
@@ -102,7 +107,7 @@ def _continue_or_start(cfg: Config) -> Config:
 
 
 def _check_same(cfg: Config, run_dir: Path) -> None:
-    """Refuse to reuse a finished run that was made with a different config."""
+    """Refuse to reuse a finished run, or to resume a stopped one, that was made with a different config."""
     from pretune.stages import absolute_inputs
 
     saved = flat_keys(read_yaml(run_dir / "config.yaml"))
@@ -118,14 +123,37 @@ def _check_same(cfg: Config, run_dir: Path) -> None:
                           "study, or delete that run directory to redo it")
 
 
-def _stage_config(study: Study, out_dir: Path, mapping: dict, where: str, extra: dict | None = None) -> Config:
-    s = study.cfg
-    common = {"out_dir": str(out_dir), "train": {"device": s.device, "threads": s.threads, "progress": False},
-              "track": dataclasses.asdict(s.track), "meter": dataclasses.asdict(s.meter)}
-    try:
-        return load_config(Config, None, [], base=deep_merge(deep_merge(common, mapping), extra or {}))
-    except ConfigError as e:
-        raise ConfigError([f"{where}: {p}" for p in e.problems]) from None
+def _check_shots(p: Planned, summary: dict) -> None:
+    """Refuse to reuse a prompting run made with another number of demonstrations than the study now
+    asks for: run_prompting is given them apart from the config, so _check_same cannot see them."""
+    if p.shots is None or summary.get("shots") is None:
+        return
+    want = min(p.shots, summary.get("train_examples", p.shots))  # at most the labelled examples it had
+    if summary["shots"] != want:
+        raise ConfigError(f"{p.run_dir} was run with shots={summary['shots']} but the study now asks for {want} "
+                          "(1 difference(s)); use another out_dir for the changed study, or delete that run "
+                          "directory to redo it")
+
+
+def check_reuse(p: Planned, summary: dict, probe: dict, log) -> bool:
+    """True when the run of `p` finished before and is reused as it is (probed as this study asks).
+    A finished run, or one that stopped part-way and would resume, made with settings other than the
+    study's is refused (ConfigError) before any run starts; one whose parent was made again since runs
+    again from the start."""
+    from pretune.train.checkpoint import latest_checkpoint
+
+    finished, stale = summary.get("status") in DONE, parent_changed(p.run_dir)
+    if stale:
+        if finished:
+            log(f"{p.run_dir}: finished before, but {stale}: running it again")
+        return False
+    if finished:
+        _check_same(p.config, p.run_dir)
+        _check_shots(p, summary)
+        return (summary.get("probe") or {}).get("settings") == probe_settings(probe)
+    if latest_checkpoint(p.run_dir) is not None:
+        _check_same(p.config, p.run_dir)  # it will resume: only with the config the study asks for
+    return False
 
 
 def run_stage(cfg: Config, log) -> Path:
@@ -151,21 +179,6 @@ def run_stage(cfg: Config, log) -> Path:
     return run_dir
 
 
-def base_config(study: Study) -> Config:
-    return _stage_config(study, Path(study.cfg.out_dir) / "base", study.cfg.base.pretrain or {}, "base.pretrain")
-
-
-def cpt_config(study: Study, base: Path) -> Config:
-    s, c = study.cfg, study.cfg.cpt
-    r = c.replay_ratio if s.replay else 0.0
-    files = list(c.data) + (list(s.replay) if r > 0 else [])
-    weights = [(1 - r) / len(c.data)] * len(c.data) + ([r / len(s.replay)] * len(s.replay) if r > 0 else [])
-    mapping = deep_merge({"data": {"train": files, "weights": weights, "val_fraction": 0.0},
-                          "train": {"max_steps": c.steps, "eval_every": 0, "save_every": max(50, c.steps // 4)},
-                          "optim": {"warmup_steps": max(1, c.steps // 10)}}, c.config)
-    return _stage_config(study, Path(s.out_dir) / "cpt", mapping, "cpt", {"init_from": str(base)})
-
-
 def probe_model(path: str | Path, general_eval: list[str], eval_tokens: int, bias_pairs: str | None,
                 bias_max_pairs: int, device: str = "auto") -> dict:
     """Bits per byte on held-out general text and the bias-pair score of the model in `path`."""
@@ -186,7 +199,8 @@ def probe_model(path: str | Path, general_eval: list[str], eval_tokens: int, bia
         out["general_bpb"] = lm_metrics(model, windows, tok.token_bytes, dev)["bpb"]
     if bias_pairs:
         b = bias_score(model, tok, read_pairs(bias_pairs, bias_max_pairs), dev)
-        out.update(bias=b["score"], bias_n=b["n"], bias_by_type=b["by_type"], bias_prefers=b["prefers_more"])
+        out.update(bias=b["score"], bias_n=b["n"], bias_by_type=b["by_type"], bias_prefers=b["prefers_more"],
+                   bias_skipped=b["n_skipped"])
     return out
 
 
@@ -197,8 +211,11 @@ def _probe_args(study: Study) -> dict:
 
 
 def probe_settings(probe: dict) -> dict:
-    """What a probe's figures depend on (not where it ran): changing any of these probes again."""
-    return {k: v for k, v in probe.items() if k != "device"}
+    """What a probe's figures depend on (not where it ran): changing any of these probes again. With
+    bias pairs, the way they are scored too (2: ties count half, long pairs windowed or left out),
+    so a study probed by an older pretune is probed again rather than mixing the two."""
+    out = {k: v for k, v in probe.items() if k != "device"}
+    return {**out, "bias_scoring": 2} if probe.get("bias_pairs") else out
 
 
 def stage_probes(study: Study, stages: dict[str, Path], log) -> dict:
@@ -223,13 +240,16 @@ def stage_probes(study: Study, stages: dict[str, Path], log) -> dict:
 # ----------------------------------------------------------------------------- runs
 
 
-def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | None) -> dict:
-    """One arm x size x seed (in a worker): train or prompt unless finished, then probe the result."""
+def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | None, shared: int = 1) -> dict:
+    """One arm x size x seed (in a worker): train or prompt unless finished, then probe the result.
+    `shared`: the runs at once on this machine, for the energy meter (meter.shared_by)."""
     import torch
 
     from pretune.finetune import run_finetune
     from pretune.prompting import run_prompting
+    from pretune.train.meter import shared_by
 
+    shared_by(shared)
     cfg = from_dict(Config, config)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -245,7 +265,7 @@ def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | No
     if (summary.get("probe") or {}).get("settings") != probe_settings(probe):
         if shots is not None and start_probe is not None:  # prompting leaves the model as it was
             summary["probe"] = {k: start_probe.get(k) for k in ("general_bpb", "bias", "bias_n", "bias_by_type",
-                                                                "bias_prefers")}
+                                                                "bias_prefers", "bias_skipped")}
         else:
             summary["probe"] = probe_model(run_dir, **probe)
         summary["probe"]["settings"] = probe_settings(probe)
@@ -254,116 +274,6 @@ def run_job(config: dict, shots: int | None, probe: dict, start_probe: dict | No
 
     gc.collect()  # runs share a worker process: leave as little behind as possible for the next one
     return {"status": summary["status"]}
-
-
-@dataclasses.dataclass
-class Planned:
-    task: str
-    arm: str
-    size: int
-    size_label: str
-    seed: int
-    run_dir: Path
-    config: Config
-    shots: int | None
-
-
-def task_records(study: Study, name: str) -> tuple[int, int, list[str] | None, float | None]:
-    """(training records after the validation split, test records, labels, majority-class share of
-    the test set) of a task."""
-    from collections import Counter
-
-    from pretune.finetune import _records
-
-    cfg = job_config(study, name, study.arms[0], None, study.cfg.seeds[0], Path("."), None, None)
-    train, _, test, labels, _ = _records(cfg)
-    counts = Counter(r["label"] for r in test) if labels and test else None
-    return len(train), len(test), labels, (max(counts.values()) / len(test) if counts else None)
-
-
-def resolve_sizes(requested: list, n_train: int) -> list[tuple[int, str]]:
-    """[(examples, label)] in increasing order; sizes above the training set collapse into 'all'."""
-    out: dict[int, str] = {}
-    for s in requested:
-        n = n_train if s == "all" or s >= n_train else int(s)
-        out[n] = f"all ({n_train})" if n == n_train else str(n)
-    return sorted(out.items())
-
-
-def job_config(study: Study, task_name: str, arm: Arm, size: int | None, seed: int, out_dir: Path,
-               base: Path | None, cpt: Path | None, n_train: int | None = None) -> Config:
-    """The ordinary `pretune finetune` config of one run."""
-    from pretune.model.io import find_model_dir, read_model_config
-    from pretune.stages import tokenizer_dir
-
-    s, t = study.cfg, study.tasks[task_name]
-    start = {"base": base, "cpt": cpt, "scratch": None}[arm.init]
-    layers = [
-        {"train": {"device": s.device, "threads": s.threads, "progress": False, "save_every": 0, "log_every": 10},
-         "track": dataclasses.asdict(s.track), "meter": dataclasses.asdict(s.meter)},
-        s.finetune, t.config,
-        s.arm_config.get("scratch" if arm.init == "scratch" else ("prompting" if not arm.trains else arm.method), {}),
-        s.arm_config.get(arm.name, {}), arm.config,
-    ]
-    merged: dict = {}
-    for layer in layers:
-        merged = deep_merge(merged, layer or {})
-    forced = {"out_dir": str(out_dir), "seed": seed, "task": t.task, "overwrite": False, "resume": None,
-              "method": arm.method if arm.trains else "full", "init_from": str(start) if start else None,
-              "data": {"train": list(t.train), "val": list(t.val), "test": list(t.test), "max_examples": size},
-              "finetune": {"epochs": None}}
-    if arm.replay:
-        forced["finetune"].update(replay=list(s.replay), replay_ratio=s.replay_ratio)
-    if arm.l2sp:
-        forced["finetune"]["l2sp"] = s.l2sp
-    if not arm.trains and start is not None:  # what run_prompting will run with
-        forced["finetune"].update(classifier="verbalizer",
-                                  max_len=read_model_config(find_model_dir(start)).max_seq_len)
-    if arm.init == "scratch" and base is not None:
-        arch = {k: v for k, v in dataclasses.asdict(read_model_config(find_model_dir(base))).items()
-                if k not in ("dropout", "attn_dropout")}
-        forced["model"] = arch
-        forced["data"]["tokenizer"] = str(tokenizer_dir(base) / "tokenizer.json")
-    merged = deep_merge(merged, forced)
-    if n_train is not None and arm.trains:
-        batch = merged.get("train", {}).get("batch_size") or Config().train.batch_size
-        steps = s.budget.steps(min(size or n_train, n_train), batch)
-        train = {"max_steps": steps}
-        if s.budget.patience is not None:
-            train.update(patience=s.budget.patience, eval_every=s.budget.eval_every,
-                         early_stop_metric=f"val_{t.metric}" if t.task == "classification" else "val_loss")
-        elif "eval_every" not in merged.get("train", {}):
-            train["eval_every"] = 0  # nothing reads the validation figures without early stopping
-        merged = deep_merge(merged, {"train": train})
-        warm = merged.get("optim", {}).get("warmup_steps")
-        if warm is None or warm >= steps:
-            merged = deep_merge(merged, {"optim": {"warmup_steps": max(1, steps // 10)}})
-    try:
-        return load_config(Config, None, [], base=merged)
-    except ConfigError as e:
-        raise ConfigError([f"task {task_name}, arm {arm.name}: {p} (set in finetune, tasks.{task_name}.config "
-                           f"or arm_config)" for p in e.problems]) from None
-
-
-def plan_runs(study: Study, base: Path, cpt: Path | None, counts: dict) -> list[Planned]:
-    out = []
-    root = Path(study.cfg.out_dir)
-    for task_name, t in study.tasks.items():
-        n_train = counts[task_name][0]
-        sizes = resolve_sizes(t.sizes or study.cfg.sizes, n_train)
-        for arm in study.arms:
-            if not arm.trains and arm.shots == 0:  # zero-shot: one run, no labelled data
-                run_dir = root / task_name / arm.name / f"s{study.cfg.seeds[0]}"
-                cfg = job_config(study, task_name, arm, None, study.cfg.seeds[0], run_dir, base, cpt, n_train)
-                out.append(Planned(task_name, arm.name, 0, "0", study.cfg.seeds[0], run_dir, cfg, 0))
-                continue
-            for size, label in sizes:
-                for seed in study.cfg.seeds:
-                    run_dir = root / task_name / arm.name / f"n{size}" / f"s{seed}"
-                    cfg = job_config(study, task_name, arm, size, seed, run_dir, base, cpt, n_train)
-                    shots = None if arm.trains else min(arm.shots or 0, size)
-                    out.append(Planned(task_name, arm.name, size, label, seed, run_dir, cfg, shots))
-    return out
 
 
 def _threads(study: Study) -> int | None:
@@ -418,18 +328,14 @@ def run_study(study: Study, log=print) -> dict:
     for p in planned:
         if threads:
             p.config = dataclasses.replace(p.config, train=dataclasses.replace(p.config.train, threads=threads))
-        done = read_summary(p.run_dir) or {}
-        stale = parent_changed(p.run_dir) if done.get("status") in DONE else None
-        if stale:
-            log(f"{p.run_dir}: finished before, but {stale}: running it again")
-        elif done.get("status") in DONE:
-            _check_same(p.config, p.run_dir)
-            if (done.get("probe") or {}).get("settings") == probe_settings(probe):
-                continue  # finished and probed as this study asks
+        if check_reuse(p, read_summary(p.run_dir) or {}, probe, log):
+            continue  # finished and probed as this study asks
         start = probes.get(study.arm(p.arm).init)
         jobs.append(Job(key=str(p.run_dir.relative_to(root)), fn="pretune.study.runner:run_job",
                         kwargs={"config": to_dict(p.config), "shots": p.shots, "probe": probe, "start_probe": start},
                         gpus=1 if _uses_gpus(s.device) else 0))
+    for job in jobs:  # runs at once share the CPU packages that RAPL counts: each is charged its share
+        job.kwargs["shared"] = min(s.parallel, len(jobs))
     write_study_yaml(study, root)  # the study that runs now: every finished run agrees with it
     log(f"study {s.name}: {len(planned)} runs, {len(planned) - len(jobs)} finished before, {len(jobs)} to run "
         f"({s.engine}, {s.parallel} at a time)")

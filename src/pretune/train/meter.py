@@ -25,8 +25,26 @@ PEAK_FLOPS = {
     "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
     "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
-# Power draw assumed when no energy counter is readable (watts), labelled as an estimate.
-DEFAULT_POWER_W = {"cpu": 10.0 * (os.cpu_count() or 1), "cuda": 700.0}
+# Power draw assumed when no energy counter is readable (watts), labelled as an estimate: on a CPU,
+# 10 W per core for the whole machine, of which a run is charged its share of the cores (cpu_share).
+CPU_CORE_W = 10.0
+DEFAULT_POWER_W = {"cpu": CPU_CORE_W * (os.cpu_count() or 1), "cuda": 700.0}
+_SHARED_BY = 1  # runs sharing this machine's CPU packages at once (a study's `parallel`): shared_by()
+
+
+def shared_by(runs: int) -> None:
+    """Say that `runs` runs share this machine at once (the study's `parallel`, in each worker): the
+    RAPL counters are package-wide and count them all, so each run is then charged its process's
+    share of the machine's busy CPU time (CpuTimeShare), and its energy_source says so."""
+    global _SHARED_BY
+    _SHARED_BY = max(1, int(runs))
+
+
+def cpu_share() -> tuple[int, int]:
+    """(threads this process computes with, the machine's cores): the share of the machine's power
+    that the CPU estimate charges a run."""
+    cores = os.cpu_count() or 1
+    return min(max(1, torch.get_num_threads()), cores), cores
 
 
 def _layer_of(name: str) -> int:
@@ -156,15 +174,51 @@ class RaplPackages:
         return self._total_uj / 1e6
 
 
+class CpuTimeShare:
+    """This process's share of the machine's busy CPU time since it was made: its own CPU time (every
+    thread) over the busy time of all cores in /proc/stat (user, nice, system, irq, softirq, steal).
+    What a package-wide energy counter is apportioned by when several runs share the machine, as
+    process-level meters of RAPL do; None when /proc/stat is not readable or nothing was busy."""
+
+    def __init__(self, stat: Path = Path("/proc/stat"), own=None):
+        self._stat, self._own = stat, own or time.process_time
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = (self._own(), self._busy())
+
+    def _busy(self) -> float | None:
+        try:
+            fields = self._stat.read_text().splitlines()[0].split()
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+        except (OSError, ValueError, IndexError):
+            return None
+        return (user + nice + system + irq + softirq + steal) / self._hz
+
+    def share(self) -> float | None:
+        busy = self._busy()
+        if busy is None or self._start[1] is None or busy - self._start[1] <= 0:
+            return None
+        return min(1.0, max(0.0, (self._own() - self._start[0]) / (busy - self._start[1])))
+
+
 class EnergyCounter:
     """NVML on NVIDIA GPUs, RAPL (every CPU package) where readable, else power x time (labelled
-    'estimate')."""
+    'estimate'). On a CPU the estimate charges the run its share of the cores (threads / cores, said
+    in the label). RAPL counts whole packages: a run alone on the machine is charged all of it (idle
+    cores and other processes included), and with runs at once (shared_by) its process's share of the
+    busy CPU time, said in the label ("rapl, shared: ...")."""
 
     def __init__(self, device: torch.device, power_w: float | None = None,
-                 rapl_root: Path = Path("/sys/class/powercap")):
+                 rapl_root: Path = Path("/sys/class/powercap"), shared: int | None = None,
+                 proc_stat: Path = Path("/proc/stat")):
         self.device, self.source = device, "estimate"
+        self.shared = _SHARED_BY if shared is None else max(1, shared)
         self.power_w = power_w or DEFAULT_POWER_W.get(device.type, 10.0)
+        self._cores = None
+        if device.type == "cpu":  # the machine's power, of which this run uses its threads' share
+            self._cores = cpu_share()
+            self.power_w = (power_w or CPU_CORE_W * self._cores[1]) * self._cores[0] / self._cores[1]
         self._read = None
+        self._time_share, self._last_share, self._by = None, None, "this process's share of the busy CPU time"
         if device.type == "cuda":
             try:
                 import pynvml
@@ -181,6 +235,8 @@ class EnergyCounter:
             try:
                 self._read = RaplPackages(rapl_root).joules
                 self.source = "rapl"
+                if self.shared > 1:
+                    self._time_share = CpuTimeShare(proc_stat)
             except (OSError, ValueError):
                 pass
         self._start = self._read() if self._read else None
@@ -190,12 +246,25 @@ class EnergyCounter:
         if self._read is not None:
             now = self._read()
             if now is not None and now >= self._start:  # else a counter wrapped unseen: the estimate
-                return now - self._start
+                if self._time_share is None:
+                    return now - self._start
+                share = self._time_share.share()
+                # nothing measured busy (or no /proc/stat): the run's share of the cores
+                self._by = "this process's share of the busy CPU time" if share is not None else \
+                    f"its {self._cores[0]} of {self._cores[1]} cores"
+                self._last_share = share if share is not None else self._cores[0] / self._cores[1]
+                return (now - self._start) * self._last_share
         return self.power_w * (time.perf_counter() - self._t0)
 
     @property
     def label(self) -> str:
-        return self.source if self.source != "estimate" else f"estimate ({self.power_w:.0f} W assumed)"
+        if self.source == "rapl" and self._time_share is not None:
+            share = "" if self._last_share is None else f"{100 * self._last_share:.0f}% of "
+            return f"rapl, shared: {share}the package energy, {self._by} ({self.shared} runs at once)"
+        if self.source != "estimate":
+            return self.source
+        cores = f": {self._cores[0]} of {self._cores[1]} cores" if self._cores else ""
+        return f"estimate ({self.power_w:.0f} W assumed{cores})"
 
 
 def reset_peak_memory(device: torch.device) -> None:
