@@ -289,3 +289,20 @@ def test_recommendation_says_when_the_best_is_no_better_than_the_majority_label_
     assert all("no arm scores above 0" in r["text"] for r in rec["topics"]) and "every arm scores 0" in cav
     plain = analyse(make_results())["recommendation"]  # the usual case says none of it
     assert not any("most frequent" in r["text"] or "above 0" in r["text"] for r in plain["sentiment"] + plain["topics"])
+
+
+def test_a_recommended_cpt_arm_names_its_continued_pre_training_cost():
+    """The recommendation compares per-task costs; an arm that starts from the continued-pre-trained
+    model also needs that stage, paid once: the sentence says so."""
+    def run(arm, size, score, flops):
+        return {"task": "t", "arm": arm, "size": size, "size_label": str(size), "seed": 0, "run_dir": "",
+                "status": "completed", "score": score, "metrics": {}, "example_scores": None,
+                "cost": {"flops": flops, "wall_s": 1.0, "energy_j": 1.0, "co2_g": 0.0,
+                         "peak_mem_bytes": 1, "energy_source": "nvml"}, "trainable_params": 1}
+    res = {"study": {}, "tasks": {"t": {"metric": "acc", "target": 0.8, "n_test": 500}},
+           "arms": {"scratch": {"init": "scratch", "method": "full"}, "cpt+lora": {"init": "cpt", "method": "lora"}},
+           "stages": {"base": {"kind": "pretrain", "cost": {"flops": 1000.0}},
+                      "cpt": {"kind": "cpt", "cost": {"flops": 3.3e10}}},
+           "runs": [run("scratch", 10, 0.85, 100.0), run("cpt+lora", 10, 0.81, 10.0)]}
+    text = analyse(res)["recommendation"]["t"][0]["text"]
+    assert "cpt+lora reaches the target" in text and "continued pre-training of 3.3e10 FLOPs paid once" in text, text

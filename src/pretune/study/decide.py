@@ -250,6 +250,11 @@ def recommendation(results):
             if reach:
                 text = (f"With {size_label} labelled examples, {pick} reaches the target {_fmt(target)} at "
                         f"the lowest cost: score {interval}, {fmt_flops(flops)} FLOPs.")
+                cpt_flops = _cost_of((results.get("stages") or {}).get("cpt"))
+                if (results.get("arms", {}).get(pick) or {}).get("init") == "cpt" and cpt_flops is not None:
+                    # the cost compared is per task: the continued pre-training before it is paid once
+                    text = text[:-1] + (f" per task, after a continued pre-training of {fmt_flops(cpt_flops)} "
+                                        "FLOPs paid once for all tasks.")
             elif target is not None:
                 text = (f"With {size_label} labelled examples no arm reaches the target {_fmt(target)}; "
                         f"the best is {pick}: score {interval}.")
