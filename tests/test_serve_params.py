@@ -88,7 +88,14 @@ def test_unimplemented_or_mistyped_parameters_are_refused(client, chat, extra, p
 NEUTRAL = [{"presence_penalty": 0, "frequency_penalty": 0.0}, {"logit_bias": {}}, {"logit_bias": None},
            {"logit_bias": {"5": 0}}, {"response_format": {"type": "text"}}, {"response_format": None},
            {"tool_choice": "none", "functions": []}, {"logprobs": None}, {"suffix": None},
-           {"suffix": ""}]
+           {"suffix": ""},
+           # vLLM's sampling extensions at their neutral values, and keys that change nothing
+           {"min_tokens": 0, "ignore_eos": False, "repetition_penalty": 1.0, "min_p": 0, "stop_token_ids": []},
+           {"include_stop_str_in_output": False, "modalities": ["text"], "skip_special_tokens": True,
+            "spaces_between_special_tokens": True, "bad_words": []},
+           {"user": "someone", "metadata": {"a": "b"}, "store": False, "service_tier": "auto",
+            "parallel_tool_calls": True},
+           {"guided_json": None, "prompt_logprobs": None, "anything_else": None}]
 
 
 @pytest.mark.parametrize("chat", [False, True])

@@ -166,6 +166,14 @@ def test_recommendation_cheapest_reaching_target_with_overlap_caveat(analysed):
     assert "full changes the bias score" in cav and "lora changes the bias" not in cav
 
 
+def one_run(arm, size, score, flops):
+    """A run of task "t" with one seed and the given score and FLOPs (no per-example scores)."""
+    return {"task": "t", "arm": arm, "size": size, "size_label": str(size), "seed": 0, "run_dir": "",
+            "status": "completed", "score": score, "metrics": {}, "example_scores": None,
+            "cost": {"flops": flops, "wall_s": 1.0, "energy_j": 1.0, "co2_g": 0.0,
+                     "peak_mem_bytes": 1, "energy_source": "nvml"}, "trainable_params": 1}
+
+
 def test_break_even_hand_computed():
     # pre-training 1000, fine-tuning 10 per task, scratch 100 per task: 1000 + 10K < 100K from K = 12
     assert break_even(1000.0, 10.0, 100.0) == (12, "")
@@ -175,16 +183,11 @@ def test_break_even_hand_computed():
     assert break_even(1000.0, 100.0, 100.0)[0] is None  # not cheaper per task
     assert break_even(None, 10.0, 100.0)[0] is None  # base cost unknown
 
-    def run(arm, size, score, flops):
-        return {"task": "t", "arm": arm, "size": size, "size_label": str(size), "seed": 0, "run_dir": "",
-                "status": "completed", "score": score, "metrics": {}, "example_scores": None,
-                "cost": {"flops": flops, "wall_s": 1.0, "energy_j": 1.0, "co2_g": 0.0,
-                         "peak_mem_bytes": 1, "energy_source": "nvml"}, "trainable_params": 1}
     res = {"study": {}, "tasks": {"t": {"metric": "acc", "target": 0.8, "n_test": 500}},
            "arms": {"scratch": {"init": "scratch", "method": "full"}, "lora": {"init": "base", "method": "lora"}},
            "stages": {"base": {"kind": "pretrain", "cost": {"flops": 1000.0}}},
-           "runs": [run("scratch", 10, 0.5, 20.0), run("scratch", 100, 0.85, 100.0),
-                    run("lora", 10, 0.81, 10.0), run("lora", 100, 0.9, 50.0)]}
+           "runs": [one_run("scratch", 10, 0.5, 20.0), one_run("scratch", 100, 0.85, 100.0),
+                    one_run("lora", 10, 0.81, 10.0), one_run("lora", 100, 0.9, 50.0)]}
     am = analyse(res)["amortisation"]["t"]
     assert am["arms"]["lora"]["cost_to_target"] == 10.0 and am["arms"]["lora"]["size_to_target"] == 10
     assert am["arms"]["scratch"]["cost_to_target"] == 100.0
@@ -294,15 +297,10 @@ def test_recommendation_says_when_the_best_is_no_better_than_the_majority_label_
 def test_a_recommended_cpt_arm_names_its_continued_pre_training_cost():
     """The recommendation compares per-task costs; an arm that starts from the continued-pre-trained
     model also needs that stage, paid once: the sentence says so."""
-    def run(arm, size, score, flops):
-        return {"task": "t", "arm": arm, "size": size, "size_label": str(size), "seed": 0, "run_dir": "",
-                "status": "completed", "score": score, "metrics": {}, "example_scores": None,
-                "cost": {"flops": flops, "wall_s": 1.0, "energy_j": 1.0, "co2_g": 0.0,
-                         "peak_mem_bytes": 1, "energy_source": "nvml"}, "trainable_params": 1}
     res = {"study": {}, "tasks": {"t": {"metric": "acc", "target": 0.8, "n_test": 500}},
            "arms": {"scratch": {"init": "scratch", "method": "full"}, "cpt+lora": {"init": "cpt", "method": "lora"}},
            "stages": {"base": {"kind": "pretrain", "cost": {"flops": 1000.0}},
                       "cpt": {"kind": "cpt", "cost": {"flops": 3.3e10}}},
-           "runs": [run("scratch", 10, 0.85, 100.0), run("cpt+lora", 10, 0.81, 10.0)]}
+           "runs": [one_run("scratch", 10, 0.85, 100.0), one_run("cpt+lora", 10, 0.81, 10.0)]}
     text = analyse(res)["recommendation"]["t"][0]["text"]
     assert "cpt+lora reaches the target" in text and "continued pre-training of 3.3e10 FLOPs paid once" in text, text
