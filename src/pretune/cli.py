@@ -127,9 +127,12 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-# Keys a resumed run may change and still give the losses of a run that never stopped.
+# Keys a resumed run may change and still give the losses of a run that never stopped (to float
+# rounding: another strategy computes the same step, and either checkpoint format loads under either,
+# docs/distributed.md).
 RESUME_SAFE = ("train.eval_every", "train.log_every", "train.save_every", "train.keep_last",
-               "train.progress", "train.threads", "train.stop_after", "train.eval_tokens", "track")
+               "train.progress", "train.threads", "train.stop_after", "train.eval_tokens", "track",
+               "dist.strategy", "dist.activation_checkpointing")
 # Keys a resumed run cannot change: its checkpoint holds a model (and optimiser) built with them.
 RESUME_FIXED = ("model.", "method", "task", "lora.rank", "lora.targets", "finetune.classifier", "data.tokenizer",
                 "data.vocab_size", "data.labels")

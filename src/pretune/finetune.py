@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import json
 import math
+import os
 import random
 import statistics
 from pathlib import Path
@@ -186,19 +187,21 @@ def _replay_sampler(cfg: Config, tok: Tokenizer, seq_len: int):
     return BatchSampler(stores, None, seq_len, cfg.seed + 7)
 
 
-def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels, log=print) -> dict:
-    """One fine-tuning run (one fold) in cfg.out_dir."""
+def run_one(cfg: Config, tok: Tokenizer, train_recs, val_recs, test_recs, labels, log=print,
+            teardown: bool = True) -> dict:
+    """One fine-tuning run (one fold) in cfg.out_dir. Under torchrun the process group ends with it,
+    unless `teardown` is False (cross-validation keeps it for the next fold)."""
     rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)
     run_dir = open_run(cfg, rt)
     try:
-        return _run_one(cfg, rt, run_dir, tok, train_recs, val_recs, test_recs, labels, log)
+        return _run_one(cfg, rt, run_dir, tok, train_recs, val_recs, test_recs, labels, log, teardown)
     except BaseException:
         restore_replaced(run_dir, rt)  # does nothing once training has started
         raise
 
 
 def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train_recs, val_recs, test_recs,
-             labels, log) -> dict:
+             labels, log, teardown: bool = True) -> dict:
     """run_one's set-up (model, examples, batches, run files), training and scoring."""
     stats = T.TaskStats()
     model = build_task_model(cfg, tok, len(labels or []))
@@ -261,7 +264,8 @@ def _run_one(cfg: Config, rt: dist.Runtime, run_dir: Path, tok: Tokenizer, train
         raise
     metrics.close(summary)
     ck.unlock_run_dir(run_dir)
-    dist.teardown()
+    if teardown:
+        dist.teardown()
     return summary
 
 
@@ -375,8 +379,9 @@ def run_finetune(cfg: Config, log=print) -> dict:
 def _count_read(summary: dict, stats: T.TaskStats, run_dir: Path) -> dict:
     """Add what reading the records found to summary.json: the records skipped while reading
     (data.on_error=skip) to those skipped while encoding, and the invalid UTF-8 byte sequences
-    replaced by U+FFFD (replaced_chars, as pre-training's token shards count them)."""
-    if stats.skipped or stats.replaced:
+    replaced by U+FFFD (replaced_chars, as pre-training's token shards count them). Under torchrun
+    only rank 0 writes it: the other ranks' summaries lack the test figures, which rank 0 alone scores."""
+    if (stats.skipped or stats.replaced) and int(os.environ.get("RANK", "0")) == 0:
         summary = dict(summary, skipped_records=summary.get("skipped_records", 0) + stats.skipped)
         if stats.replaced:
             summary["replaced_chars"] = stats.replaced
@@ -392,31 +397,36 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
     folds are read back, an interrupted one resumes from its checkpoint, the rest start afresh. Each
     fold's config names its fold (finetune.fold), so `resume=ROOT/fold-i` finds the same split too.
     A fold that stops before it finishes (train.stop_after) stops the cross-validation there, as an
-    interruption would: the root summary says "stopped", names the fold, and has no mean or std."""
+    interruption would: the root summary says "stopped", names the fold, and has no mean or std.
+
+    Under torchrun every rank runs every fold together; rank 0 alone writes the root (its set-up and
+    summary.json) and decides what each fold does (read back, resumed or started), for all of them."""
     root = Path(cfg.resume or cfg.out_dir)
     parent = starting_model(cfg)
-    if cfg.data.val:
-        log(f"warning: finetune.cv={len(folds)} validates on folds of data.train; data.val is not used")
-    if not cfg.resume:
-        ck.prepare_out_dir(root, cfg.overwrite, False, keep=inputs_of(cfg))
-        save_run_config(cfg, root)
-        tok.save(root)
-        ck.write_lineage(root, "finetune", parent, task=cfg.task, method=cfg.method, cv=len(folds))
+    rt = dist.setup(cfg.train.device, cfg.train.precision, cfg.train.threads)  # one process group for all folds
+    if rt.is_main:
+        if cfg.data.val:
+            log(f"warning: finetune.cv={len(folds)} validates on folds of data.train; data.val is not used")
+        if not cfg.resume:
+            ck.prepare_out_dir(root, cfg.overwrite, False, keep=inputs_of(cfg))
+            save_run_config(cfg, root)
+            tok.save(root)
+            ck.write_lineage(root, "finetune", parent, task=cfg.task, method=cfg.method, cv=len(folds))
+    dist.barrier(rt)  # the root is there before any rank looks into it
     results = []
     for i, (tr, va) in enumerate(folds):
         fold_dir = root / f"fold-{i}"
-        done = json.loads((fold_dir / "summary.json").read_text()) if (fold_dir / "summary.json").is_file() else {}
-        if done.get("status") in ("completed", "early_stopped"):
+        done, started, exists = dist.broadcast_object(_fold_state(fold_dir) if rt.is_main else None, rt)
+        if done:
             log(f"fold {i}: finished earlier, read from {fold_dir}")
             results.append(done)
             continue
-        started = ck.latest_checkpoint(fold_dir) is not None and (fold_dir / "config.yaml").is_file()
         fold_cfg = dataclasses.replace(
             cfg, out_dir=str(fold_dir), resume=str(fold_dir) if started else None,
-            init_from=None if started else parent, overwrite=fold_dir.exists() and not started,
+            init_from=None if started else parent, overwrite=exists and not started,
             finetune=dataclasses.replace(cfg.finetune, fold=i))
         summary = run_one(fold_cfg, tok, [train_recs[j] for j in tr], [train_recs[j] for j in va], test_recs,
-                          labels, log)
+                          labels, log, teardown=False)
         if summary.get("status") not in ("completed", "early_stopped"):
             log(f"fold {i}: {summary.get('status')} at step {summary.get('steps')}; resume={root} continues "
                 f"the cross-validation from there")
@@ -424,8 +434,7 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
                        "folds": [str(root / f"fold-{j}") for j in range(len(folds))], "finished_folds": i,
                        "stopped_fold": i, "stopped_fold_status": summary.get("status"),
                        "fold_validation_sizes": [len(va) for _, va in folds]}
-            atomic_write_json(root / "summary.json", _round(summary))
-            return summary
+            return _root_summary(root, _round(summary), rt)
         results.append(_count_read(summary, stats, fold_dir))
     names = [n for n, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and all(isinstance(r.get(n), (int, float)) for r in results)]
@@ -435,6 +444,24 @@ def _cross_validate(cfg: Config, tok: Tokenizer, train_recs, folds, test_recs, l
                "fold_validation_sizes": [len(va) for _, va in folds]}
     if results[0].get("scored_on"):  # each fold's figures: the test set's, or its own validation fold's
         summary["scored_on"] = results[0]["scored_on"]
-    summary = _round(summary)
-    atomic_write_json(root / "summary.json", summary)
+    return _root_summary(root, _round(summary), rt)
+
+
+def _fold_state(fold_dir: Path) -> tuple[dict, bool, bool]:
+    """(its summary when the fold has finished else {}, whether it has started, whether its directory exists)."""
+    done = json.loads((fold_dir / "summary.json").read_text()) if (fold_dir / "summary.json").is_file() else {}
+    if done.get("status") in ("completed", "early_stopped"):
+        return done, False, True
+    started = ck.latest_checkpoint(fold_dir) is not None and (fold_dir / "config.yaml").is_file()
+    return {}, started, fold_dir.exists()
+
+
+def _root_summary(root: Path, summary: dict, rt: dist.Runtime) -> dict:
+    """Write the cross-validation's summary.json (rank 0), then end the process group of its folds.
+    Under torchrun the other ranks' fold figures lack the test set's (rank 0 alone scores): every rank
+    returns rank 0's summary."""
+    if rt.is_main:
+        atomic_write_json(root / "summary.json", summary)
+    summary = dist.broadcast_object(summary, rt)
+    dist.teardown()
     return summary

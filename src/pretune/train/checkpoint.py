@@ -26,6 +26,7 @@ from pretune.errors import UserError
 from pretune.files import (TEMP_RANDOM, atomic_dir, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
                            set_aside)
 from pretune.model.io import checkpoint_step, load_model_state, model_state
+from pretune.train.rng import rng_state, seed_missing_rank, set_rng_state  # rng_state: train.loop uses it here
 
 CKPT_PREFIX = "step-"
 
@@ -319,24 +320,6 @@ def _busy(run_dir: Path, pid: str) -> str:
             "out_dir")
 
 
-def rng_state() -> dict:
-    """This process's random state: the CPU's, and its own GPU's when there is one (not every visible
-    GPU's, so a run resumes where fewer GPUs are visible)."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return rng
-
-
-def set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    cuda = rng.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, (list, tuple)):  # written before: one state per visible GPU
-            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
-        torch.cuda.set_rng_state(cuda)
-
-
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
                     tokenizer=None, protect: set[int] | None = None, rank_rng: list[dict] | None = None) -> Path:
     """Everything needed to continue exactly: weights, optimiser, loop state, random state
@@ -359,21 +342,25 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return final
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, device, rank: int = 0) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, device, rank: int = 0, seed: int = 0) -> dict:
     """Restore weights, optimiser and this rank's random state; return the loop state.
 
     Either format loads into a plain, DDP or FSDP model: a sharded (DCP) checkpoint reshards to
     any number of processes, and a safetensors one is spread over the shards of an FSDP model. A
-    checkpoint whose files cannot be read raises RunDirError naming it (see _read)."""
+    rank beyond those that wrote the checkpoint gets a random stream of its own (rng.seed_missing_rank,
+    from `seed`, the step and the rank), not another rank's. A checkpoint whose files cannot be read
+    raises RunDirError naming it (see _read)."""
     from pretune.train.dist import is_sharded
 
     ckpt = Path(ckpt)
     state = _read(ckpt, lambda: json.loads((ckpt / "state.json").read_text()))
     if (ckpt / DCP_DIR).is_dir():
         _load_dcp(ckpt, model, optimizer)
-        names = sorted(ckpt.glob("rng-*.pt"))
-        mine = ckpt / f"rng-{rank:05d}.pt"
-        set_rng_state(_read(ckpt, lambda: torch.load(mine if mine.is_file() else names[0], weights_only=False)))
+        saved, mine = len(list(ckpt.glob("rng-*.pt"))), ckpt / f"rng-{rank:05d}.pt"
+        if rank >= saved > 0:
+            seed_missing_rank(seed, state.get("step", 0), rank)
+        else:
+            set_rng_state(_read(ckpt, lambda: torch.load(mine, weights_only=False)))
     else:
         if is_sharded(model):
             _load_full_into_sharded(ckpt, model, optimizer)
@@ -384,7 +371,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, device, rank: int = 0) -> dict
             optimizer.load_state_dict(saved)
         rng = _read(ckpt, lambda: torch.load(ckpt / "rng.pt", weights_only=False))
         ranks = rng.get("ranks") or [rng]
-        set_rng_state(ranks[rank] if rank < len(ranks) else rng)
+        if rank < len(ranks):
+            set_rng_state(ranks[rank])
+        else:
+            seed_missing_rank(seed, state.get("step", 0), rank)
     return state
 
 

@@ -5,6 +5,7 @@ data, and the objective.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -71,7 +72,9 @@ def _per_target(weight: float, count) -> float | torch.Tensor:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended and flushed; with `cfg`, every record also
-    goes to the trackers that cfg.track enables (TensorBoard, MLflow), which `close` ends."""
+    goes to the trackers that cfg.track enables (TensorBoard, MLflow), which `close` ends. A tracker
+    that fails is dropped with a warning (its run ended as failed where it can be): training goes
+    on, and metrics.jsonl stays the record."""
 
     def __init__(self, path: Path, enabled: bool, cfg: Config | None = None):
         from pretune.train.tracking import open_trackers
@@ -82,7 +85,10 @@ class MetricsLog:
     def truncate_after(self, step: int) -> int:
         """Drop lines logged after `step` (a resumed run logs those steps again), an interim line at
         `step` itself (its interval goes on in the resumed run), and lines that do not parse (a write
-        cut short by a full disk or a kill). Returns how many unreadable lines were dropped."""
+        cut short by a full disk or a kill). The trackers hide (or do not log again) their points after
+        `step` too. Returns how many unreadable lines were dropped."""
+        for tracker in list(self.trackers):
+            self._call(tracker, "resume_after", step)
         if not (self.enabled and self.path.is_file()):
             return 0
         keep, torn = [], 0
@@ -102,14 +108,29 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        for tracker in self.trackers:
-            tracker.log(record)
+        for tracker in list(self.trackers):
+            self._call(tracker, "log", record)
 
     def close(self, summary: dict | None) -> None:
         """End the trackers' runs with the final summary (None: the run failed)."""
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
-            tracker.close(summary)
+            self._call(tracker, "close", summary)
+
+    def _call(self, tracker, method: str, arg) -> None:
+        """tracker.method(arg); a tracker that raises is warned about and dropped, not the run."""
+        try:
+            getattr(tracker, method)(arg)
+        except Exception as e:  # noqa: BLE001 (whatever the tracker's package raises)
+            if tracker in self.trackers:
+                self.trackers.remove(tracker)
+            name = type(tracker).__name__.removesuffix("Tracker")
+            first = (str(e).splitlines() or [""])[0][:300]
+            print(f"warning: {name} tracking failed and is off for the rest of the run ({type(e).__name__}: "
+                  f"{first}); {self.path} still records every figure", file=sys.stderr)
+            if method != "close":
+                with contextlib.suppress(Exception):  # its run ends as failed where the tracker still can
+                    tracker.close(None)
 
 
 def _round(x):
@@ -160,20 +181,23 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     # DDP across ranks, FSDP2 sharding in place, torch.compile on CUDA. The optimiser is built
     # after wrapping: FSDP replaces the parameters by DTensor shards.
     fwd = wrap_model(model, cfg, rt)
+    compiled = t_cfg.compile == "true" or (t_cfg.compile == "auto" and device.type == "cuda")  # as wrap_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, device)
     own_log = metrics is None
     if own_log:
         metrics = MetricsLog(run_dir / "metrics.jsonl", rt.is_main, cfg)
+    # untimed_*: the tokens and FLOPs of the steps that compiled the model (compile_s), left out of throughput
     state = {"tokens": 0, "target_tokens": 0, "wall_s": 0.0, "flops": 0.0, "train_loss": None,
-             "eval": {}, "eval_step": None, "best": None, "bad_evals": 0}
+             "eval": {}, "eval_step": None, "best": None, "bad_evals": 0,
+             "compile_s": 0.0, "untimed_tokens": 0, "untimed_flops": 0.0}
     start = 0
     if cfg.resume:
         last = ck.latest_checkpoint(run_dir)
         if last is None:
             raise ck.RunDirError(f"resume={run_dir}: it has no checkpoint to resume from; start it again "
                                  f"with overwrite=true")
-        state.update(ck.load_checkpoint(last, model, optimizer, device, rt.rank))
+        state.update(ck.load_checkpoint(last, model, optimizer, device, rt.rank, cfg.seed))
         start = state["step"]
         torn = metrics.truncate_after(start)
         if rt.is_main:
@@ -302,6 +326,17 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
             pending_tokens = pending_tokens + step_tokens
             pending_flops = pending_flops + step_flops
             s = step + 1
+            if compiled and step == start:  # torch.compile compiled the model in this step: compile_s
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                tokens_before, flops_before = state["tokens"], state["flops"]
+                flush_counts()
+                state["untimed_tokens"] += state["tokens"] - tokens_before
+                state["untimed_flops"] += state["flops"] - flops_before
+                flops_logged = state["flops"]
+                now = time.perf_counter()
+                state["compile_s"] += now - t_interval
+                t_interval = now  # the throughput clock starts after it
             if device.type == "cpu":
                 check_finite(s)
 
@@ -419,10 +454,13 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
         "status": status, "steps": final_step, "tokens": state["tokens"],
         "target_tokens": state["target_tokens"], "train_loss": state["train_loss"],
         **{k: v for k, v in state["eval"].items()}, **({"eval_step": state["eval_step"]} if state["eval"] else {}),
-        # throughput over the training time alone (wall_s also holds evaluations, checkpoints, set-up)
-        "wall_s": wall, "train_s": train_s, "tokens_per_s": state["tokens"] / max(train_s, 1e-9),
+        # throughput over the training time alone (wall_s also holds evaluations, checkpoints, set-up,
+        # and the steps that compiled the model, compile_s, whose tokens and FLOPs are left out of it)
+        "wall_s": wall, "train_s": train_s,
+        **({"compile_s": state["compile_s"]} if compiled or state["compile_s"] else {}),
+        "tokens_per_s": (state["tokens"] - state["untimed_tokens"]) / max(train_s, 1e-9),
         "flops": state["flops"], "flops_per_token": fpt,
-        "mfu": (state["flops"] / max(train_s, 1e-9) / (peak * rt.world)) if peak else None,
+        "mfu": ((state["flops"] - state["untimed_flops"]) / max(train_s, 1e-9) / (peak * rt.world)) if peak else None,
         "peak_mem_bytes": peak_memory_bytes(device),
         "energy_j": energy_before + run_joules(), "energy_source": energy.label,
         "params": sum(p.numel() for p in model.parameters()),

@@ -10,7 +10,8 @@ ends. Only rank 0 tracks. Both packages are imported lazily, on use, and come wi
     for t in trackers: t.close(summary)      # None: the run failed
 
 A resumed run continues its MLflow run (the id is kept in OUT_DIR/mlflow_run_id) and appends to its
-TensorBoard events, hiding the old events of the steps it logs again. MLflow cannot delete or replace a
+TensorBoard events, hiding the old events after the checkpoint it resumes from (`resume_after`), those
+metrics.jsonl drops too. MLflow cannot delete or replace a
 metric's points, so a resumed run does not log a figure again at the steps its MLflow run already holds
 (those the killed session logged after the checkpoint it resumes from): each step appears once, with
 the killed session's value, which is the resumed session's own unless the resume changed a setting
@@ -18,6 +19,11 @@ the killed session's value, which is the resumed session's own unless the resume
 The summary/ figures are always logged: the newest is the run's. An interim record (the partial
 logging interval where train.stop_after cut a run short; metrics.jsonl drops it on resume) is not sent
 to the trackers.
+
+MLflow's keys are the metrics.jsonl keys with "/" turned into ".": a file store keeps metric KEY in
+the file metrics/KEY, so val_loss and a source's val_loss/a.txt could not both exist (val_loss.a.txt
+can). summary/KEY is the one "/" kept. A tracker that fails while the run goes on (a full disk, a
+tracking server gone) is dropped with a warning; metrics.jsonl stays the record (MetricsLog).
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class Tracker(Protocol):
 
     def close(self, summary: dict | None) -> None:
         """End the run; `summary` is summary.json's content, None when the run failed."""
+
+    def resume_after(self, step: int) -> None:
+        """The run resumes from its checkpoint at `step`: what was logged after it is logged again."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -119,12 +128,21 @@ class TensorBoardTracker:
         self.module = _import("torch.utils.tensorboard", "track.tensorboard")
         self.log_dir, self.resumed = Path(log_dir), resumed
         self.writer = None
+        self.purge_step: int | None = None  # a resumed run's first step: older events from it on are hidden
         self.last_step = 0
 
-    def _writer(self, step: int):
-        """Open the writer on first use; a resumed run hides the old events from `step` on."""
+    def resume_after(self, step: int) -> None:
+        """Hide the events of the steps after the checkpoint at `step`, which the resumed run logs again
+        (or, resumed at its last step, never logs: metrics.jsonl keeps them, and so does TensorBoard)."""
+        self.purge_step = step + 1
+
+    def _writer(self, step: int | None = None):
+        """Open the writer on first use, hiding the old events from the resumed run's first step on.
+        A resumed run that was not told its checkpoint's step hides them from the first step it logs."""
         if self.writer is None:
-            purge = step if self.resumed else None
+            purge = self.purge_step
+            if purge is None and self.resumed and step is not None:
+                purge = step
             self.writer = self.module.SummaryWriter(str(self.log_dir), purge_step=purge)
         return self.writer
 
@@ -140,7 +158,7 @@ class TensorBoardTracker:
     def close(self, summary: dict | None) -> None:
         if summary is not None:
             step = int(summary.get("steps") or self.last_step)
-            writer = self._writer(step)
+            writer = self._writer()  # never purges from the summary's step: its points stay
             for key, value in numeric_items(flatten(summary), skip=()):
                 writer.add_scalar(f"summary/{key}", value, step)
         if self.writer is not None:
@@ -162,9 +180,18 @@ def _is_file_store(uri: str) -> bool:
     return scheme == "file" or len(scheme) <= 1
 
 
+SUMMARY_PREFIX = "summary/"
+
+
 def _clean_key(key: str) -> str:
-    """MLflow keys allow letters, digits, _ - . / and spaces."""
-    return re.sub(r"[^\w\-./ ]", "_", key)[:MAX_KEY]
+    """An MLflow key for a metrics.jsonl key: letters, digits, _ - . and spaces, with "/" as ".".
+
+    A file store keeps a metric in the file metrics/KEY, so KEY and KEY/NAME cannot both exist
+    (val_loss and val_loss/a.txt, with several sources); summary/ is the one "/" left, and no
+    other key has one."""
+    summary = key.startswith(SUMMARY_PREFIX)
+    body = re.sub(r"[^\w\-. ]", "_", key[len(SUMMARY_PREFIX) if summary else 0:].replace("/", "."))
+    return ((SUMMARY_PREFIX if summary else "") + body)[:MAX_KEY]
 
 
 class MLflowTracker:
@@ -249,6 +276,9 @@ class MLflowTracker:
                    if again or step > self.logged.get(key, -1)]
         for batch in _chunks(metrics, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def resume_after(self, step: int) -> None:
+        """Nothing to hide: MLflow cannot delete points, so the steps the run holds are not logged again."""
 
     def log(self, record: dict) -> None:
         if record.get("interim"):
