@@ -32,3 +32,21 @@ def test_long_examples_are_cut_to_the_context_and_evaluate_repeats_the_runs_figu
     assert summary["chrf"] > 0  # answers were generated (and a longer generation would score otherwise)
     for key in ("exact_match", "chrf", "loss"):
         assert abs(figures[key] - summary[key]) <= 1e-4 * max(1.0, abs(summary[key])), (key, figures, summary)
+
+
+def test_few_shot_prompts_keep_one_system_turn_first():
+    """Demonstrations put in front of a record bring their turns, not their system messages: a
+    template that allows a system message only first (Mistral's, Gemma's) renders every prompt."""
+    from pretune.prompting import with_demonstrations
+
+    def record(q, a, system=None):
+        return {"messages": ([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    demos = [record("1+1?", "2", system="be brief"), record("2+2?", "4", system="be brief")]
+    for rec, first in ((record("3+3?", "6", system="answer in digits"), "answer in digits"),
+                       (record("3+3?", "6"), "be brief")):
+        msgs = with_demonstrations(rec, demos, "instruction")["messages"]
+        assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 3 and msgs[0]["content"] == first
+        assert [m["content"] for m in msgs[1:]] == ["1+1?", "2", "2+2?", "4", "3+3?", "6"]
+    assert with_demonstrations(record("3+3?", "6"), [record("1+1?", "2")], "instruction")["messages"][0]["role"] == "user"

@@ -34,7 +34,16 @@ def with_demonstrations(record: dict, demos: list[dict], task: str) -> dict:
     if task == "classification":
         shots = "".join(f"{T.verbalizer_prompt(d['text'])} {d['label']}\n\n" for d in demos)
         return {**record, "text": shots + record["text"]}
-    return {**record, "messages": [m for d in demos for m in d["messages"]] + record["messages"]}
+    # one system turn, first (templates such as Mistral's or Gemma's refuse one elsewhere): the
+    # record's own, else the first demonstration's; the demonstrations' turns without theirs
+    def system(messages):
+        return [m for m in messages if m["role"] in ("system", "developer")]
+
+    def turns(messages):
+        return [m for m in messages if m["role"] not in ("system", "developer")]
+
+    head = (system(record["messages"]) or next((system(d["messages"]) for d in demos if system(d["messages"])), []))[:1]
+    return {**record, "messages": head + [m for d in demos for m in turns(d["messages"])] + turns(record["messages"])}
 
 
 def _tokens_scored(examples: list[dict], task: str, n_labels: int, max_new_tokens: int) -> int:
