@@ -413,3 +413,26 @@ def test_the_tokenizer_cache_is_written_whole_or_not_at_all(tmp_path, corpus, mo
     logs = []
     assert build_tokenizer(d, log=logs.append).encode("the cat") == tok.encode("the cat")
     assert any("unreadable" in m for m in logs)
+
+
+def test_two_processes_training_the_same_tokenizer_at_once_both_go_on(tmp_path, corpus, monkeypatch):
+    """Ranks of one run (or parallel runs) may train the same tokenizer together: the one whose
+    rename finds the other's directory already in place uses it instead of failing."""
+    import contextlib
+
+    from pretune.data import corpus as corpus_mod
+
+    d = DataConfig(train=[str(corpus)], tokenizer="char", cache_dir=str(tmp_path / "cache"))
+    first = corpus_mod.build_tokenizer(d)
+    cached = next((tmp_path / "cache" / "tokenizers").glob("*/tokenizer.json")).parent
+    (cached / "tokenizer.json").rename(tmp_path / "kept.json")  # not cached yet, as at the race's start
+
+    @contextlib.contextmanager
+    def raced(final):  # the other process's rename lands first: ours finds the name taken
+        yield tmp_path / "mine"
+        (tmp_path / "kept.json").rename(cached / "tokenizer.json")
+        raise OSError(39, "Directory not empty")
+
+    (tmp_path / "mine").mkdir()
+    monkeypatch.setattr(corpus_mod, "atomic_dir", raced)
+    assert corpus_mod.build_tokenizer(d).encode("the cat") == first.encode("the cat")

@@ -76,8 +76,13 @@ def build_tokenizer(d: DataConfig, log=print) -> Tokenizer:
     tok = train_char(_iter_text(d)) if d.tokenizer == "char" else train_bpe(_iter_text(d), d.vocab_size)
     if tok.vocab_size <= 4:
         raise DataError("data.train holds no text: every source is empty")
-    with atomic_dir(cached) as tmp:  # whole or not at all: a run killed while saving leaves no half file here
-        tok.save(tmp)
+    try:
+        with atomic_dir(cached) as tmp:  # whole or not at all: a run killed while saving leaves no half file here
+            tok.save(tmp)
+    except OSError:
+        if not (cached / "tokenizer.json").is_file():
+            raise
+        # another process (a rank of this run, or a parallel run) wrote the same tokenizer first
     log(f"trained a {d.tokenizer} tokenizer: {tok.vocab_size} tokens")
     return tok
 
