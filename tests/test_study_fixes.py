@@ -307,6 +307,8 @@ def test_the_cpu_estimate_charges_a_run_its_share_of_the_cores(tmp_path, monkeyp
         torch.set_num_threads(threads)
     assert counter.source == "estimate" and counter.label == "estimate (20 W assumed: 2 of 16 cores)"
     assert counter.power_w == pytest.approx(2 * meter.CPU_CORE_W)  # 2 of 16 cores, 10 W each
+    given = meter.EnergyCounter(torch.device("cpu"), power_w=100.0, rapl_root=tmp_path / "none")
+    assert given.power_w == 100.0 and given.label == "estimate (100 W assumed)"  # a power given is the run's own
 
 
 def test_rapl_shared_by_parallel_runs_charges_each_its_share_of_the_cpu_time(tmp_path, monkeypatch):

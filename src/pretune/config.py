@@ -158,7 +158,8 @@ class MeterConfig:
     """How cost is measured."""
 
     device_power_w: float | None = None
-    """Power draw used to estimate energy when no counter is readable; None uses a per-device guess."""
+    """The run's power draw in watts, used to estimate energy when no counter is readable; None: a
+    per-device guess (on a CPU, 10 W per core the run uses)."""
     grid_gco2_per_kwh: float = 400.0
     """Carbon intensity of the electricity, grams of CO2 per kWh."""
 

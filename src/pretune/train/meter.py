@@ -202,8 +202,8 @@ class CpuTimeShare:
 
 class EnergyCounter:
     """NVML on NVIDIA GPUs, RAPL (every CPU package) where readable, else power x time (labelled
-    'estimate'). On a CPU the estimate charges the run its share of the cores (threads / cores, said
-    in the label). RAPL counts whole packages: a run alone on the machine is charged all of it (idle
+    'estimate'). On a CPU the default estimate charges the run its share of the cores (threads x 10 W,
+    said in the label); meter.device_power_w, when given, is the run's own draw and used as it is. RAPL counts whole packages: a run alone on the machine is charged all of it (idle
     cores and other processes included), and with runs at once (shared_by) its process's share of the
     busy CPU time, said in the label ("rapl, shared: ...")."""
 
@@ -213,10 +213,10 @@ class EnergyCounter:
         self.device, self.source = device, "estimate"
         self.shared = _SHARED_BY if shared is None else max(1, shared)
         self.power_w = power_w or DEFAULT_POWER_W.get(device.type, 10.0)
-        self._cores = None
-        if device.type == "cpu":  # the machine's power, of which this run uses its threads' share
-            self._cores = cpu_share()
-            self.power_w = (power_w or CPU_CORE_W * self._cores[1]) * self._cores[0] / self._cores[1]
+        self._cores = cpu_share() if device.type == "cpu" else None
+        if self._cores and not power_w:  # the default guess: the run's share of the cores (a power given is the run's own)
+            self.power_w = CPU_CORE_W * self._cores[0]
+        self._guessed = not power_w
         self._read = None
         self._time_share, self._last_share, self._by = None, None, "this process's share of the busy CPU time"
         if device.type == "cuda":
@@ -263,7 +263,7 @@ class EnergyCounter:
             return f"rapl, shared: {share}the package energy, {self._by} ({self.shared} runs at once)"
         if self.source != "estimate":
             return self.source
-        cores = f": {self._cores[0]} of {self._cores[1]} cores" if self._cores else ""
+        cores = f": {self._cores[0]} of {self._cores[1]} cores" if self._cores and self._guessed else ""
         return f"estimate ({self.power_w:.0f} W assumed{cores})"
 
 
