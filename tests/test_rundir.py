@@ -439,3 +439,30 @@ def test_a_kill_after_an_old_run_was_set_aside_gives_it_back_to_the_next_run(tmp
     assert run_cli("pretrain", f"resume={out}") == 0
     assert "has since trained, so it stays there" in capsys.readouterr().err
     assert (tmp_path / f".run.replaced-{dead}").is_dir()
+
+
+def test_a_run_setting_up_under_its_lock_keeps_its_set_aside_copy(tmp_path):
+    """A .run.replaced-PID whose pid looks dead here (another host sharing the file system) is left
+    alone while a live process holds the run's lock: that process is still setting up."""
+    from pretune.stages import recover_interrupted
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    aside = tmp_path / f".run.replaced-{dead}"
+    aside.mkdir()
+    (aside / "summary.json").write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        recover_interrupted(run)
+        assert aside.is_dir() and not (run / "summary.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 10
+    while aside.exists() and time.time() < deadline:  # once the lock is let go, the copy comes back
+        recover_interrupted(run)
+        time.sleep(0.1)
+    assert not aside.exists() and (run / "summary.json").is_file()

@@ -38,6 +38,10 @@ def recover_interrupted(run_dir: str | Path) -> None:
     the process group exists (cli, before a resumed run's config.yaml is read), so RANK decides."""
     if os.environ.get("RANK", "0") != "0":
         return
+    try:  # a live run holds the directory's lock while it sets up (on any host that shares the lock):
+        ck.refuse_if_locked(Path(run_dir))  # its .replaced-PID is no leftover, whatever its pid says here
+    except ck.RunDirError:
+        return
     said = recover_set_aside(Path(run_dir), started=("checkpoints/step-*", "summary.json", "model"))
     if said:
         print(f"note: {said}", file=sys.stderr)

@@ -83,7 +83,7 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tu
         sweep_debris(out)
         return out
     if out.exists() and not any(e.name != LOCK_FILE for e in out.iterdir()):
-        _refuse_if_locked(out)  # a lone lock: a run starting now, or one that stopped before it wrote anything
+        refuse_if_locked(out)  # a lone lock: a run starting now, or one that stopped before it wrote anything
     elif out.exists():
         if not overwrite:
             raise RunDirError(
@@ -103,7 +103,7 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool, resume: bool, keep: tu
             raise RunDirError(f"out_dir {out} holds a run but also {_names(foreign)}, which no pretune run "
                               "writes: overwrite=true would delete them with it. Remove or move them, or "
                               "choose another out_dir")
-        _refuse_if_locked(out)
+        refuse_if_locked(out)
         if until_started:
             set_aside(out)
         else:
@@ -293,7 +293,7 @@ def unlock_run_dir(run_dir: str | Path) -> None:
         fh.close()
 
 
-def _refuse_if_locked(run_dir: Path) -> None:
+def refuse_if_locked(run_dir: Path) -> None:
     """Raise RunDirError when another process holds run_dir's lock (a live run); let go of ours."""
     unlock_run_dir(run_dir)
     if fcntl is None or not (run_dir / LOCK_FILE).is_file():
