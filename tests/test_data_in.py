@@ -174,6 +174,17 @@ def test_a_label_id_out_of_range_is_named_with_its_file_and_line(tmp_path, tok):
     assert len(examples) == 12 and stats.skipped == 1 and "ids_oor.jsonl:13: label id 2" in stats.errors[0]
 
 
+def test_ids_in_one_file_and_names_in_another_go_together(tmp_path):
+    from pretune.finetune import _records
+
+    train = jsonl(tmp_path / "ids.jsonl", IDS)
+    test = jsonl(tmp_path / "names.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    cfg = classification(train=[str(train)], test=[str(test)], labels=["neg", "pos"], val_fraction=0.0)
+    train_recs, _, test_recs, labels, _ = _records(cfg)
+    assert labels == ["neg", "pos"] and [r["label"] for r in train_recs[:2]] == ["pos", "neg"]
+    assert [r["label"] for r in test_recs] == ["pos", "neg"]
+
+
 def test_evaluate_maps_label_ids_to_names_as_fine_tuning_does(tmp_path, base_run):
     f = jsonl(tmp_path / "ids.jsonl", IDS)
     run = tmp_path / "l1"
@@ -252,6 +263,9 @@ def test_replay_text_is_read_with_its_own_field(tmp_path, tok):
     assert _replay_sampler(cfg, tok, 16).batch(0, 4).shape == (4, 17)
     cfg = load_config(Config, overrides=base + [f"finetune.replay=[{body}]", "finetune.replay_text_field=body"])
     assert _replay_sampler(cfg, tok, 16).batch(0, 4).shape == (4, 17)
+    cfg = load_config(Config, overrides=base + [f"finetune.replay=[{body}]"])  # the error names the replay's key
+    with pytest.raises(DataError, match=r"body.jsonl:1: record has no field 'text' .*set finetune.replay_text_field"):
+        _replay_sampler(cfg, tok, 16)
 
 
 # ----------------------------------------------------------------------------- duplicate labels (B12)

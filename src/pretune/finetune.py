@@ -183,7 +183,7 @@ def _replay_sampler(cfg: Config, tok: Tokenizer, seq_len: int):
         return None
     # replay text is read with its own field name: data.text_field names the task records' text field
     stores = [load_source(s, tok, cfg.finetune.replay_text_field, cfg.data.encoding_errors, cfg.data.cache_dir,
-                          key="finetune.replay") for s in cfg.finetune.replay]
+                          key="finetune.replay", field_key="finetune.replay_text_field") for s in cfg.finetune.replay]
     return BatchSampler(stores, None, seq_len, cfg.seed + 7)
 
 

@@ -45,12 +45,16 @@ def out_of_range(label: str, labels: list[str]) -> str | None:
 
 
 def ids_to_names(records: list[dict], labels: list[str], on_error: str = "fail") -> None:
-    """With data.labels given (the names in id order), records that carry integer ids instead of
-    names get the names, in place. A record whose id is past the names' end stops the run with its
-    file and line (data.on_error=fail), or keeps its id, for encoding to skip and count (skip)."""
-    if any(r["label"] in labels for r in records) or not all(r["label"].isdigit() for r in records):
+    """With data.labels given (the names in id order), each record that carries an integer id
+    instead of a name gets the name, in place, whatever the other records carry (a training file of
+    ids and a test file of names go together). A record whose id is past the names' end stops the
+    run with its file and line (data.on_error=fail), or keeps its id, for encoding to skip and count
+    (skip). Names that are ids themselves (data.labels=[0, 1]) map nothing."""
+    if any(x.isdigit() for x in labels):
         return
     for r in records:
+        if not r["label"].isdigit():
+            continue
         problem = out_of_range(r["label"], labels)
         if problem is None:
             r["label"] = labels[int(r["label"])]

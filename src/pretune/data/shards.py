@@ -121,7 +121,7 @@ def _dtype(tok: Tokenizer) -> type:
 
 
 def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, errors: str,
-                        out: Path, shard_tokens: int) -> dict:
+                        out: Path, shard_tokens: int, field_key: str = "data.text_field") -> dict:
     """Stream documents through the tokenizer into shard_NNNNN.bin files; return the metadata."""
     dtype = _dtype(tok)
     stats = ReadStats()
@@ -167,7 +167,7 @@ def _tokenise_to_shards(files: list[Path], tok: Tokenizer, text_field: str, erro
     ends: list[bool] = []
     size = 0
     for f in files:
-        for text, end in iter_documents(f, text_field, errors, stats):
+        for text, end in iter_documents(f, text_field, errors, stats, field_key):
             texts.append(text)
             ends.append(end)
             size += len(text)
@@ -197,8 +197,9 @@ def _tokenizer_hash(tok: Tokenizer) -> str:
 
 def load_source(spec: str, tok: Tokenizer, text_field: str = "text", errors: str = "replace",
                 cache_dir: str | None = None, shard_tokens: int = 1 << 27, key: str = "data.train",
-                log=print) -> TokenStore:
-    """Tokenise one source into cached shards (or reuse them) and memory-map them.
+                log=print, field_key: str = "data.text_field") -> TokenStore:
+    """Tokenise one source into cached shards (or reuse them) and memory-map them. `key` names the
+    source's setting and `field_key` the text field's, for errors.
 
     The tokenizer must have an EOS token: without one the documents would run together, each one's
     end predicting the next one's start."""
@@ -217,7 +218,7 @@ def load_source(spec: str, tok: Tokenizer, text_field: str = "text", errors: str
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root))
         try:
-            meta = _tokenise_to_shards(files, tok, text_field, errors, tmp, shard_tokens)
+            meta = _tokenise_to_shards(files, tok, text_field, errors, tmp, shard_tokens, field_key)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 tmp.rename(final)

@@ -218,22 +218,23 @@ def _decode_stream(path: Path, errors: str, stats: ReadStats) -> Iterator[str]:
 
 
 def iter_documents(path: Path, text_field: str = "text", errors: str = "replace",
-                   stats: ReadStats | None = None) -> Iterator[tuple[str, bool]]:
-    """Yield (text, ends_document) pieces. A text file is one document; a record is one document."""
+                   stats: ReadStats | None = None, field_key: str = "data.text_field") -> Iterator[tuple[str, bool]]:
+    """Yield (text, ends_document) pieces. A text file is one document; a record is one document.
+    `field_key` is the setting that names `text_field`, for the errors to name."""
     stats = stats if stats is not None else ReadStats()
     if read_as(path) != "text":
         for _, record in iter_records(path, errors=errors, stats=stats):
             if text_field not in record:
                 raise DataError(f"{path}:{record.get('__line__', '?')}: record has no field "
                                 f"{text_field!r} (fields: {', '.join(k for k in record if k != '__line__')}); "
-                                "set data.text_field")
+                                f"set {field_key}")
             value = record[text_field]
             if value is None or value == "":
                 continue
             if not isinstance(value, str):  # its Python repr is not the text anyone meant
                 raise DataError(f"{path}:{record.get('__line__', '?')}: field {text_field!r} holds "
                                 f"{type(value).__name__}, expected text (a JSON string); fix the record "
-                                "or set data.text_field to the field that holds the text")
+                                f"or set {field_key} to the field that holds the text")
             stats.documents += 1
             yield value, True
         return
