@@ -116,3 +116,16 @@ def test_a_compiled_runs_throughput_leaves_the_compilation_out(tmp_path, corpus,
     assert summary["wall_s"] >= summary["compile_s"] + summary["train_s"] - 1e-3
     first = read_metrics(out)[0]  # its interval's 2 timed steps: with the compilation it was < 3 * 256 / 3 s
     assert first["step"] == 3 and first["tokens_per_s"] > 3 * step_tokens / COMPILE_S
+
+
+def test_a_nan_evaluation_is_never_the_best_and_never_blocks_a_better_one():
+    from pretune.train.best import track_best
+
+    for metric, values in (("val_loss", [float("nan"), 2.0, float("nan"), 1.5]),
+                           ("val_accuracy", [float("nan"), 0.5, float("nan"), 0.7])):
+        state = {"best": None, "bad_evals": 0}
+        kept = []
+        for step, v in enumerate(values, 1):
+            state["eval"] = {metric: v}
+            kept.append(track_best(state, metric, step))
+        assert kept == [True, True, False, True] and state["best"]["step"] == 4, (metric, kept)

@@ -491,15 +491,3 @@ def test_figures_are_rounded_to_six_places_but_a_tiny_one_keeps_its_digits():
     assert _round(0.123456789) == 0.123457 and _round(3.0e-7) == 3.0e-7 and _round(1.23456789e-5) == 1.23457e-5
     assert _round(float("nan")) is None and _round({"a": {"b": 2.0000004}}) == {"a": {"b": 2.0}}
 
-
-def test_a_nan_evaluation_is_never_the_best_and_never_blocks_a_better_one():
-    from pretune.train.best import track_best
-
-    for metric, values in (("val_loss", [float("nan"), 2.0, float("nan"), 1.5]),
-                           ("val_accuracy", [float("nan"), 0.5, float("nan"), 0.7])):
-        state = {"best": None, "bad_evals": 0}
-        kept = []
-        for step, v in enumerate(values, 1):
-            state["eval"] = {metric: v}
-            kept.append(track_best(state, metric, step))
-        assert kept == [True, True, False, True] and state["best"]["step"] == 4, (metric, kept)
