@@ -42,7 +42,7 @@ def with_demonstrations(record: dict, demos: list[dict], task: str) -> dict:
     def turns(messages):
         return [m for m in messages if m["role"] not in ("system", "developer")]
 
-    head = (system(record["messages"]) or next((system(d["messages"]) for d in demos if system(d["messages"])), []))[:1]
+    head = [m for msgs in (record["messages"], *(d["messages"] for d in demos)) for m in system(msgs)][:1]
     return {**record, "messages": head + [m for d in demos for m in turns(d["messages"])] + turns(record["messages"])}
 
 

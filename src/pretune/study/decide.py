@@ -201,6 +201,7 @@ def recommendation(results):
     caveats: list[str] = []
     any_estimate = any("estimate" in str((r.get("cost") or {}).get("energy_source", ""))
                        for r in results.get("runs", []))
+    cpt_flops = _cost_of((results.get("stages") or {}).get("cpt"))  # paid once, before every cpt arm
     for task, arms in results["summary"].items():
         spec = results.get("tasks", {}).get(task, {})
         target = spec.get("target")
@@ -250,7 +251,6 @@ def recommendation(results):
             if reach:
                 text = (f"With {size_label} labelled examples, {pick} reaches the target {_fmt(target)} at "
                         f"the lowest cost: score {interval}, {fmt_flops(flops)} FLOPs.")
-                cpt_flops = _cost_of((results.get("stages") or {}).get("cpt"))
                 if (results.get("arms", {}).get(pick) or {}).get("init") == "cpt" and cpt_flops is not None:
                     # the cost compared is per task: the continued pre-training before it is paid once
                     text = text[:-1] + (f" per task, after a continued pre-training of {fmt_flops(cpt_flops)} "

@@ -266,6 +266,11 @@ def replicate_from_rank0(module: torch.nn.Module, rt: Runtime) -> None:
                 t.copy_(buf)
 
 
+def compiles(cfg, device: torch.device) -> bool:
+    """Whether the run compiles its model: train.compile=true, or auto on CUDA."""
+    return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
 def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
     """What the loop calls forward/backward on.
 
@@ -275,7 +280,7 @@ def wrap_model(model: torch.nn.Module, cfg, rt: Runtime) -> torch.nn.Module:
     the blocks first when dist.activation_checkpointing is set."""
     dcfg = getattr(cfg, "dist", None)
     strategy = getattr(dcfg, "strategy", "ddp")
-    compile_on = cfg.train.compile == "true" or (cfg.train.compile == "auto" and rt.device.type == "cuda")
+    compile_on = compiles(cfg, rt.device)
     sharded = rt.distributed and strategy == "fsdp"
     if compile_on:
         # a fresh start for dynamo: in a long-lived process (a study worker, a benchmark) every model

@@ -22,7 +22,7 @@ from pretune.files import settle_aside
 from pretune.train import best as bm
 from pretune.train import checkpoint as ck
 from pretune.train.dist import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, full_state_dict,
-                                grad_sync, replicate_from_rank0, unsharded, wrap_model)
+                                compiles, grad_sync, replicate_from_rank0, unsharded, wrap_model)
 from pretune.train.frozen import FrozenInComputeDtype
 from pretune.model.io import save_model_dir
 from pretune.train.meter import (EnergyCounter, batch_flops, flops_per_token, peak_flops, peak_memory_bytes,
@@ -181,7 +181,7 @@ def train(model: torch.nn.Module, cfg: Config, rt: Runtime, run_dir: Path, data:
     # DDP across ranks, FSDP2 sharding in place, torch.compile on CUDA. The optimiser is built
     # after wrapping: FSDP replaces the parameters by DTensor shards.
     fwd = wrap_model(model, cfg, rt)
-    compiled = t_cfg.compile == "true" or (t_cfg.compile == "auto" and device.type == "cuda")  # as wrap_model
+    compiled = compiles(cfg, device)  # as wrap_model decides
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, device)
     own_log = metrics is None
